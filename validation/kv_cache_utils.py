@@ -1,0 +1,615 @@
+"""Extract, save, load and inspect the KV cache of a causal language model.
+
+A KV cache here is, per decoder layer, one key tensor and one value tensor, both of shape
+
+    [batch, kv_heads, seq_len, head_dim]
+
+(TinyLlama-1.1B: 22 layers, 4 KV heads, head_dim 64, float16 or bfloat16 on disk).
+
+On disk a cache is one safetensors file holding ``layer_{i}_key`` and ``layer_{i}_value`` for
+i = 0..num_layers-1, plus a JSON sidecar (``<file>.metadata.json`` by default) recording the
+geometry, the batch size, the original dtype and the model name. bfloat16 is written as
+float32 (exact: every bfloat16 value is a float32 value) and cast back on load, so a
+save/load round trip is bit-identical for float16, float32 and bfloat16. The ``kv-compress``
+Go tool reads and writes the same layout (F16, BF16 or F32 tensors).
+
+``cache_to_layers`` and ``layers_to_cache`` are the only functions in the project that touch
+the internals of a transformers cache. They support both the 5.x API (``cache.layers[i].keys``
+/ ``.values``, built with ``DynamicCache()`` + ``cache.update``) and the 4.36-4.55 API
+(``cache.key_cache[i]`` / ``cache.value_cache[i]``, ``DynamicCache.from_legacy_cache``), plus
+legacy tuples of ``(key, value)`` pairs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers.cache_utils import Cache, DynamicCache
+
+# TinyLlama-1.1B-Chat geometry: the default expectations of validate_kv_cache_shape.
+TINYLLAMA_NUM_LAYERS = 22
+TINYLLAMA_NUM_KV_HEADS = 4
+TINYLLAMA_NUM_QUERY_HEADS = 32
+TINYLLAMA_HEAD_DIM = 64
+TINYLLAMA_HIDDEN_SIZE = 2048
+TINYLLAMA_VOCAB_SIZE = 32000
+
+METADATA_SUFFIX = ".metadata.json"
+METADATA_FORMAT_VERSION = 1
+
+# Cache dtypes this module (and the Go tool) handles, by their metadata name.
+DTYPES: Dict[str, torch.dtype] = {
+    "float16": torch.float16,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+}
+_DTYPE_NAMES: Dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+_TENSOR_NAME = re.compile(r"^layer_(0|[1-9][0-9]*)_(key|value)$")
+
+# Elements per chunk when computing statistics (32 MiB of float64 at a time).
+_STATS_CHUNK = 1 << 22
+
+KVLayers = List[Tuple[torch.Tensor, torch.Tensor]]
+
+
+# -----------------------------------------------------------------------------
+# metadata
+
+
+@dataclass
+class KVCacheMetadata:
+    """Geometry and provenance of a KV cache whose tensors are [batch, kv_heads, seq_len, head_dim].
+
+    ``dtype`` is the dtype of the cache in memory ("float16", "float32" or "bfloat16");
+    ``stored_dtype`` is the dtype of the tensors in the file (float32 for a bfloat16 cache
+    saved by this module), or None when not known.
+    """
+
+    num_layers: int
+    num_kv_heads: int
+    seq_len: int
+    head_dim: int
+    dtype: str
+    model_name: str
+    batch_size: int = 1
+    stored_dtype: Optional[str] = None
+    format_version: int = METADATA_FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "num_kv_heads", "seq_len", "head_dim", "batch_size", "format_version"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        for name in ("dtype", "stored_dtype"):
+            value = getattr(self, name)
+            if value is None and name == "stored_dtype":
+                continue
+            if value not in DTYPES:
+                raise ValueError(f"{name} must be one of {sorted(DTYPES)}, got {value!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The torch dtype named by ``dtype``."""
+        return DTYPES[self.dtype]
+
+    def to_dict(self) -> Dict[str, Any]:
+        """A JSON-serialisable dict of every field."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "KVCacheMetadata":
+        """Build from a dict such as a parsed sidecar; unknown keys are ignored.
+
+        Raises ValueError when a required key is missing or a value is invalid.
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"metadata must be a JSON object, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        required = ("num_layers", "num_kv_heads", "seq_len", "head_dim", "dtype", "model_name")
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ValueError(f"metadata is missing required keys {missing}; got keys {sorted(d)}")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """Metadata name of a torch dtype; ValueError unless float16, float32 or bfloat16."""
+    try:
+        return _DTYPE_NAMES[dtype]
+    except KeyError:
+        raise ValueError(f"KV cache dtype must be one of {sorted(DTYPES)}, got {dtype}") from None
+
+
+# -----------------------------------------------------------------------------
+# the compatibility layer: the only code that knows how a transformers cache stores tensors
+
+
+def cache_to_layers(cache: Any) -> KVLayers:
+    """Return the cache as ``[(key, value), ...]``, one pair per layer, each [batch, kv_heads, seq_len, head_dim].
+
+    Accepts a transformers ``DynamicCache`` of the 5.x API (``cache.layers[i].keys`` /
+    ``.values``) or of the 4.36-4.55 API (``cache.key_cache[i]`` / ``cache.value_cache[i]``),
+    or a legacy tuple/list of ``(key, value)`` pairs. The tensors are the cache's own, not
+    copies. Raises TypeError for anything else (including non-dynamic transformers caches,
+    whose tensors are padded) and ValueError for a layer without 4-D key and value tensors.
+    """
+    if isinstance(cache, Cache) and not isinstance(cache, DynamicCache):
+        raise TypeError(f"expected a DynamicCache or a tuple of (key, value) pairs, got {type(cache).__name__}")
+
+    if hasattr(cache, "layers") and not isinstance(cache, (tuple, list)):  # transformers >= 4.56 (5.x)
+        pairs = [(getattr(layer, "keys", None), getattr(layer, "values", None)) for layer in cache.layers]
+    elif hasattr(cache, "key_cache") and hasattr(cache, "value_cache"):  # transformers 4.36-4.55
+        if len(cache.key_cache) != len(cache.value_cache):
+            raise ValueError(
+                f"cache has {len(cache.key_cache)} key layers but {len(cache.value_cache)} value layers"
+            )
+        pairs = list(zip(cache.key_cache, cache.value_cache))
+    elif isinstance(cache, (tuple, list)):  # legacy format: ((k0, v0), (k1, v1), ...)
+        pairs = []
+        for i, item in enumerate(cache):
+            if not isinstance(item, (tuple, list)) or len(item) < 2:
+                raise TypeError(f"layer {i}: expected a (key, value) pair, got {type(item).__name__}")
+            pairs.append((item[0], item[1]))
+    else:
+        raise TypeError(f"expected a DynamicCache or a tuple of (key, value) pairs, got {type(cache).__name__}")
+
+    layers: KVLayers = []
+    for i, (k, v) in enumerate(pairs):
+        for kind, t in (("key", k), ("value", v)):
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"layer {i} holds no {kind} tensor (got {type(t).__name__}); is the cache filled?")
+            if t.dim() != 4:
+                raise ValueError(
+                    f"layer {i} {kind} must be 4-D [batch, kv_heads, seq_len, head_dim], got shape {tuple(t.shape)}"
+                )
+        layers.append((k, v))
+    return layers
+
+
+def layers_to_cache(layers: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    """Build a ``DynamicCache`` for the installed transformers from ``[(key, value), ...]``.
+
+    Each tensor is [batch, kv_heads, seq_len, head_dim]. transformers 4.x: built with
+    ``DynamicCache.from_legacy_cache``. transformers 5.x (which has no ``from_legacy_cache``):
+    ``DynamicCache()`` followed by ``cache.update(key, value, layer_idx)`` per layer, which
+    concatenates onto an empty tensor, so the cache holds copies. The result can be passed
+    to a model as ``past_key_values``.
+    """
+    pairs: KVLayers = []
+    for i, pair in enumerate(layers):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ValueError(f"layer {i}: expected a (key, value) pair, got {type(pair).__name__}")
+        k, v = pair
+        for kind, t in (("key", k), ("value", v)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4:
+                shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(
+                    f"layer {i} {kind} must be a 4-D tensor [batch, kv_heads, seq_len, head_dim], got {shape}"
+                )
+        pairs.append((k, v))
+
+    from_legacy = getattr(DynamicCache, "from_legacy_cache", None)
+    if from_legacy is not None:  # transformers 4.x
+        return from_legacy(tuple(pairs))
+    cache = DynamicCache()  # transformers 5.x: layers are appended lazily by update()
+    for i, (k, v) in enumerate(pairs):
+        cache.update(k, v, i)
+    return cache
+
+
+# -----------------------------------------------------------------------------
+# geometry
+
+
+def _layers_metadata(layers: KVLayers, model_name: str, what: str) -> KVCacheMetadata:
+    """Metadata of uniform layers; ValueError naming ``what`` (a file or "cache") if they are not uniform."""
+    if not layers:
+        raise ValueError(f"{what}: the KV cache is empty (0 layers)")
+    k0 = layers[0][0]
+    for i, (k, v) in enumerate(layers):
+        if k.shape != v.shape:
+            raise ValueError(f"{what}: layer {i} key shape {tuple(k.shape)} != value shape {tuple(v.shape)}")
+        if k.shape != k0.shape:
+            raise ValueError(
+                f"{what}: layer {i} shape {tuple(k.shape)} differs from layer 0 shape {tuple(k0.shape)}; "
+                "every layer must be [batch, kv_heads, seq_len, head_dim] with the same sizes"
+            )
+        if k.dtype != k0.dtype or v.dtype != k0.dtype:
+            raise ValueError(f"{what}: layer {i} dtypes {k.dtype}/{v.dtype} differ from layer 0 dtype {k0.dtype}")
+    batch, heads, seq_len, head_dim = k0.shape
+    return KVCacheMetadata(
+        num_layers=len(layers),
+        num_kv_heads=heads,
+        seq_len=seq_len,
+        head_dim=head_dim,
+        dtype=dtype_name(k0.dtype),
+        model_name=model_name,
+        batch_size=batch,
+    )
+
+
+def metadata_from_cache(
+    cache: Any, model_name: str = "unknown", expected_batch_size: Optional[int] = None
+) -> KVCacheMetadata:
+    """Read a cache's geometry ([batch, kv_heads, seq_len, head_dim] per layer) into metadata.
+
+    Raises ValueError when the cache is empty, its layers differ in shape or dtype, or
+    ``expected_batch_size`` is given and differs from the cache's batch size.
+    """
+    meta = _layers_metadata(cache_to_layers(cache), model_name, "cache")
+    if expected_batch_size is not None and meta.batch_size != expected_batch_size:
+        raise ValueError(f"batch size must be {expected_batch_size}, got {meta.batch_size}")
+    return meta
+
+
+def validate_kv_cache_shape(
+    cache: Any,
+    expected_layers: int = TINYLLAMA_NUM_LAYERS,
+    expected_kv_heads: int = TINYLLAMA_NUM_KV_HEADS,
+    expected_head_dim: int = TINYLLAMA_HEAD_DIM,
+) -> Tuple[bool, List[str]]:
+    """Check a cache against the expected geometry and return ``(ok, problems)``.
+
+    Every problem is reported, not just the first: layer count, per-layer KV head count and
+    head_dim (of keys and values), key/value shape mismatch, and seq_len or batch size that
+    differs from layer 0. A cache whose layers are not 4-D tensors yields that one problem.
+    """
+    try:
+        layers = cache_to_layers(cache)
+    except ValueError as e:
+        return False, [str(e)]
+
+    problems: List[str] = []
+    if len(layers) != expected_layers:
+        problems.append(f"expected {expected_layers} layers, got {len(layers)}")
+    ref_seq = layers[0][0].shape[2] if layers else None
+    ref_batch = layers[0][0].shape[0] if layers else None
+    for i, (k, v) in enumerate(layers):
+        for kind, t in (("key", k), ("value", v)):
+            batch, heads, seq_len, head_dim = t.shape
+            if heads != expected_kv_heads:
+                problems.append(f"layer {i} {kind}: expected {expected_kv_heads} KV heads, got {heads}")
+            if head_dim != expected_head_dim:
+                problems.append(f"layer {i} {kind}: expected head_dim {expected_head_dim}, got {head_dim}")
+            if seq_len != ref_seq:
+                problems.append(f"layer {i} {kind}: seq_len {seq_len} differs from layer 0 seq_len {ref_seq}")
+            if batch != ref_batch:
+                problems.append(f"layer {i} {kind}: batch size {batch} differs from layer 0 batch size {ref_batch}")
+        if k.shape != v.shape:
+            problems.append(f"layer {i}: key shape {tuple(k.shape)} != value shape {tuple(v.shape)}")
+    return not problems, problems
+
+
+def compute_kv_cache_stats(cache: Any) -> Dict[str, Any]:
+    """Size and value statistics of a cache, over every key and value element of every layer.
+
+    Geometry (num_kv_heads, seq_len, head_dim, batch_size, dtype) is that of layer 0.
+    ``value_std`` is the population standard deviation (correction 0). Sums are accumulated
+    in float64 over chunks of at most 4M elements, so memory use stays bounded.
+    """
+    layers = cache_to_layers(cache)
+    if not layers:
+        raise ValueError("cache: the KV cache is empty (0 layers)")
+
+    count, mean, m2 = 0, 0.0, 0.0  # running count, mean and sum of squared deviations (Chan et al.)
+    lo, hi = math.inf, -math.inf
+    total_bytes = 0
+    for k, v in layers:
+        for t in (k, v):
+            total_bytes += t.numel() * t.element_size()
+            flat = t.detach().reshape(-1)
+            for chunk in flat.split(_STATS_CHUNK):
+                c = chunk.to(torch.float64)
+                n = c.numel()
+                if n == 0:
+                    continue
+                c_mean = c.mean().item()
+                c_m2 = ((c - c_mean) ** 2).sum().item()
+                delta = c_mean - mean
+                total = count + n
+                mean += delta * n / total
+                m2 += c_m2 + delta * delta * count * n / total
+                count = total
+                lo = min(lo, c.min().item())
+                hi = max(hi, c.max().item())
+
+    batch, heads, seq_len, head_dim = layers[0][0].shape
+    empty = count == 0
+    return {
+        "num_layers": len(layers),
+        "num_kv_heads": heads,
+        "seq_len": seq_len,
+        "head_dim": head_dim,
+        "batch_size": batch,
+        "total_elements": count,
+        "total_bytes": total_bytes,
+        "total_mb": total_bytes / (1024 * 1024),
+        "dtype": str(layers[0][0].dtype).removeprefix("torch."),
+        "value_mean": math.nan if empty else mean,
+        "value_std": math.nan if empty else math.sqrt(m2 / count),
+        "value_min": math.nan if empty else lo,
+        "value_max": math.nan if empty else hi,
+    }
+
+
+# -----------------------------------------------------------------------------
+# extraction
+
+
+def detect_device() -> str:
+    """The best available device: "cuda", then "mps", then "cpu"."""
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def _model_device(model: torch.nn.Module) -> Optional[torch.device]:
+    """Device of the model's first parameter (its input embedding for HF models), or None if it has none."""
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return None
+
+
+def model_name_of(model: Any) -> str:
+    """``model.config._name_or_path`` or ``model.name_or_path``, else "unknown"."""
+    config = getattr(model, "config", None)
+    for name in (getattr(config, "_name_or_path", None), getattr(model, "name_or_path", None)):
+        if isinstance(name, str) and name:
+            return name
+    return "unknown"
+
+
+def extract_kv_cache(
+    model: Any,
+    tokenizer: Any,
+    prompt: str,
+    max_length: Optional[int] = None,
+    device: Optional[str] = None,
+) -> Tuple[DynamicCache, KVCacheMetadata]:
+    """Run one forward pass over ``prompt`` and return its KV cache and metadata.
+
+    The cache holds, per layer, key and value tensors of shape [1, kv_heads, seq_len, head_dim]
+    where seq_len is the number of prompt tokens (after truncation to ``max_length``); its
+    geometry is read from the cache itself. With ``device`` None the model stays where it is
+    and the inputs go to its device (``detect_device()`` — cuda, mps, cpu — is used only for a
+    model without parameters); with ``device`` given, the model is moved there unless it is
+    dispatched over several devices (``hf_device_map``). The model's train/eval mode is left
+    as is: call ``model.eval()`` first for a deterministic cache.
+
+    Raises ValueError for an empty prompt, a batch size other than 1 (e.g. a list of two
+    prompts), ``max_length`` < 1, or a model that returns no cache.
+    """
+    if isinstance(prompt, (list, tuple)):
+        if len(prompt) != 1:
+            raise ValueError(f"batch size must be 1, got {len(prompt)}")
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+    if not prompt:
+        raise ValueError("prompt must be a non-empty string, got ''")
+    if max_length is not None and max_length < 1:
+        raise ValueError(f"max_length must be >= 1 or None, got {max_length}")
+
+    model_device = _model_device(model)
+    if device is None:
+        target = model_device if model_device is not None else torch.device(detect_device())
+    else:
+        target = torch.device(device)
+        if model_device is not None and model_device != target and not getattr(model, "hf_device_map", None):
+            model.to(target)
+
+    encoded = tokenizer(prompt, return_tensors="pt")
+    input_ids = encoded["input_ids"]
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"batch size must be 1, got {input_ids.shape[0] if input_ids.dim() else 0}")
+    attention_mask = encoded.get("attention_mask")
+    if max_length is not None:
+        input_ids = input_ids[:, :max_length]
+        attention_mask = attention_mask[:, :max_length] if attention_mask is not None else None
+    if input_ids.shape[1] == 0:
+        raise ValueError(f"prompt produced no tokens: {prompt!r}")
+
+    kwargs = {"input_ids": input_ids.to(target), "use_cache": True}
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask.to(target)
+    with torch.no_grad():
+        outputs = model(**kwargs)
+
+    cache = getattr(outputs, "past_key_values", None)
+    if cache is None or not cache_to_layers(cache):
+        raise ValueError("model returned an empty KV cache; does it support use_cache=True?")
+    if not isinstance(cache, DynamicCache):  # e.g. a legacy tuple from an old model implementation
+        cache = layers_to_cache(cache_to_layers(cache))
+    metadata = metadata_from_cache(cache, model_name=model_name_of(model), expected_batch_size=1)
+    if metadata.seq_len != input_ids.shape[1]:
+        raise ValueError(
+            f"cache seq_len {metadata.seq_len} != prompt token count {input_ids.shape[1]} "
+            "(a sliding-window cache keeps only the last window; pass a shorter max_length)"
+        )
+    return cache, metadata
+
+
+# -----------------------------------------------------------------------------
+# save / load
+
+
+def default_metadata_path(path: str) -> str:
+    """The sidecar path for a cache file: ``path + ".metadata.json"``."""
+    return os.fspath(path) + METADATA_SUFFIX
+
+
+def _atomic_write(targets: Sequence[Tuple[str, Callable[[str], None]]]) -> None:
+    """Write each ``(path, write)`` via ``write(tmp)`` on a temp file beside ``path``, then ``os.replace``.
+
+    Every temp file is written before any is moved into place, so a failure while writing
+    leaves every target as it was; on any error the remaining temp files are removed.
+    """
+    pending: List[Tuple[str, str]] = []  # (tmp, path)
+    try:
+        for path, write in targets:
+            full = os.path.abspath(path)
+            fd, tmp = tempfile.mkstemp(
+                prefix="." + os.path.basename(full) + ".", suffix=".tmp", dir=os.path.dirname(full)
+            )
+            os.close(fd)
+            pending.append((tmp, path))
+            write(tmp)
+        while pending:
+            tmp, path = pending[0]
+            os.replace(tmp, path)
+            pending.pop(0)
+    except BaseException:
+        for tmp, _ in pending:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+        raise
+
+
+def save_kv_cache(
+    cache: Any,
+    path: str,
+    metadata_path: Optional[str] = None,
+    model_name: Optional[str] = None,
+) -> KVCacheMetadata:
+    """Write a cache to a safetensors file plus a JSON sidecar, atomically; return its metadata.
+
+    Tensors are named ``layer_{i}_key`` / ``layer_{i}_value``, shape [batch, kv_heads,
+    seq_len, head_dim]; any batch size is allowed. float16 and float32 are written as they
+    are; bfloat16 is written as float32 (exact) with ``dtype: "bfloat16"`` in the sidecar
+    so ``load_kv_cache`` restores it. The sidecar goes to ``metadata_path`` (default
+    ``path + ".metadata.json"``) and records ``model_name`` (default "unknown").
+
+    Both files are first written to temp files in their own directories, then moved into
+    place with ``os.replace``; on error no temp file is left, and a failure while writing
+    leaves existing files untouched.
+    Raises ValueError for an empty cache, layers of different shapes or dtypes, or a dtype
+    other than float16, float32 or bfloat16.
+    """
+    path = os.fspath(path)
+    metadata_path = default_metadata_path(path) if metadata_path is None else os.fspath(metadata_path)
+    layers = cache_to_layers(cache)
+    meta = _layers_metadata(layers, model_name or "unknown", "cache")
+    stored = torch.float32 if meta.dtype == "bfloat16" else meta.torch_dtype
+    meta.stored_dtype = dtype_name(stored)
+
+    tensors: Dict[str, torch.Tensor] = {}
+    for i, (k, v) in enumerate(layers):
+        tensors[f"layer_{i}_key"] = k.detach().to(device="cpu", dtype=stored).contiguous()
+        tensors[f"layer_{i}_value"] = v.detach().to(device="cpu", dtype=stored).contiguous()
+    sidecar = json.dumps(meta.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    for p in (path, metadata_path):
+        os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
+
+    def write_sidecar(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(sidecar)
+
+    _atomic_write([(path, lambda tmp: save_file(tensors, tmp)), (metadata_path, write_sidecar)])
+    return meta
+
+
+def _read_layers(path: str, device: str) -> KVLayers:
+    """Load ``layer_{i}_key`` / ``layer_{i}_value`` tensors, i = 0..n-1, each 4-D; ValueError otherwise."""
+    try:
+        tensors = load_file(path, device=device)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # safetensors raises its own error type for a corrupt header
+        raise ValueError(f"{path}: not a readable safetensors file: {e}") from e
+    if not tensors:
+        raise ValueError(f"{path}: contains no tensors; expected layer_{{i}}_key / layer_{{i}}_value")
+
+    found: Dict[int, Dict[str, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        m = _TENSOR_NAME.match(name)
+        if m is None:
+            raise ValueError(
+                f"{path}: unexpected tensor {name!r}; tensors must be named layer_{{i}}_key / layer_{{i}}_value"
+            )
+        found.setdefault(int(m.group(1)), {})[m.group(2)] = t
+
+    n = len(found)
+    missing_layers = sorted(set(range(n)) - set(found))
+    if missing_layers:
+        raise ValueError(
+            f"{path}: layers must be numbered 0..{n - 1} contiguously, got indices {sorted(found)} "
+            f"(missing {missing_layers})"
+        )
+    layers: KVLayers = []
+    for i in range(n):
+        pair = found[i]
+        for kind in ("key", "value"):
+            if kind not in pair:
+                raise ValueError(f"{path}: layer_{i}_{kind} is missing")
+            t = pair[kind]
+            if t.dim() != 4:
+                raise ValueError(
+                    f"{path}: layer_{i}_{kind} must be 4-D [batch, kv_heads, seq_len, head_dim], "
+                    f"got shape {tuple(t.shape)}"
+                )
+            if t.dtype not in _DTYPE_NAMES:
+                raise ValueError(
+                    f"{path}: layer_{i}_{kind} dtype must be one of {sorted(DTYPES)}, got {t.dtype}"
+                )
+        layers.append((pair["key"], pair["value"]))
+    return layers
+
+
+def load_kv_cache(
+    path: str, metadata_path: Optional[str] = None, device: str = "cpu"
+) -> Tuple[DynamicCache, KVCacheMetadata]:
+    """Load a cache written by ``save_kv_cache`` or by ``kv-compress`` (F16, BF16 or F32 tensors).
+
+    Returns a ``DynamicCache`` whose layers are [batch, kv_heads, seq_len, head_dim] on
+    ``device``, and its metadata. With a sidecar (``metadata_path``, default ``path +
+    ".metadata.json"``), tensors are cast to the sidecar's dtype (bfloat16 saved as float32
+    comes back as bfloat16) and the sidecar's geometry must match the tensors. Without one,
+    geometry and dtype come from the tensors and model_name is "unknown". An explicit
+    ``metadata_path`` that does not exist raises FileNotFoundError.
+
+    Raises ValueError naming the file for tensors not named ``layer_{i}_key`` /
+    ``layer_{i}_value`` with i = 0..n-1, non-4-D tensors, unsupported dtypes, layers of
+    different shapes, or a sidecar that disagrees with the tensors.
+    """
+    path = os.fspath(path)
+    explicit = metadata_path is not None
+    metadata_path = os.fspath(metadata_path) if explicit else default_metadata_path(path)
+
+    layers = _read_layers(path, device)
+    file_meta = _layers_metadata(layers, "unknown", path)
+    file_meta.stored_dtype = file_meta.dtype
+
+    if not explicit and not os.path.exists(metadata_path):
+        return layers_to_cache(layers), file_meta
+
+    with open(metadata_path, "r", encoding="utf-8") as f:
+        try:
+            sidecar = KVCacheMetadata.from_dict(json.load(f))
+        except (json.JSONDecodeError, ValueError, TypeError) as e:
+            raise ValueError(f"{metadata_path}: invalid KV cache metadata: {e}") from e
+
+    for name in ("num_layers", "num_kv_heads", "seq_len", "head_dim", "batch_size"):
+        want, got = getattr(sidecar, name), getattr(file_meta, name)
+        if want != got:
+            raise ValueError(f"{metadata_path}: {name} is {want} but {path} holds {got}")
+
+    if sidecar.torch_dtype != file_meta.torch_dtype:
+        layers = [(k.to(sidecar.torch_dtype), v.to(sidecar.torch_dtype)) for k, v in layers]
+    sidecar.stored_dtype = file_meta.dtype
+    return layers_to_cache(layers), sidecar
