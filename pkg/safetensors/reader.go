@@ -178,18 +178,33 @@ func decodeHeaderJSON(hb []byte) ([]rawEntry, map[string]string, error) {
 			}
 			continue
 		}
-		var info struct {
-			DType   *string           `json:"dtype"`
-			Shape   *[]json.RawMessage `json:"shape"`
-			Offsets []json.RawMessage `json:"data_offsets"`
+		// Field names are matched exactly: encoding/json's struct decoding
+		// would also accept "Dtype" or "DATA_OFFSETS".
+		var info map[string]json.RawMessage
+		if err := json.Unmarshal(raw, &info); err != nil || info == nil {
+			return nil, nil, fmt.Errorf("tensor %q: %w: tensor info must be an object", key, ErrHeaderJSON)
 		}
-		if err := json.Unmarshal(raw, &info); err != nil {
-			return nil, nil, fmt.Errorf("tensor %q: %w: %v", key, ErrHeaderJSON, err)
+		e := rawEntry{name: key}
+		if d, ok := info["dtype"]; ok {
+			var s string
+			if err := json.Unmarshal(d, &s); err != nil {
+				return nil, nil, fmt.Errorf("tensor %q: %w: dtype must be a string", key, ErrDType)
+			}
+			e.dtype = &s
 		}
-		if info.Shape == nil {
+		sh, ok := info["shape"]
+		if !ok {
 			return nil, nil, fmt.Errorf("tensor %q: %w: missing \"shape\"", key, ErrHeaderJSON)
 		}
-		entries = append(entries, rawEntry{name: key, dtype: info.DType, shape: *info.Shape, offsets: info.Offsets})
+		if err := json.Unmarshal(sh, &e.shape); err != nil || e.shape == nil {
+			return nil, nil, fmt.Errorf("tensor %q: %w: shape must be an array", key, ErrShape)
+		}
+		if off, ok := info["data_offsets"]; ok {
+			if err := json.Unmarshal(off, &e.offsets); err != nil {
+				return nil, nil, fmt.Errorf("tensor %q: %w: data_offsets must be an array", key, ErrOffsets)
+			}
+		}
+		entries = append(entries, e)
 	}
 	if tok, err := dec.Token(); err != nil || tok != json.Delim('}') {
 		return nil, nil, fmt.Errorf("%w: unterminated object", ErrHeaderJSON)

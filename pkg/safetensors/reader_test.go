@@ -228,3 +228,15 @@ func FuzzReadHeader(f *testing.F) {
 		}
 	})
 }
+
+func TestFieldNamesAreCaseSensitive(t *testing.T) {
+	for _, h := range []string{
+		`{"a":{"Dtype":"U8","shape":[1],"data_offsets":[0,1]}}`,
+		`{"a":{"dtype":"U8","Shape":[1],"data_offsets":[0,1]}}`,
+		`{"a":{"dtype":"U8","shape":[1],"Data_offsets":[0,1]}}`,
+	} {
+		if _, err := Parse(build(h, 1)); err == nil {
+			t.Errorf("accepted %s", h)
+		}
+	}
+}

@@ -49,26 +49,26 @@ type DType string
 
 // The element types of the safetensors format.
 const (
-	BOOL    DType = "BOOL"
-	U8      DType = "U8"
-	I8      DType = "I8"
-	F8E5M2  DType = "F8_E5M2"
-	F8E4M3  DType = "F8_E4M3"
-	F8E8M0  DType = "F8_E8M0"
-	I16     DType = "I16"
-	U16     DType = "U16"
-	F16     DType = "F16"
-	BF16    DType = "BF16"
-	I32     DType = "I32"
-	U32     DType = "U32"
-	F32     DType = "F32"
-	F64     DType = "F64"
-	I64     DType = "I64"
-	U64     DType = "U64"
-	C64     DType = "C64"
-	F4      DType = "F4"
-	F6E2M3  DType = "F6_E2M3"
-	F6E3M2  DType = "F6_E3M2"
+	BOOL   DType = "BOOL"
+	U8     DType = "U8"
+	I8     DType = "I8"
+	F8E5M2 DType = "F8_E5M2"
+	F8E4M3 DType = "F8_E4M3"
+	F8E8M0 DType = "F8_E8M0"
+	I16    DType = "I16"
+	U16    DType = "U16"
+	F16    DType = "F16"
+	BF16   DType = "BF16"
+	I32    DType = "I32"
+	U32    DType = "U32"
+	F32    DType = "F32"
+	F64    DType = "F64"
+	I64    DType = "I64"
+	U64    DType = "U64"
+	C64    DType = "C64"
+	F4     DType = "F4"
+	F6E2M3 DType = "F6_E2M3"
+	F6E3M2 DType = "F6_E3M2"
 )
 
 var dtypeBits = map[DType]int{
@@ -112,6 +112,21 @@ type Tensor struct {
 func (t *Tensor) NumElements() int64 {
 	n, _ := numElements(t.Shape)
 	return n
+}
+
+// NumElements returns the product of shape, or an error wrapping ErrShape
+// for a negative dimension and ErrOverflow when the product exceeds 2^62.
+func NumElements(shape []int64) (int64, error) {
+	for _, d := range shape {
+		if d < 0 {
+			return 0, fmt.Errorf("%w: negative dimension in %v", ErrShape, shape)
+		}
+	}
+	n, ok := numElements(shape)
+	if !ok {
+		return 0, fmt.Errorf("%w: shape %v", ErrOverflow, shape)
+	}
+	return n, nil
 }
 
 // File is a parsed safetensors file. Tensors are in data-offset order.

@@ -1,0 +1,224 @@
+// Command kv-compress compresses safetensors KV caches with per-group INT4
+// quantization and LZ4, restores them, and reports quality metrics.
+//
+// Usage:
+//
+//	kv-compress compress   -i IN -o OUT [--group-size 64] [--sparsity 0] [--strict]
+//	kv-compress decompress -i IN -o OUT
+//	kv-compress metrics    -i IN [--group-size 64] [--sparsity 0] [--strict]
+//	kv-compress inspect    -i FILE
+//	kv-compress version
+//
+// stdout carries exactly one JSON object (the report, or {"error": ...} on
+// failure); diagnostics go to stderr. Exit codes: 0 success, 1 I/O or internal
+// error, 2 usage error, 3 invalid input file, 4 quality gate failed (--strict).
+// See docs/cli.md.
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"runtime"
+	"strings"
+
+	"github.com/kv-cache-p2p/validation/pkg/atomicfile"
+	"github.com/kv-cache-p2p/validation/pkg/compression"
+	"github.com/kv-cache-p2p/validation/pkg/safetensors"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+// Exit codes.
+const (
+	exitOK      = 0
+	exitFailure = 1
+	exitUsage   = 2
+	exitInput   = 3
+	exitQuality = 4
+)
+
+var errUsage = errors.New("usage")
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+type options struct {
+	in, out string
+	cfg     compression.Config
+	verbose bool
+	strict  bool
+	pretty  bool
+}
+
+func run(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		return fail(stdout, stderr, "", fmt.Errorf("%w: missing subcommand (run kv-compress --help)", errUsage))
+	}
+	cmd := args[0]
+	if cmd == "-h" || cmd == "--help" || cmd == "help" {
+		usage(stderr)
+		return exitOK
+	}
+	fs := flag.NewFlagSet(cmd, flag.ContinueOnError)
+	fs.SetOutput(io.Discard) // parse errors are reported as one line by fail
+	o := options{cfg: compression.DefaultConfig()}
+	fs.StringVar(&o.in, "i", "", "input file")
+	fs.StringVar(&o.in, "input", "", "input file (same as -i)")
+	fs.StringVar(&o.out, "o", "", "output file")
+	fs.StringVar(&o.out, "output", "", "output file (same as -o)")
+	fs.IntVar(&o.cfg.GroupSize, "group-size", compression.DefaultGroupSize, "quantization group size along the last axis: 32, 64 or 128")
+	fs.Float64Var(&o.cfg.Sparsity, "sparsity", compression.DefaultSparsity, "fraction in [0, 1) of smallest-magnitude elements zeroed before quantizing")
+	fs.IntVar(&o.cfg.Workers, "workers", 0, "tensors processed in parallel (0: one per CPU)")
+	fs.BoolVar(&o.verbose, "verbose", false, "print per-tensor diagnostics to stderr")
+	fs.BoolVar(&o.verbose, "v", false, "same as --verbose")
+	fs.BoolVar(&o.strict, "strict", false, "exit 4 when the quality thresholds are violated")
+	fs.BoolVar(&o.pretty, "pretty", false, "indent the JSON output")
+	if err := fs.Parse(args[1:]); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			usage(stderr)
+			fs.SetOutput(stderr)
+			fs.PrintDefaults()
+			return exitOK
+		}
+		return fail(stdout, stderr, cmd, fmt.Errorf("%w: %v", errUsage, err))
+	}
+	if fs.NArg() > 0 {
+		return fail(stdout, stderr, cmd, fmt.Errorf("%w: unexpected argument %q", errUsage, fs.Arg(0)))
+	}
+	need := func(in, out bool) error {
+		if in && o.in == "" {
+			return fmt.Errorf("%w: %s needs -i INPUT", errUsage, cmd)
+		}
+		if out && o.out == "" {
+			return fmt.Errorf("%w: %s needs -o OUTPUT", errUsage, cmd)
+		}
+		return nil
+	}
+
+	var report any
+	var err error
+	code := exitOK
+	switch cmd {
+	case "compress", "metrics":
+		if err = need(true, cmd == "compress"); err != nil {
+			break
+		}
+		if cmd == "metrics" {
+			o.out = ""
+		}
+		var r *compression.Report
+		if r, err = compression.CompressFile(o.in, o.out, o.cfg); err == nil {
+			r.Command = cmd
+			if o.verbose {
+				for _, t := range r.Tensors {
+					fmt.Fprintf(stderr, "%-32s %-5s %-8s %v rmse=%.6f snr=%.2fdB cos=%.6f\n", t.Name, t.DType, t.Mode, t.Shape, t.RMSE, t.SNRdB, t.CosineSimilarity)
+				}
+				fmt.Fprintf(stderr, "%s: %d -> %d bytes (%.2fx) in %.1f ms\n", o.in, r.OriginalSizeBytes, r.CompressedSizeBytes, r.CompressionRatio, r.ProcessingTimeMS)
+			}
+			if o.strict && !r.Passed {
+				fmt.Fprintf(stderr, "kv-compress: %s: quality gate failed: %s\n", o.in, strings.Join(r.Violations, "; "))
+				code = exitQuality
+			}
+			report = r
+		}
+	case "decompress":
+		if err = need(true, true); err != nil {
+			break
+		}
+		var r *compression.DecompressReport
+		if r, err = compression.DecompressFile(o.in, o.out, o.cfg.Workers); err == nil {
+			if o.verbose {
+				fmt.Fprintf(stderr, "%s: %d -> %d bytes, %d tensors in %.1f ms\n", o.in, r.CompressedSizeBytes, r.OriginalSizeBytes, len(r.Tensors), r.ProcessingTimeMS)
+			}
+			report = r
+		}
+	case "inspect":
+		if err = need(true, false); err == nil {
+			report, err = compression.Inspect(o.in)
+		}
+	case "version":
+		report = map[string]any{
+			"schema_version": compression.SchemaVersion, "command": "version", "version": version,
+			"format": compression.FormatName, "format_version": compression.FormatVersion,
+			"go_version": runtime.Version(), "group_sizes": compression.GroupSizes,
+		}
+	default:
+		err = fmt.Errorf("%w: unknown subcommand %q (want compress, decompress, metrics, inspect or version)", errUsage, cmd)
+	}
+	if err != nil {
+		return fail(stdout, stderr, cmd, err)
+	}
+	if err := emit(stdout, report, o.pretty); err != nil {
+		fmt.Fprintf(stderr, "kv-compress: %v\n", err)
+		return exitFailure
+	}
+	return code
+}
+
+// exitCode maps an error to the documented exit codes.
+func exitCode(err error) int {
+	switch {
+	case errors.Is(err, errUsage), errors.Is(err, compression.ErrConfig), errors.Is(err, atomicfile.ErrSamePath):
+		return exitUsage
+	case isInputError(err):
+		return exitInput
+	default:
+		return exitFailure
+	}
+}
+
+func isInputError(err error) bool {
+	for _, target := range []error{
+		safetensors.ErrTooShort, safetensors.ErrHeaderTooLarge, safetensors.ErrHeaderLength,
+		safetensors.ErrHeaderEncoding, safetensors.ErrHeaderStart, safetensors.ErrHeaderJSON,
+		safetensors.ErrDuplicate, safetensors.ErrMetadata, safetensors.ErrDType, safetensors.ErrShape,
+		safetensors.ErrOffsets, safetensors.ErrOverflow, safetensors.ErrSizeMismatch, safetensors.ErrOverlap,
+		safetensors.ErrTruncated, safetensors.ErrTrailing, safetensors.ErrName,
+		compression.ErrGroupSize, compression.ErrNonFinite, compression.ErrScaleOverflow,
+		compression.ErrNotContainer, compression.ErrAlreadyContainer, compression.ErrVersion,
+		compression.ErrCorrupt, compression.ErrChecksum,
+	} {
+		if errors.Is(err, target) {
+			return true
+		}
+	}
+	return false
+}
+
+func fail(stdout, stderr io.Writer, cmd string, err error) int {
+	code := exitCode(err)
+	msg := strings.ReplaceAll(err.Error(), "\n", " ")
+	fmt.Fprintf(stderr, "kv-compress: %s\n", msg)
+	emit(stdout, map[string]any{"schema_version": compression.SchemaVersion, "command": cmd, "error": msg, "exit_code": code}, false)
+	return code
+}
+
+func emit(w io.Writer, v any, pretty bool) error {
+	enc := json.NewEncoder(w)
+	if pretty {
+		enc.SetIndent("", "  ")
+	}
+	return enc.Encode(v)
+}
+
+func usage(w io.Writer) {
+	fmt.Fprint(w, `kv-compress: per-group INT4 + LZ4 compression of safetensors KV caches
+
+usage:
+  kv-compress compress   -i IN -o OUT [--group-size 32|64|128] [--sparsity S] [--strict]
+  kv-compress decompress -i IN -o OUT
+  kv-compress metrics    -i IN [--group-size 32|64|128] [--sparsity S] [--strict]
+  kv-compress inspect    -i FILE
+  kv-compress version
+
+common flags: --workers N, --verbose, --pretty. Run 'kv-compress SUBCOMMAND -h' for details.
+stdout is one JSON object; diagnostics go to stderr.
+exit codes: 0 ok, 1 I/O or internal error, 2 usage, 3 invalid input, 4 quality gate failed (--strict)
+`)
+}

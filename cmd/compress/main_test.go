@@ -1,0 +1,123 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+const golden = "../../pkg/compression/testdata/golden/"
+
+func runCLI(t *testing.T, args ...string) (int, map[string]any, string) {
+	t.Helper()
+	var out, errb bytes.Buffer
+	code := run(args, &out, &errb)
+	var doc map[string]any
+	if err := json.Unmarshal(out.Bytes(), &doc); err != nil {
+		t.Fatalf("stdout is not one JSON object: %q (%v)", out.String(), err)
+	}
+	if strings.Count(strings.TrimSpace(out.String()), "\n") != 0 {
+		t.Fatalf("stdout holds more than one line: %q", out.String())
+	}
+	return code, doc, errb.String()
+}
+
+func copyFile(t *testing.T, src, dst string) {
+	t.Helper()
+	b, err := os.ReadFile(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(dst, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestCLI(t *testing.T) {
+	dir := t.TempDir()
+	in := filepath.Join(dir, "cache.safetensors")
+	copyFile(t, golden+"cache_f16.safetensors", in)
+	garbage := filepath.Join(dir, "garbage.safetensors")
+	os.WriteFile(garbage, []byte("this is not a safetensors file at all"), 0o644)
+	kvc := filepath.Join(dir, "cache.kvc")
+	restored := filepath.Join(dir, "restored.safetensors")
+
+	tests := []struct {
+		name     string
+		args     []string
+		wantCode int
+		wantKeys []string
+		noFile   string // must not exist afterwards
+		stderr   string // substring of stderr
+	}{
+		{"version", []string{"version"}, 0, []string{"version", "format_version"}, "", ""},
+		{"compress", []string{"compress", "-i", in, "-o", kvc}, 0,
+			[]string{"compression_ratio", "original_size_bytes", "compressed_size_bytes", "rmse", "snr_db", "cosine_similarity",
+				"max_error", "quality_level", "processing_time_ms", "passed", "violations", "schema_version", "codec", "tensors"}, "", ""},
+		{"decompress", []string{"decompress", "-i", kvc, "-o", restored}, 0, []string{"tensors", "codec"}, "", ""},
+		{"inspect container", []string{"inspect", "-i", kvc}, 0, []string{"codec", "tensors", "kind"}, "", ""},
+		{"inspect plain", []string{"inspect", "-i", in}, 0, []string{"tensors", "kind"}, "", ""},
+		{"metrics writes nothing", []string{"metrics", "-i", in, "--group-size", "32"}, 0, []string{"rmse"}, "", ""},
+		{"strict gate", []string{"metrics", "-i", in, "--strict"}, 4, []string{"violations"}, "", "quality gate"},
+		{"unknown flag", []string{"compress", "--level", "9"}, 2, []string{"error"}, "", "flag provided but not defined"},
+		{"no subcommand", []string{}, 2, []string{"error"}, "", "missing subcommand"},
+		{"unknown subcommand", []string{"squash"}, 2, []string{"error"}, "", "unknown subcommand"},
+		{"missing output", []string{"compress", "-i", in}, 2, []string{"error"}, "", "needs -o"},
+		{"bad group size", []string{"compress", "-i", in, "-o", filepath.Join(dir, "g.kvc"), "--group-size", "48"}, 2, []string{"error"}, filepath.Join(dir, "g.kvc"), "[32 64 128], got 48"},
+		{"bad sparsity", []string{"compress", "-i", in, "-o", filepath.Join(dir, "s.kvc"), "--sparsity", "1"}, 2, []string{"error"}, filepath.Join(dir, "s.kvc"), "[0, 1), got 1"},
+		{"output is input", []string{"compress", "-i", in, "-o", in}, 2, []string{"error"}, "", "output path is the input path"},
+		{"garbage input", []string{"compress", "-i", garbage, "-o", filepath.Join(dir, "x.kvc")}, 3, []string{"error"}, filepath.Join(dir, "x.kvc"), garbage},
+		{"missing input", []string{"compress", "-i", filepath.Join(dir, "nope"), "-o", filepath.Join(dir, "y.kvc")}, 1, []string{"error"}, filepath.Join(dir, "y.kvc"), "no such file"},
+		{"decompress plain file", []string{"decompress", "-i", in, "-o", filepath.Join(dir, "z.safetensors")}, 3, []string{"error"}, filepath.Join(dir, "z.safetensors"), "not a kv-compress container"},
+		{"compress a container", []string{"compress", "-i", kvc, "-o", filepath.Join(dir, "w.kvc")}, 3, []string{"error"}, filepath.Join(dir, "w.kvc"), "already"},
+		{"group does not divide", []string{"compress", "-i", golden + "ties_f32.safetensors", "-o", filepath.Join(dir, "t.kvc"), "--group-size", "128"}, 3, []string{"error"}, filepath.Join(dir, "t.kvc"), `tensor "ties"`},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			before, _ := os.ReadFile(in)
+			code, doc, stderr := runCLI(t, tc.args...)
+			if code != tc.wantCode {
+				t.Fatalf("exit %d, want %d (stderr %q)", code, tc.wantCode, stderr)
+			}
+			for _, k := range tc.wantKeys {
+				if _, ok := doc[k]; !ok {
+					t.Errorf("JSON lacks %q: %v", k, doc)
+				}
+			}
+			if tc.stderr != "" && !strings.Contains(stderr, tc.stderr) {
+				t.Errorf("stderr %q does not contain %q", stderr, tc.stderr)
+			}
+			if code != 0 && strings.Count(strings.TrimSpace(stderr), "\n") != 0 {
+				t.Errorf("error is not one line: %q", stderr)
+			}
+			if tc.noFile != "" {
+				if _, err := os.Stat(tc.noFile); !os.IsNotExist(err) {
+					t.Errorf("%s exists after a failure", tc.noFile)
+				}
+			}
+			after, _ := os.ReadFile(in)
+			if !bytes.Equal(before, after) {
+				t.Fatal("the input file changed")
+			}
+			entries, _ := os.ReadDir(dir)
+			for _, e := range entries {
+				if strings.Contains(e.Name(), ".tmp-") {
+					t.Errorf("temporary file left behind: %s", e.Name())
+				}
+			}
+		})
+	}
+	// The compress report's sizes are real file sizes.
+	_, doc, _ := runCLI(t, "compress", "-i", in, "-o", kvc)
+	st, _ := os.Stat(kvc)
+	if int64(doc["compressed_size_bytes"].(float64)) != st.Size() {
+		t.Errorf("compressed_size_bytes %v, file has %d bytes", doc["compressed_size_bytes"], st.Size())
+	}
+	si, _ := os.Stat(in)
+	if int64(doc["original_size_bytes"].(float64)) != si.Size() {
+		t.Errorf("original_size_bytes %v, file has %d bytes", doc["original_size_bytes"], si.Size())
+	}
+}

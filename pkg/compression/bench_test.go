@@ -1,0 +1,68 @@
+package compression
+
+import (
+	"bytes"
+	"testing"
+
+	"github.com/kv-cache-p2p/validation/pkg/safetensors"
+)
+
+// benchCache is a 2,048-token TinyLlama-shaped F16 cache: 22 layers × (key,
+// value) × [1, 4, 2048, 64], 46 MB. G = 128 needs a last dimension of 128, so
+// that case uses [1, 2, 2048, 128]: the same number of bytes.
+func benchCache(b *testing.B, g int) *safetensors.File {
+	if g > 64 {
+		return kvCache(b, 22, 2, 2048, 128, safetensors.F16, 1)
+	}
+	return kvCache(b, 22, 4, 2048, 64, safetensors.F16, 1)
+}
+
+func inputBytes(f *safetensors.File) int64 {
+	var n int64
+	for _, t := range f.Tensors {
+		n += int64(len(t.Data))
+	}
+	return n
+}
+
+func BenchmarkCompress(b *testing.B) {
+	for _, g := range GroupSizes {
+		b.Run("G"+itoa(g), func(b *testing.B) {
+			src := benchCache(b, g)
+			b.SetBytes(inputBytes(src))
+			b.ResetTimer()
+			for b.Loop() {
+				if _, err := Compress(src, Config{GroupSize: g}); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+func BenchmarkDecompress(b *testing.B) {
+	for _, g := range GroupSizes {
+		b.Run("G"+itoa(g), func(b *testing.B) {
+			src := benchCache(b, g)
+			res, err := Compress(src, Config{GroupSize: g})
+			if err != nil {
+				b.Fatal(err)
+			}
+			var buf bytes.Buffer
+			if err := safetensors.Encode(&buf, res.Tensors, res.Metadata); err != nil {
+				b.Fatal(err)
+			}
+			container, err := safetensors.Parse(buf.Bytes())
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.SetBytes(inputBytes(src)) // throughput of restored bytes
+			b.ResetTimer()
+			for b.Loop() {
+				if _, err := Decompress(container, 0); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}

@@ -1,0 +1,247 @@
+package compression
+
+import (
+	"encoding/json"
+	"fmt"
+	"hash/crc32"
+	"strconv"
+
+	"github.com/kv-cache-p2p/validation/pkg/safetensors"
+)
+
+// Metadata keys of a container's safetensors header.
+const (
+	MetaFormat         = "format"
+	MetaFormatVersion  = "format_version"
+	MetaCodec          = "codec"
+	MetaTensors        = "tensors"
+	MetaSourceMetadata = "source_metadata"
+	MetaIndexChecksum  = "index_crc32c"
+)
+
+// Tensor modes.
+const (
+	ModeInt4   = "int4"   // floating-point tensor: packed codes + float16 scales
+	ModeStored = "stored" // any other tensor, kept losslessly
+)
+
+// Payload suffixes appended to an original tensor's name.
+const (
+	SuffixCodes  = ".codes"
+	SuffixScales = ".scales"
+	SuffixRaw    = ".raw"
+)
+
+// Codec records the parameters a container was written with.
+type Codec struct {
+	Scheme      string  `json:"scheme"`
+	Bits        int     `json:"bits"`
+	GroupSize   int     `json:"group_size"`
+	Sparsity    float64 `json:"sparsity"`
+	ScaleDType  string  `json:"scale_dtype"`
+	Rounding    string  `json:"rounding"`
+	NibbleOrder string  `json:"nibble_order"`
+	Checksum    string  `json:"checksum"`
+}
+
+func newCodec(c Config) Codec {
+	return Codec{Scheme: Scheme, Bits: Bits, GroupSize: c.GroupSize, Sparsity: c.Sparsity,
+		ScaleDType: "F16", Rounding: "half_to_even", NibbleOrder: "low_first", Checksum: "crc32c"}
+}
+
+// Payload locates one stored payload and describes how to check and expand it.
+type Payload struct {
+	Tensor   string `json:"tensor"`
+	Encoding string `json:"encoding"`
+	RawBytes int64  `json:"raw_bytes"`
+	CRC32C   string `json:"crc32c"`
+}
+
+// Entry describes one original tensor of a container.
+type Entry struct {
+	Name   string   `json:"name"`
+	DType  string   `json:"dtype"`
+	Shape  []int64  `json:"shape"`
+	Mode   string   `json:"mode"`
+	Codes  *Payload `json:"codes,omitempty"`
+	Scales *Payload `json:"scales,omitempty"`
+	Raw    *Payload `json:"raw,omitempty"`
+}
+
+// Index is the parsed, validated metadata of a container.
+type Index struct {
+	Version        int
+	Codec          Codec
+	Entries        []Entry
+	SourceMetadata map[string]string
+}
+
+// IsContainer reports whether f declares itself a kv-compress container.
+func IsContainer(f *safetensors.File) bool { return f.Metadata[MetaFormat] == FormatName }
+
+func indexChecksum(codec, tensors, source string) string {
+	h := crc32.New(castagnoli)
+	h.Write([]byte(codec))
+	h.Write([]byte{0})
+	h.Write([]byte(tensors))
+	h.Write([]byte{0})
+	h.Write([]byte(source))
+	c := h.Sum32()
+	return fmt.Sprintf("%08x", c)
+}
+
+func encodeIndex(codec Codec, entries []Entry, source map[string]string) (map[string]string, error) {
+	cj, err := json.Marshal(codec)
+	if err != nil {
+		return nil, err
+	}
+	tj, err := json.Marshal(entries)
+	if err != nil {
+		return nil, err
+	}
+	sj := ""
+	if len(source) > 0 {
+		b, err := json.Marshal(source)
+		if err != nil {
+			return nil, err
+		}
+		sj = string(b)
+	}
+	m := map[string]string{
+		MetaFormat:        FormatName,
+		MetaFormatVersion: strconv.Itoa(FormatVersion),
+		MetaCodec:         string(cj),
+		MetaTensors:       string(tj),
+		MetaIndexChecksum: indexChecksum(string(cj), string(tj), sj),
+	}
+	if sj != "" {
+		m[MetaSourceMetadata] = sj
+	}
+	return m, nil
+}
+
+// ReadIndex parses and validates a container's metadata against the payload
+// tensors present in f. It checks everything that can be checked without
+// reading payload bytes.
+func ReadIndex(f *safetensors.File) (*Index, error) {
+	if !IsContainer(f) {
+		return nil, ErrNotContainer
+	}
+	md := f.Metadata
+	v, err := strconv.Atoi(md[MetaFormatVersion])
+	if err != nil || v != FormatVersion {
+		return nil, fmt.Errorf("%w: %q (this build reads version %d)", ErrVersion, md[MetaFormatVersion], FormatVersion)
+	}
+	if got, want := md[MetaIndexChecksum], indexChecksum(md[MetaCodec], md[MetaTensors], md[MetaSourceMetadata]); got != want {
+		return nil, fmt.Errorf("%w: index checksum %q, computed %q", ErrChecksum, got, want)
+	}
+	idx := &Index{Version: v}
+	if err := json.Unmarshal([]byte(md[MetaCodec]), &idx.Codec); err != nil {
+		return nil, fmt.Errorf("%w: codec: %v", ErrCorrupt, err)
+	}
+	c := idx.Codec
+	if err := (Config{GroupSize: c.GroupSize, Sparsity: c.Sparsity}).Validate(); err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrCorrupt, err)
+	}
+	if c.Scheme != Scheme || c.Bits != Bits || c.ScaleDType != "F16" || c.NibbleOrder != "low_first" {
+		return nil, fmt.Errorf("%w: unsupported codec %+v", ErrCorrupt, c)
+	}
+	if err := json.Unmarshal([]byte(md[MetaTensors]), &idx.Entries); err != nil {
+		return nil, fmt.Errorf("%w: tensor index: %v", ErrCorrupt, err)
+	}
+	if s := md[MetaSourceMetadata]; s != "" {
+		if err := json.Unmarshal([]byte(s), &idx.SourceMetadata); err != nil {
+			return nil, fmt.Errorf("%w: source metadata: %v", ErrCorrupt, err)
+		}
+	}
+	used := make(map[string]bool, len(f.Tensors))
+	names := make(map[string]bool, len(idx.Entries))
+	for i := range idx.Entries {
+		e := &idx.Entries[i]
+		if err := checkEntry(f, e, c.GroupSize, used); err != nil {
+			return nil, fmt.Errorf("tensor %q: %w", e.Name, err)
+		}
+		if names[e.Name] {
+			return nil, fmt.Errorf("%w: tensor %q listed twice", ErrCorrupt, e.Name)
+		}
+		names[e.Name] = true
+	}
+	for _, t := range f.Tensors {
+		if !used[t.Name] {
+			return nil, fmt.Errorf("%w: payload %q is not in the index", ErrCorrupt, t.Name)
+		}
+	}
+	return idx, nil
+}
+
+// expectedSizes returns the raw byte sizes an entry's payloads must have.
+func expectedSizes(e *Entry, dt safetensors.DType, n int64, g int) (codes, scales, raw int64) {
+	if e.Mode == ModeInt4 {
+		return n / 2, n / int64(g) * 2, 0
+	}
+	return 0, 0, n * int64(dt.Bits()) / 8
+}
+
+func checkEntry(f *safetensors.File, e *Entry, g int, used map[string]bool) error {
+	dt, err := safetensors.ParseDType(e.DType)
+	if err != nil {
+		return fmt.Errorf("%w: %v", ErrCorrupt, err)
+	}
+	n, err := safetensors.NumElements(e.Shape)
+	if err != nil {
+		return fmt.Errorf("%w: %v", ErrCorrupt, err)
+	}
+	if nb := n * int64(dt.Bits()); nb%8 != 0 {
+		return fmt.Errorf("%w: shape %v of %s is not a whole number of bytes", ErrCorrupt, e.Shape, dt)
+	}
+	wantCodes, wantScales, wantRaw := expectedSizes(e, dt, n, g)
+	check := func(role string, p *Payload, want int64) error {
+		if p == nil {
+			return fmt.Errorf("%w: missing %s payload", ErrCorrupt, role)
+		}
+		t, ok := f.Lookup(p.Tensor)
+		if !ok {
+			return fmt.Errorf("%w: %s payload %q not in file", ErrCorrupt, role, p.Tensor)
+		}
+		if used[p.Tensor] {
+			return fmt.Errorf("%w: payload %q used twice", ErrCorrupt, p.Tensor)
+		}
+		used[p.Tensor] = true
+		if t.DType != safetensors.U8 || len(t.Shape) != 1 {
+			return fmt.Errorf("%w: payload %q must be a 1-D U8 tensor", ErrCorrupt, p.Tensor)
+		}
+		if p.RawBytes != want {
+			return fmt.Errorf("%w: %s payload declares %d bytes, shape needs %d", ErrCorrupt, role, p.RawBytes, want)
+		}
+		if p.Encoding == EncodingLZ4 && want > int64(len(t.Data))*maxLZ4Ratio+16 {
+			return fmt.Errorf("%w: %s payload of %d bytes cannot expand to %d", ErrCorrupt, role, len(t.Data), want)
+		}
+		if p.Encoding != EncodingLZ4 && p.Encoding != EncodingStored {
+			return fmt.Errorf("%w: unknown payload encoding %q", ErrCorrupt, p.Encoding)
+		}
+		return nil
+	}
+	switch e.Mode {
+	case ModeInt4:
+		if !dt.IsFloat() {
+			return fmt.Errorf("%w: int4 mode for non-float dtype %s", ErrCorrupt, dt)
+		}
+		if len(e.Shape) == 0 || e.Shape[len(e.Shape)-1]%int64(g) != 0 {
+			return fmt.Errorf("%w: shape %v not divisible into groups of %d", ErrCorrupt, e.Shape, g)
+		}
+		if e.Raw != nil {
+			return fmt.Errorf("%w: int4 entry with a raw payload", ErrCorrupt)
+		}
+		if err := check("codes", e.Codes, wantCodes); err != nil {
+			return err
+		}
+		return check("scales", e.Scales, wantScales)
+	case ModeStored:
+		if e.Codes != nil || e.Scales != nil {
+			return fmt.Errorf("%w: stored entry with codes or scales", ErrCorrupt)
+		}
+		return check("raw", e.Raw, wantRaw)
+	default:
+		return fmt.Errorf("%w: unknown mode %q (want %q or %q)", ErrCorrupt, e.Mode, ModeInt4, ModeStored)
+	}
+}

@@ -1,0 +1,65 @@
+package compression
+
+import (
+	"encoding/hex"
+	"fmt"
+	"hash/crc32"
+
+	"github.com/pierrec/lz4/v4"
+)
+
+// Payload encodings recorded in the container index.
+const (
+	EncodingLZ4    = "lz4"    // one LZ4 block (no frame)
+	EncodingStored = "stored" // the bytes as they are, when LZ4 would not shrink them
+)
+
+// maxLZ4Ratio bounds how much one LZ4 block can expand: a literal-free match
+// sequence yields at most 255 bytes per input byte. Declared sizes beyond it
+// are refused before anything is allocated.
+const maxLZ4Ratio = 255
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+// checksum is the CRC-32C of b as 8 lower-case hex digits, big-endian.
+func checksum(b []byte) string {
+	c := crc32.Checksum(b, castagnoli)
+	return hex.EncodeToString([]byte{byte(c >> 24), byte(c >> 16), byte(c >> 8), byte(c)})
+}
+
+// encodePayload compresses raw with LZ4, falling back to storing it when LZ4
+// does not make it smaller. The result does not alias raw.
+func encodePayload(c *lz4.Compressor, raw []byte) (data []byte, encoding string) {
+	if len(raw) > 0 {
+		dst := make([]byte, len(raw)-1)
+		if n, err := c.CompressBlock(raw, dst); err == nil && n > 0 {
+			return dst[:n:n], EncodingLZ4
+		}
+	}
+	return append([]byte(nil), raw...), EncodingStored
+}
+
+// decodePayload expands data, which must decode to exactly rawSize bytes, into dst.
+func decodePayload(data []byte, encoding string, dst []byte) error {
+	switch encoding {
+	case EncodingStored:
+		if len(data) != len(dst) {
+			return fmt.Errorf("%w: stored payload has %d bytes, want %d", ErrCorrupt, len(data), len(dst))
+		}
+		copy(dst, data)
+	case EncodingLZ4:
+		if int64(len(dst)) > int64(len(data))*maxLZ4Ratio+16 {
+			return fmt.Errorf("%w: %d bytes cannot expand to %d", ErrCorrupt, len(data), len(dst))
+		}
+		n, err := lz4.UncompressBlock(data, dst)
+		if err != nil {
+			return fmt.Errorf("%w: lz4: %v", ErrCorrupt, err)
+		}
+		if n != len(dst) {
+			return fmt.Errorf("%w: lz4 block decodes to %d bytes, want %d", ErrCorrupt, n, len(dst))
+		}
+	default:
+		return fmt.Errorf("%w: unknown payload encoding %q (want %q or %q)", ErrCorrupt, encoding, EncodingLZ4, EncodingStored)
+	}
+	return nil
+}

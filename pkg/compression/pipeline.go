@@ -1,0 +1,282 @@
+package compression
+
+import (
+	"encoding/binary"
+	"fmt"
+	"sync"
+	"sync/atomic"
+
+	"github.com/kv-cache-p2p/validation/pkg/safetensors"
+	"github.com/pierrec/lz4/v4"
+)
+
+// TensorReport describes how one tensor was encoded and how well it was reconstructed.
+type TensorReport struct {
+	Name            string  `json:"name"`
+	Shape           []int64 `json:"shape"`
+	DType           string  `json:"dtype"`
+	Mode            string  `json:"mode"`
+	Elements        int64   `json:"elements"`
+	OriginalBytes   int64   `json:"original_bytes"`
+	CompressedBytes int64   `json:"compressed_bytes"`
+	Quality
+}
+
+// Result is a compressed container held in memory.
+type Result struct {
+	// Tensors are the container's payload tensors, in file order.
+	Tensors []safetensors.Tensor
+	// Metadata is the container's __metadata__ map (format, codec, index).
+	Metadata map[string]string
+	// Codec is the parameters the container was written with.
+	Codec Codec
+	// Quality aggregates the error over every quantized element.
+	Quality Quality
+	// PerTensor has one report per original tensor, in the input's order.
+	PerTensor []TensorReport
+	// QuantizedElements counts the elements of int4 tensors, and
+	// QuantizedPayloadBytes their codes and scales as stored.
+	QuantizedElements, QuantizedPayloadBytes int64
+	// FileSize is the exact size in bytes of the container once written.
+	FileSize int64
+}
+
+// workerScratch is the per-goroutine working memory of Compress.
+type workerScratch struct {
+	x, orig, mags []float32
+	codes         []byte
+	scales        []uint16
+	scaleBytes    []byte
+	lz            lz4.Compressor
+}
+
+func grow[T any](s []T, n int) []T {
+	if cap(s) < n {
+		return make([]T, n)
+	}
+	return s[:n]
+}
+
+type compressedTensor struct {
+	entry   Entry
+	payload []safetensors.Tensor
+	stats   tensorStats
+	report  TensorReport
+}
+
+// Compress encodes every tensor of src: floating-point tensors (F16, BF16,
+// F32, F64) with per-group INT4, all others losslessly. Errors name the tensor.
+func Compress(src *safetensors.File, cfg Config) (*Result, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	out := make([]compressedTensor, len(src.Tensors))
+	scratch := make([]workerScratch, cfg.workers())
+	err := parallel(len(src.Tensors), len(scratch), func(w, i int) error {
+		t := &src.Tensors[i]
+		ct, err := compressTensor(t, cfg, &scratch[w])
+		if err != nil {
+			return fmt.Errorf("tensor %q: %w", t.Name, err)
+		}
+		out[i] = ct
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	res := &Result{Codec: newCodec(cfg)}
+	var total tensorStats
+	entries := make([]Entry, 0, len(out))
+	for i := range out {
+		ct := &out[i]
+		entries = append(entries, ct.entry)
+		res.Tensors = append(res.Tensors, ct.payload...)
+		res.PerTensor = append(res.PerTensor, ct.report)
+		if ct.entry.Mode == ModeInt4 {
+			total.merge(ct.stats)
+			res.QuantizedElements += ct.report.Elements
+			res.QuantizedPayloadBytes += ct.report.CompressedBytes
+		}
+	}
+	res.Quality = total.quality()
+	if res.Metadata, err = encodeIndex(res.Codec, entries, src.Metadata); err != nil {
+		return nil, err
+	}
+	hdr, dataLen, err := safetensors.EncodeHeader(res.Tensors, res.Metadata)
+	if err != nil {
+		return nil, err
+	}
+	res.FileSize = 8 + int64(len(hdr)) + dataLen
+	return res, nil
+}
+
+func compressTensor(t *safetensors.Tensor, cfg Config, ws *workerScratch) (compressedTensor, error) {
+	n := t.NumElements()
+	ct := compressedTensor{
+		entry:  Entry{Name: t.Name, DType: string(t.DType), Shape: t.Shape},
+		report: TensorReport{Name: t.Name, Shape: t.Shape, DType: string(t.DType), Elements: n, OriginalBytes: int64(len(t.Data))},
+	}
+	if !t.DType.IsFloat() || n == 0 {
+		data, enc := encodePayload(&ws.lz, t.Data)
+		p := Payload{Tensor: t.Name + SuffixRaw, Encoding: enc, RawBytes: int64(len(t.Data)), CRC32C: checksum(data)}
+		ct.entry.Mode, ct.entry.Raw = ModeStored, &p
+		ct.payload = []safetensors.Tensor{{Name: p.Tensor, DType: safetensors.U8, Shape: []int64{int64(len(data))}, Data: data}}
+		ct.report.Mode, ct.report.CompressedBytes = ModeStored, int64(len(data))
+		ct.report.Quality = tensorStats{}.quality()
+		return ct, nil
+	}
+	g := cfg.GroupSize
+	if len(t.Shape) == 0 || t.Shape[len(t.Shape)-1]%int64(g) != 0 {
+		last := int64(1)
+		if len(t.Shape) > 0 {
+			last = t.Shape[len(t.Shape)-1]
+		}
+		return ct, fmt.Errorf("%w: last dimension %d of shape %v, group size %d", ErrGroupSize, last, t.Shape, g)
+	}
+	ws.x = grow(ws.x, int(n))
+	if err := safetensors.DecodeFloat32(t.DType, t.Data, ws.x); err != nil {
+		return ct, err
+	}
+	orig := ws.x
+	if cfg.Sparsity > 0 {
+		ws.orig = grow(ws.orig, int(n))
+		copy(ws.orig, ws.x)
+		orig = ws.orig
+		ws.mags = grow(ws.mags, int(n))
+		for _, v := range ws.x { // sparsify must not see NaN: refuse it first
+			if v != v || v-v != 0 {
+				return ct, ErrNonFinite
+			}
+		}
+		sparsify(ws.x, cfg.Sparsity, ws.mags)
+	}
+	ws.codes = grow(ws.codes, int(n/2))
+	ws.scales = grow(ws.scales, int(n/int64(g)))
+	st, err := quantizeTensor(ws.x, orig, g, t.DType, ws.codes, ws.scales)
+	if err != nil {
+		return ct, err
+	}
+	ws.scaleBytes = grow(ws.scaleBytes, 2*len(ws.scales))
+	for i, s := range ws.scales {
+		binary.LittleEndian.PutUint16(ws.scaleBytes[2*i:], s)
+	}
+	codes, cenc := encodePayload(&ws.lz, ws.codes)
+	scales, senc := encodePayload(&ws.lz, ws.scaleBytes)
+	cp := Payload{Tensor: t.Name + SuffixCodes, Encoding: cenc, RawBytes: int64(len(ws.codes)), CRC32C: checksum(codes)}
+	sp := Payload{Tensor: t.Name + SuffixScales, Encoding: senc, RawBytes: int64(len(ws.scaleBytes)), CRC32C: checksum(scales)}
+	ct.entry.Mode, ct.entry.Codes, ct.entry.Scales = ModeInt4, &cp, &sp
+	ct.payload = []safetensors.Tensor{
+		{Name: cp.Tensor, DType: safetensors.U8, Shape: []int64{int64(len(codes))}, Data: codes},
+		{Name: sp.Tensor, DType: safetensors.U8, Shape: []int64{int64(len(scales))}, Data: scales},
+	}
+	ct.stats = st
+	ct.report.Mode = ModeInt4
+	ct.report.CompressedBytes = int64(len(codes) + len(scales))
+	ct.report.Quality = st.quality()
+	return ct, nil
+}
+
+// Restored is a decompressed container: the original tensors and metadata.
+type Restored struct {
+	Tensors  []safetensors.Tensor
+	Metadata map[string]string
+	Index    *Index
+}
+
+// Decompress validates container f (index, checksums, sizes) and rebuilds the
+// original tensors with their names, shapes and dtypes.
+func Decompress(f *safetensors.File, workers int) (*Restored, error) {
+	idx, err := ReadIndex(f)
+	if err != nil {
+		return nil, err
+	}
+	g := idx.Codec.GroupSize
+	if workers <= 0 {
+		workers = (Config{}).workers()
+	}
+	out := make([]safetensors.Tensor, len(idx.Entries))
+	type scratch struct {
+		codes, scaleBytes []byte
+		scales            []uint16
+	}
+	ws := make([]scratch, workers)
+	err = parallel(len(idx.Entries), workers, func(w, i int) error {
+		e := &idx.Entries[i]
+		s := &ws[w]
+		dt := safetensors.DType(e.DType)
+		n, _ := safetensors.NumElements(e.Shape)
+		t := safetensors.Tensor{Name: e.Name, DType: dt, Shape: e.Shape}
+		switch e.Mode {
+		case ModeStored:
+			t.Data = make([]byte, e.Raw.RawBytes)
+			if err := readPayload(f, e.Raw, t.Data); err != nil {
+				return fmt.Errorf("tensor %q: %w", e.Name, err)
+			}
+		case ModeInt4:
+			s.codes = grow(s.codes, int(e.Codes.RawBytes))
+			s.scaleBytes = grow(s.scaleBytes, int(e.Scales.RawBytes))
+			if err := readPayload(f, e.Codes, s.codes); err != nil {
+				return fmt.Errorf("tensor %q: %w", e.Name, err)
+			}
+			if err := readPayload(f, e.Scales, s.scaleBytes); err != nil {
+				return fmt.Errorf("tensor %q: %w", e.Name, err)
+			}
+			s.scales = grow(s.scales, len(s.scaleBytes)/2)
+			for j := range s.scales {
+				s.scales[j] = binary.LittleEndian.Uint16(s.scaleBytes[2*j:])
+				if s.scales[j]&0x7c00 == 0x7c00 || s.scales[j]&0x8000 != 0 {
+					return fmt.Errorf("tensor %q: %w: scale %d is negative or not finite", e.Name, ErrCorrupt, j)
+				}
+			}
+			t.Data = make([]byte, n*int64(dt.Bits())/8)
+			dequantizeTensor(s.codes, s.scales, g, dt, t.Data)
+		}
+		out[i] = t
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return &Restored{Tensors: out, Metadata: idx.SourceMetadata, Index: idx}, nil
+}
+
+func readPayload(f *safetensors.File, p *Payload, dst []byte) error {
+	t, _ := f.Lookup(p.Tensor) // presence checked by ReadIndex
+	if got := checksum(t.Data); got != p.CRC32C {
+		return fmt.Errorf("%w: payload %q has crc32c %s, index says %s", ErrChecksum, p.Tensor, got, p.CRC32C)
+	}
+	return decodePayload(t.Data, p.Encoding, dst)
+}
+
+// parallel runs fn(worker, i) for i in [0, n) on up to workers goroutines and
+// returns the error of the lowest failing i, so the reported error does not
+// depend on scheduling.
+func parallel(n, workers int, fn func(worker, i int) error) error {
+	workers = max(1, min(workers, n))
+	errs := make([]error, n)
+	var next atomic.Int64
+	var failed atomic.Bool
+	var wg sync.WaitGroup
+	for w := range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for !failed.Load() {
+				i := int(next.Add(1) - 1)
+				if i >= n {
+					return
+				}
+				if errs[i] = fn(w, i); errs[i] != nil {
+					failed.Store(true)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	for _, err := range errs {
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}

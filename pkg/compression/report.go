@@ -1,0 +1,118 @@
+package compression
+
+import (
+	"time"
+
+	"github.com/kv-cache-p2p/validation/pkg/safetensors"
+)
+
+// Report is the JSON document that kv-compress prints for compress and
+// metrics. Its fields are a stable contract with the Python bridge; see
+// docs/cli.md. Sizes are whole files in bytes.
+type Report struct {
+	SchemaVersion       int     `json:"schema_version"`
+	Command             string  `json:"command"`
+	Input               string  `json:"input"`
+	Output              string  `json:"output,omitempty"`
+	CompressionRatio    float64 `json:"compression_ratio"`
+	OriginalSizeBytes   int64   `json:"original_size_bytes"`
+	CompressedSizeBytes int64   `json:"compressed_size_bytes"`
+	Quality
+	QualityLevel     string   `json:"quality_level"`
+	ProcessingTimeMS float64  `json:"processing_time_ms"`
+	Passed           bool     `json:"passed"`
+	Violations       []string `json:"violations"`
+	// BitsPerElement counts every stored bit of the quantized tensors (codes
+	// and scales after LZ4) per element; RatioVsFP16 is 16 / BitsPerElement.
+	BitsPerElement   float64            `json:"bits_per_element"`
+	RatioVsFP16      float64            `json:"ratio_vs_fp16"`
+	ThroughputMBps   float64            `json:"throughput_mb_per_s"`
+	Codec            Codec              `json:"codec"`
+	QuantizedTensors int                `json:"quantized_tensors"`
+	StoredTensors    int                `json:"stored_tensors"`
+	Timings          map[string]float64 `json:"timings_ms"`
+	Tensors          []TensorReport     `json:"tensors"`
+}
+
+// NewReport summarises a compression of a file of originalSize bytes.
+// codec is the time spent encoding; total the whole command's wall time.
+func NewReport(res *Result, originalSize int64, codec, total time.Duration) Report {
+	r := Report{
+		SchemaVersion:       SchemaVersion,
+		OriginalSizeBytes:   originalSize,
+		CompressedSizeBytes: res.FileSize,
+		Quality:             res.Quality,
+		QualityLevel:        res.Quality.Level(),
+		ProcessingTimeMS:    ms(total),
+		Violations:          res.Quality.Violations(),
+		Codec:               res.Codec,
+		Tensors:             res.PerTensor,
+		Timings:             map[string]float64{"codec": ms(codec), "total": ms(total)},
+	}
+	r.Passed = len(r.Violations) == 0
+	if res.FileSize > 0 {
+		r.CompressionRatio = float64(originalSize) / float64(res.FileSize)
+	}
+	if res.QuantizedElements > 0 {
+		r.BitsPerElement = 8 * float64(res.QuantizedPayloadBytes) / float64(res.QuantizedElements)
+		r.RatioVsFP16 = 16 / r.BitsPerElement
+	}
+	if codec > 0 {
+		r.ThroughputMBps = float64(originalSize) / 1e6 / codec.Seconds()
+	}
+	for _, t := range res.PerTensor {
+		if t.Mode == ModeInt4 {
+			r.QuantizedTensors++
+		} else {
+			r.StoredTensors++
+		}
+	}
+	return r
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+// DecompressReport is the JSON document printed by decompress.
+type DecompressReport struct {
+	SchemaVersion       int                `json:"schema_version"`
+	Command             string             `json:"command"`
+	Input               string             `json:"input"`
+	Output              string             `json:"output"`
+	CompressionRatio    float64            `json:"compression_ratio"`
+	OriginalSizeBytes   int64              `json:"original_size_bytes"`
+	CompressedSizeBytes int64              `json:"compressed_size_bytes"`
+	ProcessingTimeMS    float64            `json:"processing_time_ms"`
+	ThroughputMBps      float64            `json:"throughput_mb_per_s"`
+	Codec               Codec              `json:"codec"`
+	Timings             map[string]float64 `json:"timings_ms"`
+	Tensors             []TensorInfo       `json:"tensors"`
+}
+
+// TensorInfo names one tensor of a file, as listed by inspect and decompress.
+type TensorInfo struct {
+	Name  string  `json:"name"`
+	DType string  `json:"dtype"`
+	Shape []int64 `json:"shape"`
+	Bytes int64   `json:"bytes"`
+	Mode  string  `json:"mode,omitempty"`
+	// StoredBytes is the size of the tensor's payloads in a container.
+	StoredBytes int64 `json:"stored_bytes,omitempty"`
+}
+
+// InspectReport is the JSON document printed by inspect.
+type InspectReport struct {
+	SchemaVersion int               `json:"schema_version"`
+	Command       string            `json:"command"`
+	Input         string            `json:"input"`
+	Kind          string            `json:"kind"` // "safetensors" or "kv-compress"
+	FileSizeBytes int64             `json:"file_size_bytes"`
+	HeaderBytes   int64             `json:"header_bytes"`
+	Metadata      map[string]string `json:"metadata"`
+	Codec         *Codec            `json:"codec,omitempty"`
+	FormatVersion int               `json:"format_version,omitempty"`
+	Tensors       []TensorInfo      `json:"tensors"`
+}
+
+func infoOf(t *safetensors.Tensor) TensorInfo {
+	return TensorInfo{Name: t.Name, DType: string(t.DType), Shape: t.Shape, Bytes: int64(len(t.Data))}
+}
