@@ -1,0 +1,80 @@
+"""The Go golden vectors, checked against the independent torch reference and the real binary.
+
+``pkg/compression/testdata/golden/golden.json`` lists, for small inputs and several
+codec settings, the float16 scales, packed codes and reconstruction hash that the
+Go codec produces. Both languages test against the same file, so neither can
+drift from the written format without a test failing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Dict, List
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from validation.compression_bridge import compress_kv_cache, decompress_kv_cache
+from validation.reference_codec import decode_reference, encode_reference
+
+GOLDEN = Path(__file__).resolve().parent.parent / "pkg" / "compression" / "testdata" / "golden"
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """Little-endian bytes of ``t`` as safetensors stores them."""
+    if t.numel() == 0:
+        return b""
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def sha(t: torch.Tensor) -> str:
+    return hashlib.sha256(tensor_bytes(t)).hexdigest()
+
+
+def load_cases() -> List[Dict[str, Any]]:
+    return json.loads((GOLDEN / "golden.json").read_text())["cases"]
+
+
+CASES = load_cases()
+IDS = [f"{c['input'].split('.')[0]}-G{c['group_size']}-s{c['sparsity']}" for c in CASES]
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_reference_matches_golden(case: Dict[str, Any]) -> None:
+    tensors = load_file(str(GOLDEN / case["input"]))
+    assert set(tensors) == set(case["tensors"])
+    for name, want in case["tensors"].items():
+        t = tensors[name]
+        if want["mode"] == "stored":
+            assert sha(t) == want["reconstruction_sha256"], name
+            continue
+        enc = encode_reference(t, case["group_size"], case["sparsity"])
+        assert tensor_bytes(enc.scales).hex() == want["scales"], f"{name}: scales differ"
+        assert tensor_bytes(enc.codes).hex() == want["codes"], f"{name}: codes differ"
+        assert sha(enc.reconstruction) == want["reconstruction_sha256"], f"{name}: reconstruction differs"
+        decoded = decode_reference(enc.codes, enc.scales, case["group_size"], t.shape, t.dtype)
+        assert torch.equal(decoded.view(torch.uint8) if decoded.dtype == torch.bool else decoded, enc.reconstruction)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_binary_matches_golden(case: Dict[str, Any], kv_compress_bin: str, tmp_path: Path) -> None:
+    packed, restored = tmp_path / "x.kvc", tmp_path / "x.safetensors"
+    compress_kv_cache(str(GOLDEN / case["input"]), str(packed), group_size=case["group_size"], sparsity=case["sparsity"])
+    decompress_kv_cache(str(packed), str(restored))
+    out = load_file(str(restored))
+    for name, want in case["tensors"].items():
+        assert sha(out[name]) == want["reconstruction_sha256"], name
+
+
+def test_ties_round_half_to_even() -> None:
+    """The hand-made tie row decodes to round-half-to-even codes (scale exactly 1)."""
+    t = load_file(str(GOLDEN / "ties_f32.safetensors"))["ties"]
+    enc = encode_reference(t, 64)
+    assert enc.scales[0].item() == 1.0
+    row = t[0]
+    expected = torch.round(row)  # torch.round is half-to-even
+    assert torch.equal(enc.reconstruction[0], expected)
+    assert enc.reconstruction[0, 1].item() == 0.0 or row[1].item() != 0.5

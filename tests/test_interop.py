@@ -1,0 +1,128 @@
+"""Python and Go read each other's files, and the binary's reconstruction equals the torch reference bit for bit."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Tuple
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from conftest import make_tiny_llama
+from validation import compression_bridge as cb
+from validation.kv_cache_utils import cache_to_layers, extract_kv_cache, layers_to_cache, load_kv_cache, save_kv_cache
+from validation.reference_codec import encode_reference
+
+REPO = Path(__file__).resolve().parent.parent
+PY_FILES = REPO / "pkg" / "safetensors" / "testdata" / "python"
+
+DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32}
+
+
+def random_layers(n_layers: int, heads: int, seq: int, dim: int, dtype: torch.dtype, seed: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """Gaussian keys (with two outlier channels) and values, ``[1, heads, seq, dim]`` each."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_layers):
+        k = torch.randn(1, heads, seq, dim, generator=g)
+        k[..., :2] *= 10
+        v = torch.randn(1, heads, seq, dim, generator=g)
+        out.append((k.to(dtype), v.to(dtype)))
+    return out
+
+
+def assert_bit_exact(original, rebuilt, group_size: int) -> None:
+    """Every reconstructed layer equals the reference codec applied to the original, bit for bit."""
+    for i, ((k, v), (k2, v2)) in enumerate(zip(cache_to_layers(original), cache_to_layers(rebuilt))):
+        for name, a, b in (("key", k, k2), ("value", v, v2)):
+            ref = encode_reference(a, group_size).reconstruction
+            assert b.dtype == a.dtype and b.shape == a.shape, f"layer {i} {name}"
+            assert torch.equal(b.view(torch.int16 if b.element_size() == 2 else torch.int32),
+                               ref.view(torch.int16 if ref.element_size() == 2 else torch.int32)), f"layer {i} {name} differs"
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+@pytest.mark.parametrize("group_size", [32, 64, 128], ids=lambda g: f"G{g}")
+def test_random_cache_bit_exact(dtype: str, group_size: int, tmp_path: Path, kv_compress_bin: str) -> None:
+    dim = max(64, group_size)  # groups never span rows, so G = 128 needs head_dim 128
+    cache = layers_to_cache(random_layers(22 if dim == 64 else 4, 4, 24, dim, DTYPES[dtype], seed=group_size))
+    rebuilt, metrics = cb.roundtrip_kv_cache(cache, str(tmp_path), group_size=group_size)
+    assert_bit_exact(cache, rebuilt, group_size)
+    assert set(metrics.extra["bridge_timings_ms"]) == {"save", "compress", "decompress", "load"}
+
+
+@pytest.mark.parametrize("group_size", [32, 64], ids=lambda g: f"G{g}")
+def test_model_cache_bit_exact_and_usable(group_size: int, tiny_llama, tiny_tokenizer, tmp_path: Path, kv_compress_bin: str) -> None:
+    prompt = "Robert Boulter is an English film, television and theatre actor."
+    cache, meta = extract_kv_cache(tiny_llama, tiny_tokenizer, prompt, device="cpu")
+    assert (meta.num_layers, meta.num_kv_heads, meta.head_dim) == (22, 4, 64)
+    rebuilt, metrics = cb.roundtrip_kv_cache(cache, str(tmp_path), group_size=group_size)
+    assert_bit_exact(cache, rebuilt, group_size)
+    # The model continues from the reconstructed cache.
+    next_ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        out = tiny_llama(next_ids, past_key_values=rebuilt, use_cache=True)
+    assert torch.isfinite(out.logits).all() and out.logits.shape == (1, 3, tiny_llama.config.vocab_size)
+
+
+def test_model_cache_bit_exact_g128(tiny_tokenizer, tmp_path: Path, kv_compress_bin: str) -> None:
+    model = make_tiny_llama(num_layers=2, num_kv_heads=2, head_dim=128, seed=3)
+    cache, _ = extract_kv_cache(model, tiny_tokenizer, "The quick brown fox jumps over the lazy dog.", device="cpu")
+    rebuilt, _ = cb.roundtrip_kv_cache(cache, str(tmp_path), group_size=128)
+    assert_bit_exact(cache, rebuilt, 128)
+
+
+def test_python_testdata_is_current(tmp_path: Path) -> None:
+    """The Go reader's Python-written fixtures are what the installed safetensors writes today."""
+    gen = REPO / "tests" / "gen_python_safetensors.py"
+    code = gen.read_text().replace('OUT = Path(__file__).resolve().parent.parent / "pkg" / "safetensors" / "testdata" / "python"',
+                                   f"OUT = Path({str(tmp_path)!r})")
+    script = tmp_path / "gen.py"
+    script.write_text(code)
+    subprocess.run([sys.executable, str(script)], check=True)
+    for f in sorted(PY_FILES.glob("*.safetensors")):
+        fresh = tmp_path / f.name
+        # Metadata key order is not stable across writes, so compare content, not bytes.
+        with safe_open(str(f), framework="pt") as a, safe_open(str(fresh), framework="pt") as b:
+            assert a.metadata() == b.metadata(), f"{f.name} is stale: rerun {gen.name}"
+        old, new = load_file(str(f)), load_file(str(fresh))
+        assert old.keys() == new.keys(), f"{f.name} is stale: rerun {gen.name}"
+        for k in old:
+            assert old[k].dtype == new[k].dtype and torch.equal(old[k], new[k]), f"{f.name}:{k} is stale"
+
+
+@pytest.mark.parametrize("path", sorted(PY_FILES.glob("*.safetensors")), ids=lambda p: p.stem)
+def test_go_reads_python_files(path: Path, kv_compress_bin: str) -> None:
+    info = cb.inspect_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        names = set(f.keys())
+        meta = f.metadata() or {}
+    assert {t["name"] for t in info["tensors"]} == names
+    assert info["metadata"] == meta
+    tensors = load_file(str(path))
+    for t in info["tensors"]:
+        assert tuple(t["shape"]) == tuple(tensors[t["name"]].shape)
+
+
+def test_python_reads_go_container(tmp_path: Path, kv_compress_bin: str) -> None:
+    src = tmp_path / "c.safetensors"
+    save_kv_cache(layers_to_cache(random_layers(2, 2, 8, 64, torch.float16, 0)), str(src))
+    packed = tmp_path / "c.kvc"
+    cb.compress_kv_cache(str(src), str(packed))
+    with safe_open(str(packed), framework="pt") as f:
+        meta = f.metadata()
+        payloads = {k: f.get_tensor(k) for k in f.keys()}
+    assert meta["format"] == "kv-compress" and meta["format_version"] == "1"
+    assert set(payloads) == {f"layer_{i}_{kind}.{part}" for i in range(2) for kind in ("key", "value") for part in ("codes", "scales")}
+    assert all(t.dtype == torch.uint8 and t.dim() == 1 for t in payloads.values())
+
+
+def test_bfloat16_cache_survives_the_float32_file(tmp_path: Path, kv_compress_bin: str) -> None:
+    cache = layers_to_cache(random_layers(3, 2, 8, 64, torch.bfloat16, 4))
+    rebuilt, _ = cb.roundtrip_kv_cache(cache, str(tmp_path), group_size=64)
+    assert all(k.dtype == torch.bfloat16 for k, _ in cache_to_layers(rebuilt))
+    assert_bit_exact(cache, rebuilt, 64)
