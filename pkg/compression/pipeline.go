@@ -43,11 +43,11 @@ type Result struct {
 
 // workerScratch is the per-goroutine working memory of Compress.
 type workerScratch struct {
-	x, orig, mags []float32
-	codes         []byte
-	scales        []uint16
-	scaleBytes    []byte
-	lz            lz4.Compressor
+	x, mags    []float32
+	codes      []byte
+	scales     []uint16
+	scaleBytes []byte
+	lz         lz4.CompressorCCompat
 }
 
 func grow[T any](s []T, n int) []T {
@@ -133,26 +133,24 @@ func compressTensor(t *safetensors.Tensor, cfg Config, ws *workerScratch) (compr
 		}
 		return ct, fmt.Errorf("%w: last dimension %d of shape %v, group size %d", ErrGroupSize, last, t.Shape, g)
 	}
-	ws.x = grow(ws.x, int(n))
-	if err := safetensors.DecodeFloat32(t.DType, t.Data, ws.x); err != nil {
-		return ct, err
-	}
-	orig := ws.x
+	var sparse []float32
 	if cfg.Sparsity > 0 {
-		ws.orig = grow(ws.orig, int(n))
-		copy(ws.orig, ws.x)
-		orig = ws.orig
-		ws.mags = grow(ws.mags, int(n))
-		for _, v := range ws.x { // sparsify must not see NaN: refuse it first
+		ws.x = grow(ws.x, int(n))
+		if err := safetensors.DecodeFloat32(t.DType, t.Data, ws.x); err != nil {
+			return ct, err
+		}
+		for _, v := range ws.x { // the threshold search must not see NaN: refuse it first
 			if v != v || v-v != 0 {
 				return ct, ErrNonFinite
 			}
 		}
+		ws.mags = grow(ws.mags, int(n))
 		sparsify(ws.x, cfg.Sparsity, ws.mags)
+		sparse = ws.x
 	}
 	ws.codes = grow(ws.codes, int(n/2))
 	ws.scales = grow(ws.scales, int(n/int64(g)))
-	st, err := quantizeTensor(ws.x, orig, g, t.DType, ws.codes, ws.scales)
+	st, err := quantizeTensor(t.Data, t.DType, sparse, g, ws.codes, ws.scales)
 	if err != nil {
 		return ct, err
 	}

@@ -331,7 +331,7 @@ func TestRandomRoundTripsAreBounded(t *testing.T) {
 		}
 		codes := make([]byte, len(x)/2)
 		scales := make([]uint16, 4)
-		if _, err := quantizeTensor(x, x, g, safetensors.F32, codes, scales); err != nil {
+		if _, err := quantizeTensor(f32Bytes(x), safetensors.F32, nil, g, codes, scales); err != nil {
 			t.Fatal(err)
 		}
 		out := make([]byte, 4*len(x))

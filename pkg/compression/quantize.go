@@ -115,16 +115,26 @@ func (s *tensorStats) merge(o tensorStats) {
 	s.maxErr = max(s.maxErr, o.maxErr)
 }
 
-// quantizeTensor quantizes x (the values to encode) group by group into packed
-// codes and float16 scales, and accumulates the error of the reconstruction,
-// as stored in dtype dt, against orig (the values before sparsification).
-// len(x) must be a multiple of g; codes has len(x)/2 bytes, scales len(x)/g entries.
-func quantizeTensor(x, orig []float32, g int, dt safetensors.DType, codes []byte, scales []uint16) (tensorStats, error) {
+// quantizeTensor quantizes one tensor group by group into packed codes and
+// float16 scales, and accumulates the error of the reconstruction, as stored
+// in dtype dt, against the original values. src holds the tensor's raw bytes
+// (dtype dt); sparse, when not nil, holds the float32 values to encode instead
+// of src's (after sparsification). The element count must be a multiple of g;
+// codes has n/2 bytes, scales n/g entries.
+func quantizeTensor(src []byte, dt safetensors.DType, sparse []float32, g int, codes []byte, scales []uint16) (tensorStats, error) {
 	var st tensorStats
 	var lut [16]float32
-	for gi := range len(x) / g {
-		grp := x[gi*g : (gi+1)*g : (gi+1)*g]
-		ref := orig[gi*g : (gi+1)*g : (gi+1)*g]
+	var buf [128]float32 // one group of original values, decoded where it is used
+	width := dt.Bits() / 8
+	for gi := range len(scales) {
+		ref := buf[:g:g]
+		if err := safetensors.DecodeFloat32(dt, src[gi*g*width:(gi+1)*g*width], ref); err != nil {
+			return st, err
+		}
+		grp := ref
+		if sparse != nil {
+			grp = sparse[gi*g : (gi+1)*g : (gi+1)*g]
+		}
 		// For non-negative floats the bit patterns order like the values, and
 		// NaN and Inf sort above every finite value: one integer max finds both.
 		var mb uint32
@@ -154,19 +164,27 @@ func quantizeTensor(x, orig []float32, g int, dt safetensors.DType, codes []byte
 		}
 		dequantTable(&lut, s, dt)
 		inv := 1 / s
+		// Quotients stay within ±7·(1 + 2^-11) unless the scale lost precision
+		// (subnormal float16); only then can a code need clamping.
+		noClamp := m*inv < 7.25
 		// Accumulators live in locals (two lanes each) so they stay in registers.
-		var xx0, xx1, ee0, ee1, xy0, xy1, yy0, yy1 float32
+		// Σxy is not accumulated: it follows from Σx², Σy² and Σ(x−y)².
+		var xx0, xx1, ee0, ee1, yy0, yy1 float32
 		var me0, me1 uint32 // |error| as bits: integer max is cheaper than float max
 		for j := range out {
-			// quantizePair, inlined by hand: the call is too big for the inliner.
 			x0, x1 := grp[2*j], grp[2*j+1]
 			t0, t1 := x0*inv, x1*inv
-			f0 := t0 - ((t0 + roundMagic) - roundMagic)
-			f1 := t1 - ((t1 + roundMagic) - roundMagic)
+			r0 := (t0 + roundMagic) - roundMagic
+			r1 := (t1 + roundMagic) - roundMagic
+			f0, f1 := t0-r0, t1-r1
 			var q0, q1 int32
-			if f0 > tieGuard || f0 < -tieGuard || f1 > tieGuard || f1 < -tieGuard {
+			switch {
+			case f0 > tieGuard || f0 < -tieGuard || f1 > tieGuard || f1 < -tieGuard:
+				// Near a tie the multiply may differ from the division: use the definition.
 				q0, q1 = quantizeCode(x0, s), quantizeCode(x1, s)
-			} else {
+			case noClamp:
+				q0, q1 = int32(r0), int32(r1)
+			default:
 				q0, q1 = roundClamp(t0), roundClamp(t1)
 			}
 			q0, q1 = q0&0xf, q1&0xf
@@ -178,14 +196,14 @@ func quantizeTensor(x, orig []float32, g int, dt safetensors.DType, codes []byte
 			xx1 += x1 * x1
 			ee0 += e0 * e0
 			ee1 += e1 * e1
-			xy0 += x0 * y0
-			xy1 += x1 * y1
 			yy0 += y0 * y0
 			yy1 += y1 * y1
 			me0 = max(me0, math.Float32bits(e0)&0x7fffffff)
 			me1 = max(me1, math.Float32bits(e1)&0x7fffffff)
 		}
-		gs := groupStats{xx: [2]float32{xx0, xx1}, ee: [2]float32{ee0, ee1}, xy: [2]float32{xy0, xy1}, yy: [2]float32{yy0, yy1}, maxErr: math.Float32frombits(max(me0, me1))}
+		gs := groupStats{xx: [2]float32{xx0, xx1}, ee: [2]float32{ee0, ee1}, yy: [2]float32{yy0, yy1}, maxErr: math.Float32frombits(max(me0, me1))}
+		gs.xy[0] = (xx0 + yy0 - ee0) / 2
+		gs.xy[1] = (xx1 + yy1 - ee1) / 2
 		st.addGroup(&gs, len(ref))
 	}
 	return st, nil
@@ -294,15 +312,20 @@ func selectKth(a []float32, k int) float32 {
 	return a[k]
 }
 
-// halfTable encodes an already-rounded lookup table as F16 or BF16 bits.
-func halfTable(dst *[16]uint16, lut *[16]float32, dt safetensors.DType) {
-	for c, v := range lut {
-		if dt == safetensors.F16 {
-			dst[c] = safetensors.F32ToF16(v)
-		} else {
-			dst[c] = safetensors.F32ToBF16(v)
-		}
+// halfTable fills dst with the F16 or BF16 bits of every code's reconstruction
+// for scale s: the float32 product rounded half to even. Rounding is symmetric,
+// so each negative code is its positive twin with the sign bit set.
+func halfTable(dst *[16]uint16, s float32, dt safetensors.DType) {
+	conv := safetensors.F32ToF16
+	if dt == safetensors.BF16 {
+		conv = safetensors.F32ToBF16
 	}
+	dst[0] = 0
+	for c := 1; c < 8; c++ {
+		h := conv(float32(c) * s)
+		dst[c], dst[16-c] = h, h|0x8000
+	}
+	dst[8] = conv(-8 * s)
 }
 
 // dequantizeTensor writes the reconstruction of packed codes with float16
@@ -313,23 +336,24 @@ func dequantizeTensor(codes []byte, scales []uint16, g int, dt safetensors.DType
 	width := dt.Bits() / 8
 	for gi, s16 := range scales {
 		s := safetensors.F16ToF32(s16)
-		dequantTable(&lut, s, dt)
 		in := codes[gi*g/2 : (gi+1)*g/2]
 		out := dst[gi*g*width : (gi+1)*g*width]
 		switch dt {
 		case safetensors.F16, safetensors.BF16:
-			halfTable(&lut16, &lut, dt)
+			halfTable(&lut16, s, dt)
 			for j, b := range in {
 				lo, hi := lut16[b&0xf], lut16[b>>4]
 				o := out[4*j : 4*j+4 : 4*j+4]
 				o[0], o[1], o[2], o[3] = byte(lo), byte(lo>>8), byte(hi), byte(hi>>8)
 			}
 		case safetensors.F32:
+			dequantTable(&lut, s, dt)
 			for j, b := range in {
 				putF32(out[8*j:], lut[b&0xf])
 				putF32(out[8*j+4:], lut[b>>4])
 			}
 		case safetensors.F64:
+			dequantTable(&lut, s, dt)
 			for j, b := range in {
 				putF64(out[16*j:], float64(lut[b&0xf]))
 				putF64(out[16*j+8:], float64(lut[b>>4]))

@@ -88,7 +88,7 @@ func TestQuantizeTensorRules(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			codes := make([]byte, len(tc.x)/2)
 			scales := make([]uint16, len(tc.x)/tc.g)
-			st, err := quantizeTensor(tc.x, tc.x, tc.g, safetensors.F32, codes, scales)
+			st, err := quantizeTensor(f32Bytes(tc.x), safetensors.F32, nil, tc.g, codes, scales)
 			if !errors.Is(err, tc.wantErr) {
 				t.Fatalf("err = %v, want %v", err, tc.wantErr)
 			}
@@ -122,7 +122,7 @@ func TestZeroGroupReconstructsExactZeros(t *testing.T) {
 	x[40] = 1 // second group non-zero
 	codes := make([]byte, 32)
 	scales := make([]uint16, 2)
-	if _, err := quantizeTensor(x, x, 32, safetensors.F16, codes, scales); err != nil {
+	if _, err := quantizeTensor(f16Bytes(x), safetensors.F16, nil, 32, codes, scales); err != nil {
 		t.Fatal(err)
 	}
 	out := make([]byte, 128)

@@ -40,6 +40,12 @@ func F16ToF32(h uint16) float32 { return f16Table[h] }
 // quiet NaN (0x7E00 with the sign kept), as PyTorch does.
 func F32ToF16(f float32) uint16 {
 	b := math.Float32bits(f)
+	if abs := b & 0x7fffffff; abs >= 0x38800000 && abs < 0x477ff000 {
+		// Fast path: the result is a normal float16 (2^-14 <= |f| < 65520).
+		// Rebase the exponent, then round the 13 dropped bits half to even.
+		r := abs - 0x38000000 + 0x0fff + (abs>>13)&1
+		return uint16(b>>16)&0x8000 | uint16(r>>13)
+	}
 	sign := uint16(b>>16) & 0x8000
 	exp := int32(b>>23) & 0xff
 	mant := b & 0x7fffff
