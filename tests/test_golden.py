@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from validation.compression_bridge import compress_kv_cache, decompress_kv_cache
-from validation.reference_codec import decode_reference, encode_reference
+from validation.reference_codec import decode_reference, encode_reference, plan_for
 
 GOLDEN = Path(__file__).resolve().parent.parent / "pkg" / "compression" / "testdata" / "golden"
 
@@ -39,7 +39,20 @@ def load_cases() -> List[Dict[str, Any]]:
 
 
 CASES = load_cases()
-IDS = [f"{c['input'].split('.')[0]}-G{c['group_size']}-s{c['sparsity']}" for c in CASES]
+CODEC_KEYS = ("scheme", "rotate", "key_axis", "sink", "bits", "key_bits", "value_bits")
+
+
+def case_id(c: Dict[str, Any]) -> str:
+    extra = "-".join(f"{k}={c[k]}" for k in CODEC_KEYS if k in c)
+    return f"{c['input'].split('.')[0]}-G{c['group_size']}-s{c['sparsity']}" + (f"-{extra}" if extra else "")
+
+
+def codec_kwargs(c: Dict[str, Any]) -> Dict[str, Any]:
+    """The case's codec options, as keyword arguments of plan_for and compress_kv_cache."""
+    return {k: c[k] for k in CODEC_KEYS if k in c}
+
+
+IDS = [case_id(c) for c in CASES]
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -51,18 +64,26 @@ def test_reference_matches_golden(case: Dict[str, Any]) -> None:
         if want["mode"] == "stored":
             assert sha(t) == want["reconstruction_sha256"], name
             continue
-        enc = encode_reference(t, case["group_size"], case["sparsity"])
+        plan = plan_for(name, tuple(t.shape), **codec_kwargs(case))
+        assert (plan.scheme, plan.axis, plan.rotate, plan.sink) == (
+            want.get("scheme", "sym"), want.get("axis", "last"), want.get("rotate", "none"), want.get("sink", 0)), name
+        assert want["mode"] == f"int{plan.bits}", name
+        enc = encode_reference(t, case["group_size"], case["sparsity"], plan=plan)
         assert tensor_bytes(enc.scales).hex() == want["scales"], f"{name}: scales differ"
         assert tensor_bytes(enc.codes).hex() == want["codes"], f"{name}: codes differ"
+        assert (tensor_bytes(enc.mins).hex() if enc.mins is not None else "") == want.get("mins", ""), f"{name}: mins differ"
+        assert (tensor_bytes(enc.sink_rows).hex() if enc.sink_rows is not None else "") == want.get("sink_rows", ""), name
         assert sha(enc.reconstruction) == want["reconstruction_sha256"], f"{name}: reconstruction differs"
-        decoded = decode_reference(enc.codes, enc.scales, case["group_size"], t.shape, t.dtype)
-        assert torch.equal(decoded.view(torch.uint8) if decoded.dtype == torch.bool else decoded, enc.reconstruction)
+        if plan == plan_for(name, tuple(t.shape)):  # version-1 scheme: the stand-alone decoder agrees
+            decoded = decode_reference(enc.codes, enc.scales, case["group_size"], t.shape, t.dtype)
+            assert torch.equal(decoded, enc.reconstruction)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_binary_matches_golden(case: Dict[str, Any], kv_compress_bin: str, tmp_path: Path) -> None:
     packed, restored = tmp_path / "x.kvc", tmp_path / "x.safetensors"
-    compress_kv_cache(str(GOLDEN / case["input"]), str(packed), group_size=case["group_size"], sparsity=case["sparsity"])
+    compress_kv_cache(str(GOLDEN / case["input"]), str(packed), group_size=case["group_size"], sparsity=case["sparsity"],
+                      **codec_kwargs(case))
     decompress_kv_cache(str(packed), str(restored))
     out = load_file(str(restored))
     for name, want in case["tensors"].items():

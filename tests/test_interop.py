@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from conftest import make_tiny_llama
 from validation import compression_bridge as cb
 from validation.kv_cache_utils import cache_to_layers, extract_kv_cache, layers_to_cache, load_kv_cache, save_kv_cache
-from validation.reference_codec import encode_reference
+from validation.reference_codec import encode_reference, plan_for
 
 REPO = Path(__file__).resolve().parent.parent
 PY_FILES = REPO / "pkg" / "safetensors" / "testdata" / "python"
@@ -35,11 +35,12 @@ def random_layers(n_layers: int, heads: int, seq: int, dim: int, dtype: torch.dt
     return out
 
 
-def assert_bit_exact(original, rebuilt, group_size: int) -> None:
+def assert_bit_exact(original, rebuilt, group_size: int, **codec) -> None:
     """Every reconstructed layer equals the reference codec applied to the original, bit for bit."""
     for i, ((k, v), (k2, v2)) in enumerate(zip(cache_to_layers(original), cache_to_layers(rebuilt))):
         for name, a, b in (("key", k, k2), ("value", v, v2)):
-            ref = encode_reference(a, group_size).reconstruction
+            plan = plan_for(f"layer_{i}_{name}", tuple(a.shape), **codec)
+            ref = encode_reference(a, group_size, plan=plan).reconstruction
             assert b.dtype == a.dtype and b.shape == a.shape, f"layer {i} {name}"
             assert torch.equal(b.view(torch.int16 if b.element_size() == 2 else torch.int32),
                                ref.view(torch.int16 if ref.element_size() == 2 else torch.int32)), f"layer {i} {name} differs"
@@ -126,3 +127,47 @@ def test_bfloat16_cache_survives_the_float32_file(tmp_path: Path, kv_compress_bi
     rebuilt, _ = cb.roundtrip_kv_cache(cache, str(tmp_path), group_size=64)
     assert all(k.dtype == torch.bfloat16 for k, _ in cache_to_layers(rebuilt))
     assert_bit_exact(cache, rebuilt, 64)
+
+
+SCHEMES = {
+    "hadamard": dict(rotate="hadamard"),
+    "asym": dict(scheme="asym"),
+    "channel-keys-sink": dict(scheme="asym", key_axis="channel", sink=1),
+    "all": dict(scheme="asym", rotate="hadamard", key_axis="channel", sink=2, key_bits=8, value_bits=3),
+    "int2": dict(bits=2),
+}
+
+
+@pytest.mark.parametrize("codec", list(SCHEMES.values()), ids=list(SCHEMES))
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+def test_schemes_bit_exact(codec, dtype: str, tmp_path: Path, kv_compress_bin: str) -> None:
+    cache = layers_to_cache(random_layers(3, 2, 45, 64, DTYPES[dtype], seed=7))
+    rebuilt, metrics = cb.roundtrip_kv_cache(cache, str(tmp_path), group_size=32, **codec)
+    assert_bit_exact(cache, rebuilt, 32, **codec)
+    for k, v in codec.items():
+        assert metrics.codec[k] == v
+
+
+def test_schemes_on_a_model_cache(tiny_llama, tiny_tokenizer, tmp_path: Path, kv_compress_bin: str) -> None:
+    codec = dict(scheme="asym", rotate="hadamard", key_axis="channel", sink=1)
+    cache, _ = extract_kv_cache(tiny_llama, tiny_tokenizer, "Valkyria Chronicles III is a tactical role-playing game.", device="cpu")
+    rebuilt, _ = cb.roundtrip_kv_cache(cache, str(tmp_path), group_size=64, **codec)
+    assert_bit_exact(cache, rebuilt, 64, **codec)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(scheme="nf4"), r"scheme must be one of \['sym', 'asym'\], got 'nf4'"),
+        (dict(rotate="random"), r"rotate must be one of \['none', 'hadamard'\], got 'random'"),
+        (dict(key_axis="head"), r"key_axis must be one of \['token', 'channel'\], got 'head'"),
+        (dict(bits=5), r"bits must be one of \[2, 3, 4, 8\], got 5"),
+        (dict(value_bits="4"), r"value_bits must be one of \[2, 3, 4, 8\], got '4'"),
+        (dict(sink=-1), r"sink must be a non-negative integer, got -1"),
+    ],
+    ids=["scheme", "rotate", "key_axis", "bits", "value_bits-str", "sink"],
+)
+def test_codec_options_checked(kwargs, message, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("KV_COMPRESS_PATH", "/nonexistent/never-run")
+    with pytest.raises(ValueError, match=message):
+        cb.compress_kv_cache(str(tmp_path / "in"), str(tmp_path / "out"), **kwargs)

@@ -31,6 +31,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 BINARY_NAME = "kv-compress"
 ENV_BINARY = "KV_COMPRESS_PATH"
 ALLOWED_GROUP_SIZES: Tuple[int, ...] = (32, 64, 128)
+ALLOWED_SCHEMES: Tuple[str, ...] = ("sym", "asym")
+ALLOWED_ROTATIONS: Tuple[str, ...] = ("none", "hadamard")
+ALLOWED_KEY_AXES: Tuple[str, ...] = ("token", "channel")
+ALLOWED_BITS: Tuple[int, ...] = (2, 3, 4, 8)
 DEFAULT_TIMEOUT_S = 600.0
 BUILD_HINT = "build it with `make build-compress` from the repository root, or set KV_COMPRESS_PATH"
 
@@ -177,10 +181,50 @@ def _run(args: Sequence[str], timeout: Optional[float] = DEFAULT_TIMEOUT_S) -> D
     return doc
 
 
-def _codec_args(group_size: int, sparsity: float, verbose: bool) -> List[str]:
+def _check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
+    if isinstance(value, bool) or value not in allowed or type(value) is not type(allowed[0]):
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def codec_args(
+    group_size: int = 64,
+    sparsity: float = 0.0,
+    scheme: Optional[str] = None,
+    rotate: Optional[str] = None,
+    key_axis: Optional[str] = None,
+    sink: Optional[int] = None,
+    bits: Optional[int] = None,
+    key_bits: Optional[int] = None,
+    value_bits: Optional[int] = None,
+) -> List[str]:
+    """Validate codec options and turn them into ``kv-compress`` flags.
+
+    ``None`` leaves an option to the binary's default, so the Python side never
+    disagrees with the Go side about what the default codec is.
+    """
     _check_group_size(group_size)
     _check_sparsity(sparsity)
     args = ["--group-size", str(group_size), "--sparsity", repr(float(sparsity))]
+    for flag, value, allowed in (
+        ("scheme", scheme, ALLOWED_SCHEMES),
+        ("rotate", rotate, ALLOWED_ROTATIONS),
+        ("key-axis", key_axis, ALLOWED_KEY_AXES),
+        ("bits", bits, ALLOWED_BITS),
+        ("key-bits", key_bits, ALLOWED_BITS),
+        ("value-bits", value_bits, ALLOWED_BITS),
+    ):
+        if value is not None:
+            _check_choice(flag.replace("-", "_"), value, allowed)
+            args += [f"--{flag}", str(value)]
+    if sink is not None:
+        if isinstance(sink, bool) or not isinstance(sink, int) or sink < 0:
+            raise ValueError(f"sink must be a non-negative integer, got {sink!r}")
+        args += ["--sink", str(sink)]
+    return args
+
+
+def _codec_args(group_size: int, sparsity: float, verbose: bool, **codec: Any) -> List[str]:
+    args = codec_args(group_size, sparsity, **codec)
     if verbose:
         args.append("--verbose")
     return args
@@ -193,6 +237,7 @@ def compress_kv_cache(
     sparsity: float = 0.0,
     verbose: bool = False,
     timeout: Optional[float] = DEFAULT_TIMEOUT_S,
+    **codec: Any,
 ) -> CompressionMetrics:
     """Compress a safetensors KV cache into a kv-compress container.
 
@@ -204,6 +249,10 @@ def compress_kv_cache(
         sparsity: fraction in [0, 1) of smallest-magnitude elements zeroed first.
         verbose: let the binary print per-tensor diagnostics (to its stderr, captured).
         timeout: seconds before the binary is killed (``None``: no limit).
+        **codec: ``scheme`` ("sym" | "asym"), ``rotate`` ("none" | "hadamard"),
+            ``key_axis`` ("token" | "channel"), ``sink`` (positions kept exact),
+            ``bits`` / ``key_bits`` / ``value_bits`` (2, 3, 4 or 8); omitted ones
+            take the binary's defaults (see docs/cli.md).
 
     Returns:
         CompressionMetrics with sizes, quality and timing.
@@ -214,7 +263,7 @@ def compress_kv_cache(
         KVCompressError: the binary failed (a ``subprocess.CalledProcessError``).
         KVCompressTimeout: the binary hung (a ``subprocess.TimeoutExpired``).
     """
-    args = ["compress", "-i", str(input_path), "-o", str(output_path), *_codec_args(group_size, sparsity, verbose)]
+    args = ["compress", "-i", str(input_path), "-o", str(output_path), *_codec_args(group_size, sparsity, verbose, **codec)]
     return CompressionMetrics.from_dict(_run(args, timeout))
 
 
@@ -241,9 +290,10 @@ def get_compression_metrics(
     verbose: bool = False,
     sparsity: float = 0.0,
     timeout: Optional[float] = DEFAULT_TIMEOUT_S,
+    **codec: Any,
 ) -> CompressionMetrics:
-    """Compress in memory and report, writing nothing (``kv-compress metrics``)."""
-    args = ["metrics", "-i", str(input_path), *_codec_args(group_size, sparsity, verbose)]
+    """Compress in memory and report, writing nothing (``kv-compress metrics``); ``codec`` as for compress."""
+    args = ["metrics", "-i", str(input_path), *_codec_args(group_size, sparsity, verbose, **codec)]
     return CompressionMetrics.from_dict(_run(args, timeout))
 
 
@@ -259,6 +309,7 @@ def roundtrip_kv_cache(
     sparsity: float = 0.0,
     device: str = "cpu",
     timeout: Optional[float] = DEFAULT_TIMEOUT_S,
+    **codec: Any,
 ) -> Tuple[Any, CompressionMetrics]:
     """Send a cache through the real binary and back: save → compress → decompress → load.
 
@@ -274,8 +325,7 @@ def roundtrip_kv_cache(
     """
     from validation.kv_cache_utils import load_kv_cache, save_kv_cache
 
-    _check_group_size(group_size)
-    _check_sparsity(sparsity)
+    codec_args(group_size, sparsity, **codec)  # fail before any file is written
     with tempfile.TemporaryDirectory(prefix="kvc-", dir=work_dir) as tmp:
         src = os.path.join(tmp, "cache.safetensors")
         packed = os.path.join(tmp, "cache.kvc")
@@ -285,7 +335,7 @@ def roundtrip_kv_cache(
         save_kv_cache(cache, src)
         timings["save"] = (time.perf_counter() - t) * 1e3
         t = time.perf_counter()
-        metrics = compress_kv_cache(src, packed, group_size=group_size, sparsity=sparsity, timeout=timeout)
+        metrics = compress_kv_cache(src, packed, group_size=group_size, sparsity=sparsity, timeout=timeout, **codec)
         timings["compress"] = (time.perf_counter() - t) * 1e3
         t = time.perf_counter()
         decompress_kv_cache(packed, restored, timeout=timeout)

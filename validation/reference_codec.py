@@ -2,39 +2,131 @@
 
 This follows the written rules of ``docs/format.md`` rather than the Go code, so
 agreement bit for bit between the two is evidence that both implement the
-specification. All arithmetic is float32 unless stated:
+specification. All arithmetic is float32 unless stated. For one tensor ``x`` of
+shape ``[..., S, D]`` (a vector is ``[1, D]``), with ``N`` sink positions:
 
-1. ``x`` is the tensor as float32 (float64 rounds to nearest).
-2. Sparsity ``s``: with ``k = floor(s · numel)``, every element whose magnitude is
-   at most the k-th smallest magnitude is set to zero (ties included).
-3. Groups are ``G`` consecutive elements along the last axis (``G`` divides it).
-   ``scale = float16(max|x| / 7)`` (round half to even); a zero scale gives code 0.
-4. ``code = clamp(round_half_even(x / scale), -8, 7)`` with ``scale`` read back as float32.
-5. Codes are packed two per byte, element ``2i`` in the low nibble, two's complement.
-6. Reconstruction: ``dtype(float32(code) · scale)``, rounded half to even to the
-   original dtype (float64 receives the float32 value exactly).
-
-Shapes: ``x`` is any floating tensor ``[..., D]`` with ``D % G == 0``; codes are
-``uint8 [numel / 2]``; scales ``float16 [numel / G]``.
+1. ``x`` becomes float32 (float64 rounds to nearest); NaN or Inf is refused.
+2. The first ``N`` positions of the sequence axis (``x[..., :N, :]``) are kept as
+   they are; the rest, ``w = x[..., N:, :]``, is quantized.
+3. Sparsity ``s``: with ``k = floor(s · numel(w))``, every element of ``w`` whose
+   magnitude is at most the k-th smallest magnitude becomes zero.
+4. Rotation ``hadamard``: each run of ``n`` elements along the last axis
+   (``n`` = the largest power of two dividing ``D``) becomes
+   ``c · H(signs ⊙ v)``, with ``H`` the butterfly Walsh–Hadamard transform,
+   ``c = float32(1/√n)`` and fixed ±1 signs from SplitMix64 (see ``hadamard_signs``).
+5. Rows: along the last axis (``axis="last"``), or, for key tensors with
+   ``key_axis="channel"``, along the sequence axis (``axis="seq"``, one row per
+   channel). Each row is cut into groups of ``G``; along the sequence axis the
+   last group of a row may be shorter.
+6. ``sym`` with ``b`` bits: ``qmax = 2^(b-1) − 1``, ``scale = float16(max|v| / qmax)``,
+   ``code = clamp(round(v / scale), −qmax − 1, qmax)``.
+   ``asym``: ``scale = float16((max − min) / (2^b − 1))``, ``minimum = float16(min)``,
+   ``code = clamp(round((v − minimum) / scale), 0, 2^b − 1)``.
+   Rounding is half to even; a zero scale gives code 0.
+7. Codes (two's complement for ``sym``) are packed LSB-first into a bit stream.
+8. Reconstruction: ``code · scale`` (plus ``minimum`` for ``asym``: two roundings),
+   back to the tensor layout, inverse rotation ``signs ⊙ (c · H v)``, then rounded
+   half to even to the original dtype; the sink rows are the original values.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
-QMIN, QMAX = -8, 7
+_MASK64 = (1 << 64) - 1
+SIGN_SEED = 0x6B762D636F6D7072  # "kv-compr"
+_KEY = re.compile(r"^layer_(0|[1-9][0-9]*)_key$")
+_VALUE = re.compile(r"^layer_(0|[1-9][0-9]*)_value$")
 
 
 @dataclass
 class ReferenceEncoding:
-    """The encoding of one tensor: packed codes, float16 scales, and the reconstruction."""
+    """The encoding of one tensor.
 
-    codes: torch.Tensor  # uint8 [numel / 2]
-    scales: torch.Tensor  # float16 [numel / group_size]
-    reconstruction: torch.Tensor  # same shape and dtype as the input
+    codes: uint8 ``[ceil(numel_quantized · bits / 8)]``; scales (and mins for asym):
+    float16 ``[groups]``; sink_rows: the original bytes of the kept positions as
+    uint8 (None without a sink); reconstruction: same shape and dtype as the input.
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    reconstruction: torch.Tensor
+    mins: Optional[torch.Tensor] = None
+    sink_rows: Optional[torch.Tensor] = None
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """How one tensor is encoded: what ``kv-compress`` records in the tensor's index entry."""
+
+    scheme: str = "sym"
+    bits: int = 4
+    axis: str = "last"
+    rotate: str = "none"
+    sink: int = 0
+
+
+def role(name: str) -> str:
+    """``"key"`` for ``layer_{i}_key``, ``"value"`` for ``layer_{i}_value``, else ``"other"``."""
+    if _KEY.match(name):
+        return "key"
+    if _VALUE.match(name):
+        return "value"
+    return "other"
+
+
+def plan_for(name: str, shape, *, scheme: str = "sym", rotate: str = "none", key_axis: str = "token",
+             sink: int = 0, bits: int = 4, key_bits: Optional[int] = None, value_bits: Optional[int] = None) -> TensorPlan:
+    """The per-tensor plan the binary derives from its flags and a tensor's name and shape."""
+    r = role(name)
+    b = {"key": key_bits or bits, "value": value_bits or bits}.get(r, bits)
+    axis = "seq" if r == "key" and key_axis == "channel" and len(shape) >= 2 else "last"
+    kept = min(sink, shape[-2]) if len(shape) >= 2 else 0
+    return TensorPlan(scheme=scheme, bits=b, axis=axis, rotate=rotate, sink=kept)
+
+
+def splitmix64(seed: int, i: int) -> int:
+    """The i-th output (from 0) of SplitMix64 seeded with ``seed``."""
+    z = (seed + (i + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def hadamard_signs(n: int) -> torch.Tensor:
+    """float32 ``[n]``: −1 where output j of SplitMix64(SIGN_SEED) is odd, else +1."""
+    return torch.tensor([-1.0 if splitmix64(SIGN_SEED, j) & 1 else 1.0 for j in range(n)], dtype=torch.float32)
+
+
+def fwht(v: torch.Tensor) -> torch.Tensor:
+    """Unnormalised Walsh–Hadamard transform of ``v`` ``[M, n]`` (n a power of two), butterfly order."""
+    m, n = v.shape
+    h = 1
+    while h < n:
+        v = v.reshape(m, n // (2 * h), 2, h)
+        a, b = v[:, :, 0, :], v[:, :, 1, :]
+        v = torch.stack((a + b, a - b), dim=2).reshape(m, n)
+        h *= 2
+    return v
+
+
+def _rotate(v: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """Rotate each block of ``v`` ``[M, D]`` along the last axis."""
+    m, d = v.shape
+    n = d & -d
+    c = torch.tensor(1 / math.sqrt(n), dtype=torch.float32)
+    signs = hadamard_signs(n)
+    blocks = v.reshape(-1, n)
+    if inverse:
+        out = fwht(blocks) * c * signs
+    else:
+        out = fwht(blocks * signs) * c
+    return out.reshape(m, d)
 
 
 def sparsify_reference(x: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -42,37 +134,112 @@ def sparsify_reference(x: torch.Tensor, sparsity: float) -> torch.Tensor:
     k = int(math.floor(sparsity * x.numel()))
     if k <= 0:
         return x
-    mags = x.abs().reshape(-1)
-    threshold = torch.kthvalue(mags, k).values
+    threshold = torch.kthvalue(x.abs().reshape(-1), k).values
     return torch.where(x.abs() <= threshold, torch.zeros_like(x), x)
 
 
-def encode_reference(x: torch.Tensor, group_size: int, sparsity: float = 0.0) -> ReferenceEncoding:
-    """Quantize ``x`` ``[..., D]`` per the kv-compress rules; see the module docstring."""
-    if x.dim() == 0 or x.shape[-1] % group_size != 0:
+def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack non-negative codes (< 2^bits) LSB-first into uint8 ``[ceil(len · bits / 8)]``."""
+    c = codes.reshape(-1).to(torch.int64)
+    stream = ((c[:, None] >> torch.arange(bits)) & 1).reshape(-1)
+    pad = (-stream.numel()) % 8
+    stream = torch.cat([stream, torch.zeros(pad, dtype=torch.int64)])
+    return (stream.reshape(-1, 8) << torch.arange(8)).sum(dim=1).to(torch.uint8)
+
+
+def _unpack(data: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    stream = ((data.to(torch.int64)[:, None] >> torch.arange(8)) & 1).reshape(-1)[: count * bits]
+    return (stream.reshape(count, bits) << torch.arange(bits)).sum(dim=1)
+
+
+def _group_stats(rows: torch.Tensor, group: int):
+    """Split rows ``[R, L]`` into groups of ``group`` (the last may be shorter).
+
+    Returns a list of ``[R, k, g]`` blocks in row-major group order, concatenated
+    per row afterwards by the caller.
+    """
+    r, length = rows.shape
+    full = length // group * group
+    parts = []
+    if full:
+        parts.append(rows[:, :full].reshape(r, full // group, group))
+    if full < length:
+        parts.append(rows[:, full:].reshape(r, 1, length - full))
+    return parts
+
+
+def encode_reference(x: torch.Tensor, group_size: int, sparsity: float = 0.0, *, plan: Optional[TensorPlan] = None) -> ReferenceEncoding:
+    """Encode ``x`` ``[..., S, D]`` with ``plan`` (default: sym, 4 bits, last axis); see the module docstring."""
+    p = plan or TensorPlan()
+    if x.dim() == 0:
+        raise ValueError("a scalar has no axis to group along")
+    if p.axis == "last" and x.shape[-1] % group_size != 0:
         raise ValueError(f"group_size {group_size} must divide the last dimension of shape {tuple(x.shape)}")
-    xf = x.detach().to(torch.float32).cpu()
+    shape = tuple(x.shape)
+    d = shape[-1]
+    s = shape[-2] if x.dim() >= 2 else 1
+    x3 = x.detach().cpu().reshape(-1, s, d)
+    xf = x3.to(torch.float32)
     if not torch.isfinite(xf).all():
         raise ValueError("tensor holds NaN or Inf")
-    xf = sparsify_reference(xf, sparsity)
-    groups = xf.reshape(-1, group_size)
-    scales16 = (groups.abs().amax(dim=1) / 7).to(torch.float16)
-    if torch.isinf(scales16).any():
-        raise ValueError("a group scale overflows float16")
-    s = scales16.to(torch.float32)[:, None]
-    safe = torch.where(s > 0, s, torch.ones_like(s))
-    q = torch.clamp(torch.round(groups / safe), QMIN, QMAX)
-    q = torch.where(s > 0, q, torch.zeros_like(q)).to(torch.int16)
-    flat = q.reshape(-1)
-    packed = ((flat[0::2] & 0xF) | ((flat[1::2] & 0xF) << 4)).to(torch.uint8)
-    recon = (q.to(torch.float32) * s).to(x.dtype).reshape(x.shape)
-    return ReferenceEncoding(codes=packed, scales=scales16, reconstruction=recon)
+    sink_rows = None
+    if p.sink:
+        sink_rows = x3[:, : p.sink, :].contiguous().reshape(-1).view(torch.uint8).clone()
+    w = sparsify_reference(xf[:, p.sink :, :].contiguous(), sparsity)
+    outer, keep = w.shape[0], w.shape[1]
+    if p.rotate == "hadamard":
+        w = _rotate(w.reshape(-1, d), inverse=False).reshape(outer, keep, d)
+    rows = w.transpose(1, 2).reshape(outer * d, keep) if p.axis == "seq" else w.reshape(outer * keep, d)
+
+    lo, hi = (0, 2**p.bits - 1) if p.scheme == "asym" else (-(2 ** (p.bits - 1)), 2 ** (p.bits - 1) - 1)
+    divisor = float(hi)
+    scale_parts, min_parts, code_parts, deq_parts = [], [], [], []
+    for g in _group_stats(rows, group_size):
+        if p.scheme == "asym":
+            mn, mx = g.amin(dim=2, keepdim=True), g.amax(dim=2, keepdim=True)
+            scale16 = ((mx - mn) / divisor).to(torch.float16)
+            min16 = mn.to(torch.float16)
+            mv = min16.to(torch.float32)
+            num = g - mv
+        else:
+            scale16 = (g.abs().amax(dim=2, keepdim=True) / divisor).to(torch.float16)
+            min16, mv, num = None, None, g
+        if torch.isinf(scale16).any() or (min16 is not None and torch.isinf(min16).any()):
+            raise ValueError("a group scale or minimum overflows float16")
+        sc = scale16.to(torch.float32)
+        safe = torch.where(sc > 0, sc, torch.ones_like(sc))
+        q = torch.where(sc > 0, torch.clamp(torch.round(num / safe), lo, hi), torch.zeros_like(num))
+        q = q + 0.0  # codes are integers: round(−0.3) is −0.0, code 0 reconstructs as +0.0
+        deq = q * sc
+        if mv is not None:
+            deq = deq + mv
+        scale_parts.append(scale16)
+        min_parts.append(min16)
+        code_parts.append(q.to(torch.int64))
+        deq_parts.append(deq)
+    r = rows.shape[0]
+    scales = torch.cat([t.reshape(r, -1) for t in scale_parts], dim=1).reshape(-1)
+    mins = torch.cat([t.reshape(r, -1) for t in min_parts], dim=1).reshape(-1) if p.scheme == "asym" else None
+    codes = torch.cat([t.reshape(r, -1) for t in code_parts], dim=1).reshape(-1)
+    deq = torch.cat([t.reshape(r, -1) for t in deq_parts], dim=1)
+
+    y = deq.reshape(outer, d, keep).transpose(1, 2) if p.axis == "seq" else deq.reshape(outer, keep, d)
+    if p.rotate == "hadamard":
+        y = _rotate(y.reshape(-1, d), inverse=True).reshape(outer, keep, d)
+    recon = x3.clone()
+    recon[:, p.sink :, :] = y.to(x.dtype)
+    return ReferenceEncoding(
+        codes=_pack(codes & (2**p.bits - 1), p.bits),
+        scales=scales,
+        mins=mins,
+        sink_rows=sink_rows,
+        reconstruction=recon.reshape(shape),
+    )
 
 
 def decode_reference(codes: torch.Tensor, scales: torch.Tensor, group_size: int, shape, dtype: torch.dtype) -> torch.Tensor:
-    """Rebuild a tensor of ``shape`` and ``dtype`` from packed uint8 codes and float16 scales."""
-    c = codes.to(torch.int16)
-    lo, hi = c & 0xF, (c >> 4) & 0xF
-    q = torch.stack([lo, hi], dim=1).reshape(-1)
+    """Rebuild a version-1 tensor (sym, 4 bits, last axis) from packed uint8 codes and float16 scales."""
+    numel = math.prod(shape)
+    q = _unpack(codes, 4, numel)
     q = torch.where(q >= 8, q - 16, q).to(torch.float32).reshape(-1, group_size)
     return (q * scales.to(torch.float32)[:, None]).to(dtype).reshape(shape)

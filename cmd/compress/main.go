@@ -3,7 +3,7 @@
 //
 // Usage:
 //
-//	kv-compress compress   -i IN -o OUT [--group-size 64] [--sparsity 0] [--strict]
+//	kv-compress compress   -i IN -o OUT [--group-size 64] [--scheme sym] [--rotate none] [--bits 4] [--strict]
 //	kv-compress decompress -i IN -o OUT
 //	kv-compress metrics    -i IN [--group-size 64] [--sparsity 0] [--strict]
 //	kv-compress inspect    -i FILE
@@ -74,6 +74,13 @@ func run(args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&o.out, "output", "", "output file (same as -o)")
 	fs.IntVar(&o.cfg.GroupSize, "group-size", compression.DefaultGroupSize, "quantization group size along the last axis: 32, 64 or 128")
 	fs.Float64Var(&o.cfg.Sparsity, "sparsity", compression.DefaultSparsity, "fraction in [0, 1) of smallest-magnitude elements zeroed before quantizing")
+	fs.StringVar(&o.cfg.Scheme, "scheme", compression.DefaultScheme, "quantization scheme: sym (scale only) or asym (float16 minimum and scale)")
+	fs.StringVar(&o.cfg.Rotate, "rotate", compression.DefaultRotate, "rotation along the last axis before quantizing: none or hadamard")
+	fs.StringVar(&o.cfg.KeyAxis, "key-axis", compression.DefaultKeyAxis, "grouping of key tensors (layer_N_key): token (along head_dim) or channel (along the sequence)")
+	fs.IntVar(&o.cfg.Sink, "sink", compression.DefaultSink, "leading sequence positions of every tensor kept exact")
+	fs.IntVar(&o.cfg.Bits, "bits", compression.DefaultBits, "code width: 2, 3, 4 or 8")
+	fs.IntVar(&o.cfg.KeyBits, "key-bits", 0, "code width of key tensors (0: --bits)")
+	fs.IntVar(&o.cfg.ValueBits, "value-bits", 0, "code width of value tensors (0: --bits)")
 	fs.IntVar(&o.cfg.Workers, "workers", 0, "tensors processed in parallel (0: one per CPU)")
 	fs.BoolVar(&o.verbose, "verbose", false, "print per-tensor diagnostics to stderr")
 	fs.BoolVar(&o.verbose, "v", false, "same as --verbose")
@@ -211,12 +218,14 @@ func usage(w io.Writer) {
 	fmt.Fprint(w, `kv-compress: per-group INT4 + LZ4 compression of safetensors KV caches
 
 usage:
-  kv-compress compress   -i IN -o OUT [--group-size 32|64|128] [--sparsity S] [--strict]
+  kv-compress compress   -i IN -o OUT [codec flags] [--strict]
   kv-compress decompress -i IN -o OUT
-  kv-compress metrics    -i IN [--group-size 32|64|128] [--sparsity S] [--strict]
+  kv-compress metrics    -i IN [codec flags] [--strict]
   kv-compress inspect    -i FILE
   kv-compress version
 
+codec flags: --group-size 32|64|128, --scheme sym|asym, --rotate none|hadamard,
+  --key-axis token|channel, --sink N, --bits 2|3|4|8, --key-bits, --value-bits, --sparsity S
 common flags: --workers N, --verbose, --pretty. Run 'kv-compress SUBCOMMAND -h' for details.
 stdout is one JSON object; diagnostics go to stderr.
 exit codes: 0 ok, 1 I/O or internal error, 2 usage, 3 invalid input, 4 quality gate failed (--strict)

@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"math"
 	"runtime"
+	"slices"
 )
 
 // Errors returned (wrapped with context) by this package.
@@ -53,10 +54,11 @@ var (
 const (
 	DefaultGroupSize = 64
 	DefaultSparsity  = 0.0
-	// Bits is the code width of the INT4 scheme.
-	Bits = 4
-	// Scheme names the quantization scheme: symmetric, scale = max|x| / 7.
-	Scheme = "sym"
+	DefaultBits      = 4
+	DefaultScheme    = SchemeSym
+	DefaultRotate    = RotateNone
+	DefaultKeyAxis   = KeyAxisToken
+	DefaultSink      = 0
 )
 
 // Config holds the codec parameters chosen by the user.
@@ -69,12 +71,41 @@ type Config struct {
 	Sparsity float64
 	// Workers bounds the number of tensors processed at once; 0 means GOMAXPROCS.
 	Workers int
+	// Scheme is "sym" (scale only) or "asym" (float16 minimum and scale); "" means the default.
+	Scheme string
+	// Rotate is "none" or "hadamard"; "" means the default.
+	Rotate string
+	// KeyAxis is "token" (groups along the last axis) or "channel" (key
+	// tensors grouped along the sequence axis); "" means the default.
+	KeyAxis string
+	// Sink is the number of leading sequence positions of every tensor of
+	// rank >= 2 kept exact in the original dtype.
+	Sink int
+	// Bits is the code width (2, 3, 4 or 8) of tensors that are neither keys
+	// nor values, and of keys and values unless KeyBits / ValueBits say
+	// otherwise; 0 means the default.
+	Bits, KeyBits, ValueBits int
 }
 
 // DefaultConfig returns the default codec parameters.
 func DefaultConfig() Config {
-	return Config{GroupSize: DefaultGroupSize, Sparsity: DefaultSparsity}
+	return Config{GroupSize: DefaultGroupSize, Sparsity: DefaultSparsity, Scheme: DefaultScheme, Rotate: DefaultRotate,
+		KeyAxis: DefaultKeyAxis, Sink: DefaultSink, Bits: DefaultBits}
 }
+
+func or[T comparable](v, def T) T {
+	var zero T
+	if v == zero {
+		return def
+	}
+	return v
+}
+
+func (c Config) scheme() string { return or(c.Scheme, DefaultScheme) }
+func (c Config) rotate() string { return or(c.Rotate, DefaultRotate) }
+func (c Config) bits() int      { return or(c.Bits, DefaultBits) }
+func (c Config) keyBits() int   { return or(c.KeyBits, c.bits()) }
+func (c Config) valueBits() int { return or(c.ValueBits, c.bits()) }
 
 // Validate checks the parameters, naming the allowed values and the value received.
 func (c Config) Validate() error {
@@ -87,6 +118,26 @@ func (c Config) Validate() error {
 	}
 	if !(c.Sparsity >= 0 && c.Sparsity < 1) || math.IsNaN(c.Sparsity) {
 		return fmt.Errorf("%w: sparsity must be in [0, 1), got %v", ErrConfig, c.Sparsity)
+	}
+	if s := c.scheme(); s != SchemeSym && s != SchemeAsym {
+		return fmt.Errorf("%w: scheme must be one of [sym asym], got %q", ErrConfig, s)
+	}
+	if r := c.rotate(); r != RotateNone && r != RotateHadamard {
+		return fmt.Errorf("%w: rotate must be one of [none hadamard], got %q", ErrConfig, r)
+	}
+	if a := or(c.KeyAxis, DefaultKeyAxis); a != KeyAxisToken && a != KeyAxisChannel {
+		return fmt.Errorf("%w: key axis must be one of [token channel], got %q", ErrConfig, a)
+	}
+	if c.Sink < 0 || c.Sink > MaxSink {
+		return fmt.Errorf("%w: sink must be in [0, %d], got %d", ErrConfig, MaxSink, c.Sink)
+	}
+	for _, b := range []struct {
+		name string
+		v    int
+	}{{"bits", c.Bits}, {"key bits", c.KeyBits}, {"value bits", c.ValueBits}} {
+		if b.v != 0 && !slices.Contains(BitWidths, b.v) {
+			return fmt.Errorf("%w: %s must be one of %v, got %d", ErrConfig, b.name, BitWidths, b.v)
+		}
 	}
 	if c.Workers < 0 {
 		return fmt.Errorf("%w: workers must be >= 0, got %d", ErrConfig, c.Workers)

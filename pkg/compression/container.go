@@ -21,7 +21,7 @@ const (
 
 // Tensor modes.
 const (
-	ModeInt4   = "int4"   // floating-point tensor: packed codes + float16 scales
+	ModeInt4   = "int4"   // floating-point tensor: packed 4-bit codes + float16 scales (int2, int3, int8 likewise)
 	ModeStored = "stored" // any other tensor, kept losslessly
 )
 
@@ -29,14 +29,22 @@ const (
 const (
 	SuffixCodes  = ".codes"
 	SuffixScales = ".scales"
+	SuffixMins   = ".mins"
+	SuffixSink   = ".sink"
 	SuffixRaw    = ".raw"
 )
 
-// Codec records the parameters a container was written with.
+// Codec records the parameters a container was written with. Each tensor's
+// entry repeats the ones that apply to it, and decoding reads those.
 type Codec struct {
 	Scheme      string  `json:"scheme"`
 	Bits        int     `json:"bits"`
+	KeyBits     int     `json:"key_bits"`
+	ValueBits   int     `json:"value_bits"`
 	GroupSize   int     `json:"group_size"`
+	Rotate      string  `json:"rotate"`
+	KeyAxis     string  `json:"key_axis"`
+	Sink        int     `json:"sink"`
 	Sparsity    float64 `json:"sparsity"`
 	ScaleDType  string  `json:"scale_dtype"`
 	Rounding    string  `json:"rounding"`
@@ -45,8 +53,9 @@ type Codec struct {
 }
 
 func newCodec(c Config) Codec {
-	return Codec{Scheme: Scheme, Bits: Bits, GroupSize: c.GroupSize, Sparsity: c.Sparsity,
-		ScaleDType: "F16", Rounding: "half_to_even", NibbleOrder: "low_first", Checksum: "crc32c"}
+	return Codec{Scheme: c.scheme(), Bits: c.bits(), KeyBits: c.keyBits(), ValueBits: c.valueBits(),
+		GroupSize: c.GroupSize, Rotate: c.rotate(), KeyAxis: or(c.KeyAxis, DefaultKeyAxis), Sink: c.Sink,
+		Sparsity: c.Sparsity, ScaleDType: "F16", Rounding: "half_to_even", NibbleOrder: "low_first", Checksum: "crc32c"}
 }
 
 // Payload locates one stored payload and describes how to check and expand it.
@@ -57,15 +66,29 @@ type Payload struct {
 	CRC32C   string `json:"crc32c"`
 }
 
-// Entry describes one original tensor of a container.
+// Entry describes one original tensor of a container. Quantized entries
+// (mode "int2", "int3", "int4" or "int8") say how they were encoded; an
+// omitted field takes its version-1 default (sym, last axis, no rotation, no sink).
 type Entry struct {
 	Name   string   `json:"name"`
 	DType  string   `json:"dtype"`
 	Shape  []int64  `json:"shape"`
 	Mode   string   `json:"mode"`
+	Scheme string   `json:"scheme,omitempty"`
+	Axis   string   `json:"axis,omitempty"`
+	Rotate string   `json:"rotate,omitempty"`
+	Sink   int      `json:"sink,omitempty"`
 	Codes  *Payload `json:"codes,omitempty"`
 	Scales *Payload `json:"scales,omitempty"`
+	Mins   *Payload `json:"mins,omitempty"`
+	SinkP  *Payload `json:"sink_rows,omitempty"`
 	Raw    *Payload `json:"raw,omitempty"`
+}
+
+// plan reconstructs the encoding plan of a quantized entry.
+func (e *Entry) plan(group int) tensorPlan {
+	return tensorPlan{Scheme: or(e.Scheme, SchemeSym), Bits: bitsOfMode(e.Mode), Axis: or(e.Axis, AxisLast),
+		Rotate: or(e.Rotate, RotateNone), Sink: e.Sink, Group: group}
 }
 
 // Index is the parsed, validated metadata of a container.
@@ -140,10 +163,12 @@ func ReadIndex(f *safetensors.File) (*Index, error) {
 		return nil, fmt.Errorf("%w: codec: %v", ErrCorrupt, err)
 	}
 	c := idx.Codec
-	if err := (Config{GroupSize: c.GroupSize, Sparsity: c.Sparsity}).Validate(); err != nil {
+	cfg := Config{GroupSize: c.GroupSize, Sparsity: c.Sparsity, Scheme: c.Scheme, Rotate: c.Rotate, KeyAxis: c.KeyAxis,
+		Sink: c.Sink, Bits: c.Bits, KeyBits: c.KeyBits, ValueBits: c.ValueBits}
+	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrCorrupt, err)
 	}
-	if c.Scheme != Scheme || c.Bits != Bits || c.ScaleDType != "F16" || c.NibbleOrder != "low_first" {
+	if c.ScaleDType != "F16" || c.NibbleOrder != "low_first" {
 		return nil, fmt.Errorf("%w: unsupported codec %+v", ErrCorrupt, c)
 	}
 	if err := json.Unmarshal([]byte(md[MetaTensors]), &idx.Entries); err != nil {
@@ -174,14 +199,6 @@ func ReadIndex(f *safetensors.File) (*Index, error) {
 	return idx, nil
 }
 
-// expectedSizes returns the raw byte sizes an entry's payloads must have.
-func expectedSizes(e *Entry, dt safetensors.DType, n int64, g int) (codes, scales, raw int64) {
-	if e.Mode == ModeInt4 {
-		return n / 2, n / int64(g) * 2, 0
-	}
-	return 0, 0, n * int64(dt.Bits()) / 8
-}
-
 func checkEntry(f *safetensors.File, e *Entry, g int, used map[string]bool) error {
 	dt, err := safetensors.ParseDType(e.DType)
 	if err != nil {
@@ -194,7 +211,6 @@ func checkEntry(f *safetensors.File, e *Entry, g int, used map[string]bool) erro
 	if nb := n * int64(dt.Bits()); nb%8 != 0 {
 		return fmt.Errorf("%w: shape %v of %s is not a whole number of bytes", ErrCorrupt, e.Shape, dt)
 	}
-	wantCodes, wantScales, wantRaw := expectedSizes(e, dt, n, g)
 	check := func(role string, p *Payload, want int64) error {
 		if p == nil {
 			return fmt.Errorf("%w: missing %s payload", ErrCorrupt, role)
@@ -221,27 +237,53 @@ func checkEntry(f *safetensors.File, e *Entry, g int, used map[string]bool) erro
 		}
 		return nil
 	}
-	switch e.Mode {
-	case ModeInt4:
-		if !dt.IsFloat() {
-			return fmt.Errorf("%w: int4 mode for non-float dtype %s", ErrCorrupt, dt)
+	if e.Mode == ModeStored {
+		if e.Codes != nil || e.Scales != nil || e.Mins != nil || e.SinkP != nil {
+			return fmt.Errorf("%w: stored entry with quantized payloads", ErrCorrupt)
 		}
-		if len(e.Shape) == 0 || e.Shape[len(e.Shape)-1]%int64(g) != 0 {
-			return fmt.Errorf("%w: shape %v not divisible into groups of %d", ErrCorrupt, e.Shape, g)
-		}
-		if e.Raw != nil {
-			return fmt.Errorf("%w: int4 entry with a raw payload", ErrCorrupt)
-		}
-		if err := check("codes", e.Codes, wantCodes); err != nil {
+		return check("raw", e.Raw, n*int64(dt.Bits())/8)
+	}
+	bits := bitsOfMode(e.Mode)
+	if bits == 0 {
+		return fmt.Errorf("%w: unknown mode %q (want int2, int3, int4, int8 or %q)", ErrCorrupt, e.Mode, ModeStored)
+	}
+	if !dt.IsFloat() {
+		return fmt.Errorf("%w: mode %s for non-float dtype %s", ErrCorrupt, e.Mode, dt)
+	}
+	p := e.plan(g)
+	if p.Scheme != SchemeSym && p.Scheme != SchemeAsym || p.Rotate != RotateNone && p.Rotate != RotateHadamard ||
+		p.Axis != AxisLast && p.Axis != AxisSeq {
+		return fmt.Errorf("%w: unknown scheme %q, rotation %q or axis %q", ErrCorrupt, p.Scheme, p.Rotate, p.Axis)
+	}
+	if n == 0 {
+		return fmt.Errorf("%w: empty tensor in mode %s", ErrCorrupt, e.Mode)
+	}
+	if err := p.check(e.Shape); err != nil {
+		return fmt.Errorf("%w: %v", ErrCorrupt, err)
+	}
+	if e.Raw != nil {
+		return fmt.Errorf("%w: quantized entry with a raw payload", ErrCorrupt)
+	}
+	codes, scales, mins, sink := p.payloadSizes(e.Shape, dt.Bits()/8)
+	if err := check("codes", e.Codes, codes); err != nil {
+		return err
+	}
+	if err := check("scales", e.Scales, scales); err != nil {
+		return err
+	}
+	if (mins > 0) != (e.Mins != nil) {
+		return fmt.Errorf("%w: mins payload present for scheme %q: %v", ErrCorrupt, p.Scheme, e.Mins != nil)
+	}
+	if mins > 0 {
+		if err := check("mins", e.Mins, mins); err != nil {
 			return err
 		}
-		return check("scales", e.Scales, wantScales)
-	case ModeStored:
-		if e.Codes != nil || e.Scales != nil {
-			return fmt.Errorf("%w: stored entry with codes or scales", ErrCorrupt)
-		}
-		return check("raw", e.Raw, wantRaw)
-	default:
-		return fmt.Errorf("%w: unknown mode %q (want %q or %q)", ErrCorrupt, e.Mode, ModeInt4, ModeStored)
 	}
+	if (sink > 0) != (e.SinkP != nil) {
+		return fmt.Errorf("%w: sink payload present for sink %d: %v", ErrCorrupt, p.Sink, e.SinkP != nil)
+	}
+	if sink > 0 {
+		return check("sink", e.SinkP, sink)
+	}
+	return nil
 }

@@ -27,15 +27,35 @@ const goldenDir = "testdata/golden"
 
 // GoldenCase is one compression of one input file.
 type GoldenCase struct {
-	Input     string                  `json:"input"`
-	GroupSize int                     `json:"group_size"`
-	Sparsity  float64                 `json:"sparsity"`
+	Input     string  `json:"input"`
+	GroupSize int     `json:"group_size"`
+	Sparsity  float64 `json:"sparsity"`
+	// Codec options beyond version 1's; empty or zero means the default.
+	Scheme    string                  `json:"scheme,omitempty"`
+	Rotate    string                  `json:"rotate,omitempty"`
+	KeyAxis   string                  `json:"key_axis,omitempty"`
+	Sink      int                     `json:"sink,omitempty"`
+	Bits      int                     `json:"bits,omitempty"`
+	KeyBits   int                     `json:"key_bits,omitempty"`
+	ValueBits int                     `json:"value_bits,omitempty"`
 	Tensors   map[string]GoldenTensor `json:"tensors"`
+}
+
+func (gc GoldenCase) config() Config {
+	return Config{GroupSize: gc.GroupSize, Sparsity: gc.Sparsity, Scheme: gc.Scheme, Rotate: gc.Rotate, KeyAxis: gc.KeyAxis,
+		Sink: gc.Sink, Bits: gc.Bits, KeyBits: gc.KeyBits, ValueBits: gc.ValueBits}
 }
 
 // GoldenTensor holds the expected encoding of one tensor.
 type GoldenTensor struct {
-	Mode string `json:"mode"`
+	Mode   string `json:"mode"`
+	Scheme string `json:"scheme,omitempty"`
+	Axis   string `json:"axis,omitempty"`
+	Rotate string `json:"rotate,omitempty"`
+	Sink   int    `json:"sink,omitempty"`
+	// Mins (asym) and SinkRows (exact leading positions) are hex like Scales.
+	Mins     string `json:"mins,omitempty"`
+	SinkRows string `json:"sink_rows,omitempty"`
 	// Scales are the float16 scales as little-endian bytes, hex; Codes the packed nibbles, hex.
 	Scales string `json:"scales,omitempty"`
 	Codes  string `json:"codes,omitempty"`
@@ -86,6 +106,10 @@ func goldenInputs() map[string]*safetensors.File {
 		"cache_f16.safetensors":  cache(safetensors.F16, 128),
 		"cache_bf16.safetensors": cache(safetensors.BF16, 64),
 		"cache_f32.safetensors":  cache(safetensors.F32, 64),
+		"long_f16.safetensors": {Tensors: []safetensors.Tensor{
+			tensor("layer_0_key", safetensors.F16, []int64{1, 2, 40, 64}, randn(2*40*64, true)),
+			tensor("layer_0_value", safetensors.F16, []int64{1, 2, 40, 64}, randn(2*40*64, false)),
+		}},
 		"mixed.safetensors": {Tensors: []safetensors.Tensor{
 			tensor("f64", safetensors.F64, []int64{2, 32}, randn(64, false)),
 			{Name: "ids", DType: safetensors.I64, Shape: []int64{2}, Data: []byte{7, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0}},
@@ -106,13 +130,23 @@ func goldenConfigs() []GoldenCase {
 		{Input: "cache_f32.safetensors", GroupSize: 32},
 		{Input: "cache_f32.safetensors", GroupSize: 64, Sparsity: 0.25},
 		{Input: "mixed.safetensors", GroupSize: 32},
+		{Input: "cache_f16.safetensors", GroupSize: 64, Rotate: RotateHadamard},
+		{Input: "cache_f16.safetensors", GroupSize: 128, Rotate: RotateHadamard},
+		{Input: "cache_bf16.safetensors", GroupSize: 32, Scheme: SchemeAsym},
+		{Input: "cache_f32.safetensors", GroupSize: 64, Scheme: SchemeAsym, Rotate: RotateHadamard, Sink: 1},
+		{Input: "long_f16.safetensors", GroupSize: 32, Scheme: SchemeAsym, KeyAxis: KeyAxisChannel, Sink: 1},
+		{Input: "long_f16.safetensors", GroupSize: 64, Rotate: RotateHadamard, KeyAxis: KeyAxisChannel, Scheme: SchemeAsym, Sink: 1},
+		{Input: "long_f16.safetensors", GroupSize: 32, Bits: 2},
+		{Input: "long_f16.safetensors", GroupSize: 64, Bits: 3, Scheme: SchemeAsym},
+		{Input: "long_f16.safetensors", GroupSize: 64, KeyBits: 8, ValueBits: 4, Rotate: RotateHadamard},
+		{Input: "mixed.safetensors", GroupSize: 32, Bits: 8, Sink: 1},
 	}
 }
 
 // encodeGolden compresses and decompresses src and records the encoding.
 func encodeGolden(t *testing.T, src *safetensors.File, gc GoldenCase) map[string]GoldenTensor {
 	t.Helper()
-	res, err := Compress(src, Config{GroupSize: gc.GroupSize, Sparsity: gc.Sparsity})
+	res, err := Compress(src, gc.config())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -129,15 +163,20 @@ func encodeGolden(t *testing.T, src *safetensors.File, gc GoldenCase) map[string
 	for i, e := range idx.Entries {
 		sum := sha256.Sum256(restored.Tensors[i].Data)
 		gt := GoldenTensor{Mode: e.Mode, ReconstructionSHA256: hex.EncodeToString(sum[:])}
-		if e.Mode == ModeInt4 {
-			raw := func(p *Payload) []byte {
+		if e.Mode != ModeStored {
+			raw := func(p *Payload) string {
+				if p == nil {
+					return ""
+				}
 				b := make([]byte, p.RawBytes)
 				if err := readPayload(container, p, b); err != nil {
 					t.Fatal(err)
 				}
-				return b
+				return hex.EncodeToString(b)
 			}
-			gt.Codes, gt.Scales = hex.EncodeToString(raw(e.Codes)), hex.EncodeToString(raw(e.Scales))
+			plan := e.plan(gc.GroupSize)
+			gt.Scheme, gt.Axis, gt.Rotate, gt.Sink = plan.Scheme, plan.Axis, plan.Rotate, plan.Sink
+			gt.Codes, gt.Scales, gt.Mins, gt.SinkRows = raw(e.Codes), raw(e.Scales), raw(e.Mins), raw(e.SinkP)
 		}
 		out[e.Name] = gt
 	}
@@ -179,7 +218,7 @@ func TestGolden(t *testing.T) {
 		t.Fatalf("golden files are for format %d, code writes %d", doc.FormatVersion, FormatVersion)
 	}
 	for _, gc := range doc.Cases {
-		t.Run(gc.Input+"/G"+itoa(gc.GroupSize)+"/s"+strconvF(gc.Sparsity), func(t *testing.T) {
+		t.Run(gc.Input+"/"+codecName(gc.config())+"/s"+strconvF(gc.Sparsity), func(t *testing.T) {
 			src, err := safetensors.ReadFile(filepath.Join(goldenDir, gc.Input))
 			if err != nil {
 				t.Fatal(err)

@@ -64,7 +64,7 @@ func decode(tb testing.TB, t *safetensors.Tensor) []float32 {
 
 func f16(v float64) float32 { return safetensors.F16ToF32(safetensors.F32ToF16(float32(v))) }
 
-func near(a, b float64) bool { return math.Abs(a-b) <= 1e-6*math.Max(1, math.Abs(b)) }
+func near(a, b float64) bool { return math.Abs(a-b) <= 1e-5*math.Max(1, math.Abs(b)) }
 
 func f32Bytes(x []float32) []byte {
 	b := make([]byte, 4*len(x))

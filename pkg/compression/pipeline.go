@@ -48,6 +48,7 @@ type workerScratch struct {
 	scales     []uint16
 	scaleBytes []byte
 	lz         lz4.CompressorCCompat
+	general    generalScratch
 }
 
 func grow[T any](s []T, n int) []T {
@@ -92,7 +93,7 @@ func Compress(src *safetensors.File, cfg Config) (*Result, error) {
 		entries = append(entries, ct.entry)
 		res.Tensors = append(res.Tensors, ct.payload...)
 		res.PerTensor = append(res.PerTensor, ct.report)
-		if ct.entry.Mode == ModeInt4 {
+		if ct.entry.Mode != ModeStored {
 			total.merge(ct.stats)
 			res.QuantizedElements += ct.report.Elements
 			res.QuantizedPayloadBytes += ct.report.CompressedBytes
@@ -125,14 +126,14 @@ func compressTensor(t *safetensors.Tensor, cfg Config, ws *workerScratch) (compr
 		ct.report.Quality = tensorStats{}.quality()
 		return ct, nil
 	}
-	g := cfg.GroupSize
-	if len(t.Shape) == 0 || t.Shape[len(t.Shape)-1]%int64(g) != 0 {
-		last := int64(1)
-		if len(t.Shape) > 0 {
-			last = t.Shape[len(t.Shape)-1]
-		}
-		return ct, fmt.Errorf("%w: last dimension %d of shape %v, group size %d", ErrGroupSize, last, t.Shape, g)
+	plan, err := planFor(t.Name, t.Shape, cfg)
+	if err != nil {
+		return ct, err
 	}
+	if !plan.fast() {
+		return compressGeneral(t, plan, cfg, ws, ct)
+	}
+	g := cfg.GroupSize
 	var sparse []float32
 	if cfg.Sparsity > 0 {
 		ws.x = grow(ws.x, int(n))
@@ -163,14 +164,44 @@ func compressTensor(t *safetensors.Tensor, cfg Config, ws *workerScratch) (compr
 	cp := Payload{Tensor: t.Name + SuffixCodes, Encoding: cenc, RawBytes: int64(len(ws.codes)), CRC32C: checksum(codes)}
 	sp := Payload{Tensor: t.Name + SuffixScales, Encoding: senc, RawBytes: int64(len(ws.scaleBytes)), CRC32C: checksum(scales)}
 	ct.entry.Mode, ct.entry.Codes, ct.entry.Scales = ModeInt4, &cp, &sp
-	ct.payload = []safetensors.Tensor{
-		{Name: cp.Tensor, DType: safetensors.U8, Shape: []int64{int64(len(codes))}, Data: codes},
-		{Name: sp.Tensor, DType: safetensors.U8, Shape: []int64{int64(len(scales))}, Data: scales},
-	}
+	ct.payload = []safetensors.Tensor{u8Tensor(cp.Tensor, codes), u8Tensor(sp.Tensor, scales)}
 	ct.stats = st
 	ct.report.Mode = ModeInt4
 	ct.report.CompressedBytes = int64(len(codes) + len(scales))
 	ct.report.Quality = st.quality()
+	return ct, nil
+}
+
+func u8Tensor(name string, data []byte) safetensors.Tensor {
+	return safetensors.Tensor{Name: name, DType: safetensors.U8, Shape: []int64{int64(len(data))}, Data: data}
+}
+
+// compressGeneral encodes a tensor whose plan is not the tuned version-1 scheme.
+func compressGeneral(t *safetensors.Tensor, plan tensorPlan, cfg Config, ws *workerScratch, ct compressedTensor) (compressedTensor, error) {
+	enc, err := encodeGeneral(t, plan, cfg.Sparsity, &ws.general)
+	if err != nil {
+		return ct, err
+	}
+	e := &ct.entry
+	e.Mode, e.Scheme, e.Axis, e.Rotate, e.Sink = modeName(plan.Bits), plan.Scheme, plan.Axis, plan.Rotate, plan.Sink
+	add := func(suffix string, raw []byte) *Payload {
+		data, encoding := encodePayload(&ws.lz, raw)
+		p := &Payload{Tensor: t.Name + suffix, Encoding: encoding, RawBytes: int64(len(raw)), CRC32C: checksum(data)}
+		ct.payload = append(ct.payload, u8Tensor(p.Tensor, data))
+		ct.report.CompressedBytes += int64(len(data))
+		return p
+	}
+	e.Codes = add(SuffixCodes, enc.codes)
+	e.Scales = add(SuffixScales, enc.scales)
+	if enc.mins != nil {
+		e.Mins = add(SuffixMins, enc.mins)
+	}
+	if enc.sink != nil {
+		e.SinkP = add(SuffixSink, enc.sink)
+	}
+	ct.stats = enc.stats
+	ct.report.Mode = e.Mode
+	ct.report.Quality = enc.stats.quality()
 	return ct, nil
 }
 
@@ -196,6 +227,7 @@ func Decompress(f *safetensors.File, workers int) (*Restored, error) {
 	type scratch struct {
 		codes, scaleBytes []byte
 		scales            []uint16
+		general           generalScratch
 	}
 	ws := make([]scratch, workers)
 	err = parallel(len(idx.Entries), workers, func(w, i int) error {
@@ -210,7 +242,30 @@ func Decompress(f *safetensors.File, workers int) (*Restored, error) {
 			if err := readPayload(f, e.Raw, t.Data); err != nil {
 				return fmt.Errorf("tensor %q: %w", e.Name, err)
 			}
-		case ModeInt4:
+		default:
+			plan := e.plan(g)
+			if !plan.fast() {
+				raw := func(p *Payload) ([]byte, error) {
+					if p == nil {
+						return nil, nil
+					}
+					b := make([]byte, p.RawBytes)
+					return b, readPayload(f, p, b)
+				}
+				var parts [4][]byte
+				for k, p := range []*Payload{e.Codes, e.Scales, e.Mins, e.SinkP} {
+					b, err := raw(p)
+					if err != nil {
+						return fmt.Errorf("tensor %q: %w", e.Name, err)
+					}
+					parts[k] = b
+				}
+				t.Data = make([]byte, n*int64(dt.Bits())/8)
+				if err := decodeGeneral(e, plan, parts[0], parts[1], parts[2], parts[3], t.Data, &s.general); err != nil {
+					return fmt.Errorf("tensor %q: %w", e.Name, err)
+				}
+				break
+			}
 			s.codes = grow(s.codes, int(e.Codes.RawBytes))
 			s.scaleBytes = grow(s.scaleBytes, int(e.Scales.RawBytes))
 			if err := readPayload(f, e.Codes, s.codes); err != nil {

@@ -61,7 +61,7 @@ func NewReport(res *Result, originalSize int64, codec, total time.Duration) Repo
 		r.ThroughputMBps = float64(originalSize) / 1e6 / codec.Seconds()
 	}
 	for _, t := range res.PerTensor {
-		if t.Mode == ModeInt4 {
+		if t.Mode != ModeStored {
 			r.QuantizedTensors++
 		} else {
 			r.StoredTensors++

@@ -1,0 +1,340 @@
+package compression
+
+import (
+	"encoding/binary"
+	"fmt"
+	"math"
+
+	"github.com/kv-cache-p2p/validation/pkg/safetensors"
+)
+
+// This file holds the general encoder and decoder: any scheme, code width,
+// grouping axis, rotation and sink. The version-1 scheme (sym, 4 bits, last
+// axis, no rotation, no sink) also has a tuned path in quantize.go; tests
+// check that both give identical bytes.
+
+// bitWriter packs codes LSB-first: code i occupies bits [i·b, (i+1)·b) of the stream.
+type bitWriter struct {
+	out  []byte
+	acc  uint64
+	nacc uint
+}
+
+func (w *bitWriter) put(v uint32, bits uint) {
+	w.acc |= uint64(v) << w.nacc
+	w.nacc += bits
+	for w.nacc >= 8 {
+		w.out = append(w.out, byte(w.acc))
+		w.acc >>= 8
+		w.nacc -= 8
+	}
+}
+
+func (w *bitWriter) flush() []byte {
+	if w.nacc > 0 {
+		w.out = append(w.out, byte(w.acc))
+		w.acc, w.nacc = 0, 0
+	}
+	return w.out
+}
+
+// bitReader reads codes written by bitWriter.
+type bitReader struct {
+	in   []byte
+	pos  int
+	acc  uint64
+	nacc uint
+}
+
+func (r *bitReader) get(bits uint) uint32 {
+	for r.nacc < bits {
+		r.acc |= uint64(r.in[r.pos]) << r.nacc
+		r.pos++
+		r.nacc += 8
+	}
+	v := uint32(r.acc & (1<<bits - 1))
+	r.acc >>= bits
+	r.nacc -= bits
+	return v
+}
+
+// groupCodec quantizes and reconstructs single groups for one scheme and width.
+type groupCodec struct {
+	asym   bool
+	bits   uint
+	lo, hi int32
+	div    float32
+}
+
+func newGroupCodec(p tensorPlan) groupCodec {
+	lo, hi, div := levels(p.Scheme, p.Bits)
+	return groupCodec{asym: p.Scheme == SchemeAsym, bits: uint(p.Bits), lo: lo, hi: hi, div: div}
+}
+
+// encode writes the codes of group v and returns its float16 scale and minimum
+// (0 for sym), and writes the group's reconstruction (before rounding to the
+// tensor's dtype) into deq.
+func (c groupCodec) encode(v []float32, w *bitWriter, deq []float32) (s16, m16 uint16, err error) {
+	var s, mv float32
+	if c.asym {
+		mn, mx := v[0], v[0]
+		for _, x := range v[1:] {
+			mn, mx = min(mn, x), max(mx, x)
+		}
+		s16, m16 = safetensors.F32ToF16((mx-mn)/c.div), safetensors.F32ToF16(mn)
+		if s16&0x7c00 == 0x7c00 || m16&0x7c00 == 0x7c00 {
+			return 0, 0, fmt.Errorf("%w (group min %g, max %g)", ErrScaleOverflow, mn, mx)
+		}
+		mv = safetensors.F16ToF32(m16)
+	} else {
+		var m float32
+		for _, x := range v {
+			m = max(m, float32(math.Abs(float64(x))))
+		}
+		s16 = safetensors.F32ToF16(m / c.div)
+		if s16 == 0x7c00 {
+			return 0, 0, fmt.Errorf("%w (group max |x| = %g)", ErrScaleOverflow, m)
+		}
+	}
+	s = safetensors.F16ToF32(s16)
+	mask := uint32(1)<<c.bits - 1
+	for i, x := range v {
+		var q int32
+		if s != 0 {
+			if c.asym {
+				x -= mv
+			}
+			q = int32(roundHalfEven(max(min(x/s, float32(c.hi)+1), float32(c.lo)-1)))
+			q = max(c.lo, min(c.hi, q))
+		}
+		w.put(uint32(q)&mask, c.bits)
+		deq[i] = c.value(q, s, mv)
+	}
+	return s16, m16, nil
+}
+
+// value reconstructs one code: float32(q)·s, plus the minimum for asym (two roundings, never fused).
+func (c groupCodec) value(q int32, s, mv float32) float32 {
+	y := float32(q) * s
+	if c.asym {
+		y = float32(y) + mv
+	}
+	return y
+}
+
+// decode reads len(deq) codes and writes their reconstruction.
+func (c groupCodec) decode(r *bitReader, s, mv float32, deq []float32) {
+	shift := 32 - c.bits
+	for i := range deq {
+		u := r.get(c.bits)
+		q := int32(u)
+		if !c.asym {
+			q = int32(u<<shift) >> shift // sign-extend
+		}
+		deq[i] = c.value(q, s, mv)
+	}
+}
+
+// rotations caches the rotation of each block length.
+var rotations = map[int]*rotation{}
+
+func rotationFor(dim int) *rotation {
+	n := hadamardBlock(dim)
+	if r, ok := rotations[n]; ok {
+		return r
+	}
+	return newRotation(n)
+}
+
+func init() {
+	for n := 1; n <= 1<<14; n *= 2 {
+		rotations[n] = newRotation(n)
+	}
+}
+
+// generalScratch is reusable working memory of the general path.
+type generalScratch struct {
+	x, w, t, deq, mags []float32
+}
+
+// toLayout copies the region w ([outer, keep, dim], row-major) into dst in
+// the plan's row order: unchanged for the last axis, each outer block
+// transposed to [dim, keep] for the sequence axis. fromLayout undoes it.
+func toLayout(l layout, axis string, w, dst []float32) []float32 {
+	if axis != AxisSeq {
+		return w
+	}
+	for o := range l.outer {
+		src := w[o*l.keep*l.dim : (o+1)*l.keep*l.dim]
+		out := dst[o*l.keep*l.dim : (o+1)*l.keep*l.dim]
+		for s := range l.keep {
+			for d := range l.dim {
+				out[d*l.keep+s] = src[s*l.dim+d]
+			}
+		}
+	}
+	return dst
+}
+
+func fromLayout(l layout, axis string, v, dst []float32) []float32 {
+	if axis != AxisSeq {
+		return v
+	}
+	for o := range l.outer {
+		src := v[o*l.keep*l.dim : (o+1)*l.keep*l.dim]
+		out := dst[o*l.keep*l.dim : (o+1)*l.keep*l.dim]
+		for d := range l.dim {
+			for s := range l.keep {
+				out[s*l.dim+d] = src[d*l.keep+s]
+			}
+		}
+	}
+	return dst
+}
+
+// generalEncoding is the raw (not yet LZ4-compressed) payloads of one tensor.
+type generalEncoding struct {
+	codes, scales, mins, sink []byte
+	stats                     tensorStats
+}
+
+// encodeGeneral quantizes t with plan p and measures the reconstruction.
+func encodeGeneral(t *safetensors.Tensor, p tensorPlan, sparsity float64, ws *generalScratch) (generalEncoding, error) {
+	var enc generalEncoding
+	n := int(t.NumElements())
+	width := t.DType.Bits() / 8
+	l := p.layout(t.Shape)
+	ws.x = grow(ws.x, n)
+	if err := safetensors.DecodeFloat32(t.DType, t.Data, ws.x); err != nil {
+		return enc, err
+	}
+	x := ws.x
+	for i, v := range x {
+		if math.Float32bits(v)&0x7fffffff >= 0x7f800000 {
+			return enc, fmt.Errorf("%w (element %d)", ErrNonFinite, i)
+		}
+	}
+	seqBytes := l.seq * l.dim * width
+	if p.Sink > 0 {
+		rowBytes := p.Sink * l.dim * width
+		enc.sink = make([]byte, l.outer*rowBytes)
+		for o := range l.outer {
+			copy(enc.sink[o*rowBytes:(o+1)*rowBytes], t.Data[o*seqBytes:o*seqBytes+rowBytes])
+		}
+	}
+	q := l.quantized()
+	ws.w = grow(ws.w, q)
+	for o := range l.outer {
+		copy(ws.w[o*l.keep*l.dim:(o+1)*l.keep*l.dim], x[(o*l.seq+p.Sink)*l.dim:(o+1)*l.seq*l.dim])
+	}
+	if sparsity > 0 {
+		ws.mags = grow(ws.mags, q)
+		sparsify(ws.w, sparsity, ws.mags)
+	}
+	var rot *rotation
+	if p.Rotate == RotateHadamard {
+		rot = rotationFor(l.dim)
+		for r := 0; r < l.outer*l.keep; r++ {
+			rot.forward(ws.w[r*l.dim : (r+1)*l.dim])
+		}
+	}
+	ws.t = grow(ws.t, q)
+	rows := toLayout(l, p.Axis, ws.w, ws.t)
+	ws.deq = grow(ws.deq, q)
+	gc := newGroupCodec(p)
+	bw := bitWriter{out: make([]byte, 0, (q*p.Bits+7)/8)}
+	enc.scales = make([]byte, 2*l.groups())
+	if gc.asym {
+		enc.mins = make([]byte, 2*l.groups())
+	}
+	gi := 0
+	for r := range l.rows {
+		for g0 := 0; g0 < l.rowLen; g0 += p.Group {
+			a, b := r*l.rowLen+g0, r*l.rowLen+min(g0+p.Group, l.rowLen)
+			s16, m16, err := gc.encode(rows[a:b], &bw, ws.deq[a:b])
+			if err != nil {
+				return enc, fmt.Errorf("%w, group %d", err, gi)
+			}
+			binary.LittleEndian.PutUint16(enc.scales[2*gi:], s16)
+			if gc.asym {
+				binary.LittleEndian.PutUint16(enc.mins[2*gi:], m16)
+			}
+			gi++
+		}
+	}
+	enc.codes = bw.flush()
+	// Reconstruct as the decoder will, then measure against the original.
+	y := fromLayout(l, p.Axis, ws.deq, ws.w)
+	if rot != nil {
+		for r := 0; r < l.outer*l.keep; r++ {
+			rot.inverse(y[r*l.dim : (r+1)*l.dim])
+		}
+	}
+	var gs groupStats
+	for o := range l.outer {
+		for i := o * l.seq * l.dim; i < (o*l.seq+p.Sink)*l.dim; i++ {
+			gs.add(x[i], x[i])
+		}
+		region := y[o*l.keep*l.dim : (o+1)*l.keep*l.dim]
+		orig := x[(o*l.seq+p.Sink)*l.dim : (o+1)*l.seq*l.dim]
+		for i, v := range region {
+			gs.add(orig[i], safetensors.RoundTo(t.DType, v))
+			if i%64 == 63 { // flush float32 partial sums often enough to stay accurate
+				enc.stats.addGroup(&gs, 0)
+				gs = groupStats{maxErr: gs.maxErr}
+			}
+		}
+	}
+	enc.stats.addGroup(&gs, 0)
+	enc.stats.n = int64(n)
+	return enc, nil
+}
+
+// decodeGeneral rebuilds a tensor's bytes from its raw payloads.
+func decodeGeneral(e *Entry, p tensorPlan, codes, scales, mins, sink []byte, dst []byte, ws *generalScratch) error {
+	dt := safetensors.DType(e.DType)
+	width := dt.Bits() / 8
+	l := p.layout(e.Shape)
+	q := l.quantized()
+	ws.deq = grow(ws.deq, q)
+	gc := newGroupCodec(p)
+	br := bitReader{in: codes}
+	gi := 0
+	for r := range l.rows {
+		for g0 := 0; g0 < l.rowLen; g0 += p.Group {
+			a, b := r*l.rowLen+g0, r*l.rowLen+min(g0+p.Group, l.rowLen)
+			s16 := binary.LittleEndian.Uint16(scales[2*gi:])
+			if s16&0x7c00 == 0x7c00 || s16&0x8000 != 0 {
+				return fmt.Errorf("%w: scale %d is negative or not finite", ErrCorrupt, gi)
+			}
+			var mv float32
+			if gc.asym {
+				m16 := binary.LittleEndian.Uint16(mins[2*gi:])
+				if m16&0x7c00 == 0x7c00 {
+					return fmt.Errorf("%w: minimum %d is not finite", ErrCorrupt, gi)
+				}
+				mv = safetensors.F16ToF32(m16)
+			}
+			gc.decode(&br, safetensors.F16ToF32(s16), mv, ws.deq[a:b])
+			gi++
+		}
+	}
+	ws.w = grow(ws.w, q)
+	y := fromLayout(l, p.Axis, ws.deq, ws.w)
+	if p.Rotate == RotateHadamard {
+		rot := rotationFor(l.dim)
+		for r := 0; r < l.outer*l.keep; r++ {
+			rot.inverse(y[r*l.dim : (r+1)*l.dim])
+		}
+	}
+	seqBytes := l.seq * l.dim * width
+	sinkBytes := p.Sink * l.dim * width
+	for o := range l.outer {
+		base := o * seqBytes
+		copy(dst[base:base+sinkBytes], sink[o*sinkBytes:(o+1)*sinkBytes])
+		if err := safetensors.EncodeFloat32(dt, y[o*l.keep*l.dim:(o+1)*l.keep*l.dim], dst[base+sinkBytes:base+seqBytes]); err != nil {
+			return err
+		}
+	}
+	return nil
+}

@@ -1,0 +1,78 @@
+package compression
+
+import "math"
+
+// signSeed seeds the fixed random signs of the Hadamard rotation ("kv-compr").
+const signSeed = 0x6b762d636f6d7072
+
+// splitmix64 returns the i-th output (i from 0) of the SplitMix64 generator seeded with seed.
+func splitmix64(seed uint64, i uint64) uint64 {
+	z := seed + (i+1)*0x9e3779b97f4a7c15
+	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9
+	z = (z ^ (z >> 27)) * 0x94d049bb133111eb
+	return z ^ (z >> 31)
+}
+
+// hadamardBlock is the rotation's block length for a last dimension d: the
+// largest power of two dividing d.
+func hadamardBlock(d int) int { return d & -d }
+
+// rotation holds the constants of the Walsh–Hadamard rotation of one block length.
+type rotation struct {
+	n     int
+	scale float32   // float32(1 / sqrt(n))
+	signs []float32 // ±1: element j of every block is multiplied by signs[j]
+}
+
+func newRotation(n int) *rotation {
+	r := &rotation{n: n, scale: float32(1 / math.Sqrt(float64(n))), signs: make([]float32, n)}
+	for j := range r.signs {
+		r.signs[j] = 1
+		if splitmix64(signSeed, uint64(j))&1 == 1 {
+			r.signs[j] = -1
+		}
+	}
+	return r
+}
+
+// fwht is the unnormalised fast Walsh–Hadamard transform of v (len a power of
+// two), in the butterfly order the format specifies: for h = 1, 2, 4, ...,
+// each pair (j, j+h) inside a block of 2h becomes (a+b, a−b).
+func fwht(v []float32) {
+	n := len(v)
+	for h := 1; h < n; h *= 2 {
+		for i := 0; i < n; i += 2 * h {
+			a, b := v[i:i+h:i+h], v[i+h:i+2*h:i+2*h]
+			for j := range a {
+				x, y := a[j], b[j]
+				a[j], b[j] = x+y, x-y
+			}
+		}
+	}
+}
+
+// forward rotates every block of n consecutive elements of v in place:
+// v ← scale · H · (signs ⊙ v).
+func (r *rotation) forward(v []float32) {
+	for i := 0; i+r.n <= len(v); i += r.n {
+		blk := v[i : i+r.n : i+r.n]
+		for j, s := range r.signs {
+			blk[j] *= s
+		}
+		fwht(blk)
+		for j := range blk {
+			blk[j] *= r.scale
+		}
+	}
+}
+
+// inverse undoes forward: v ← signs ⊙ (scale · H · v).
+func (r *rotation) inverse(v []float32) {
+	for i := 0; i+r.n <= len(v); i += r.n {
+		blk := v[i : i+r.n : i+r.n]
+		fwht(blk)
+		for j, s := range r.signs {
+			blk[j] = blk[j] * r.scale * s
+		}
+	}
+}
