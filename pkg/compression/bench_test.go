@@ -66,3 +66,26 @@ func BenchmarkDecompress(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkCompressScheme measures the general encoder on the same cache.
+func BenchmarkCompressScheme(b *testing.B) {
+	for _, c := range []struct {
+		name string
+		cfg  Config
+	}{
+		{"hadamard", Config{GroupSize: 64, Rotate: RotateHadamard}},
+		{"asym", Config{GroupSize: 64, Scheme: SchemeAsym}},
+		{"hadamard-asym-channel-sink1", Config{GroupSize: 64, Rotate: RotateHadamard, Scheme: SchemeAsym, KeyAxis: KeyAxisChannel, Sink: 1}},
+	} {
+		b.Run(c.name, func(b *testing.B) {
+			src := benchCache(b, 64)
+			b.SetBytes(inputBytes(src))
+			b.ResetTimer()
+			for b.Loop() {
+				if _, err := Compress(src, c.cfg); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}

@@ -87,10 +87,11 @@ func (c groupCodec) encode(v []float32, w *bitWriter, deq []float32) (s16, m16 u
 		}
 		mv = safetensors.F16ToF32(m16)
 	} else {
-		var m float32
+		var mb uint32 // max |x| as bits: non-negative floats order like their bits
 		for _, x := range v {
-			m = max(m, float32(math.Abs(float64(x))))
+			mb = max(mb, math.Float32bits(x)&0x7fffffff)
 		}
+		m := math.Float32frombits(mb)
 		s16 = safetensors.F32ToF16(m / c.div)
 		if s16 == 0x7c00 {
 			return 0, 0, fmt.Errorf("%w (group max |x| = %g)", ErrScaleOverflow, m)
@@ -98,15 +99,27 @@ func (c groupCodec) encode(v []float32, w *bitWriter, deq []float32) (s16, m16 u
 	}
 	s = safetensors.F16ToF32(s16)
 	mask := uint32(1)<<c.bits - 1
-	for i, x := range v {
-		var q int32
-		if s != 0 {
-			if c.asym {
-				x -= mv
-			}
-			q = int32(roundHalfEven(max(min(x/s, float32(c.hi)+1), float32(c.lo)-1)))
-			q = max(c.lo, min(c.hi, q))
+	if s == 0 {
+		for i := range v {
+			w.put(0, c.bits)
+			deq[i] = c.value(0, 0, mv)
 		}
+		return s16, m16, nil
+	}
+	inv := 1 / s
+	lo, hi := float32(c.lo)-1, float32(c.hi)+1
+	for i, x := range v {
+		if c.asym {
+			x -= mv
+		}
+		// As in the tuned path: multiply by the reciprocal, and use the
+		// defining division only near a tie, where the two could disagree.
+		t := max(min(x*inv, hi), lo)
+		r := (t + roundMagic) - roundMagic
+		if f := t - r; f > tieGuard || f < -tieGuard {
+			r = roundHalfEven(max(min(x/s, hi), lo))
+		}
+		q := max(c.lo, min(c.hi, int32(r)))
 		w.put(uint32(q)&mask, c.bits)
 		deq[i] = c.value(q, s, mv)
 	}

@@ -223,7 +223,9 @@ func (g *groupStats) add(x, y float32) {
 	g.ee[0] += e * e
 	g.xy[0] += x * y
 	g.yy[0] += y * y
-	g.maxErr = max(g.maxErr, float32(math.Abs(float64(e))))
+	if a := math.Float32frombits(math.Float32bits(e) &^ (1 << 31)); a > g.maxErr {
+		g.maxErr = a
+	}
 }
 
 func (s *tensorStats) addGroup(g *groupStats, n int) {

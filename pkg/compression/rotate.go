@@ -40,7 +40,21 @@ func newRotation(n int) *rotation {
 // each pair (j, j+h) inside a block of 2h becomes (a+b, a−b).
 func fwht(v []float32) {
 	n := len(v)
-	for h := 1; h < n; h *= 2 {
+	// The first two stages are unrolled: their inner loops are too short to pay for themselves.
+	if n >= 2 {
+		for i := 0; i+1 < n; i += 2 {
+			a, b := v[i], v[i+1]
+			v[i], v[i+1] = a+b, a-b
+		}
+	}
+	if n >= 4 {
+		for i := 0; i+3 < n; i += 4 {
+			q := v[i : i+4 : i+4]
+			a0, a1, b0, b1 := q[0], q[1], q[2], q[3]
+			q[0], q[1], q[2], q[3] = a0+b0, a1+b1, a0-b0, a1-b1
+		}
+	}
+	for h := 4; h < n; h *= 2 {
 		for i := 0; i < n; i += 2 * h {
 			a, b := v[i:i+h:i+h], v[i+h:i+2*h:i+2*h]
 			for j := range a {
