@@ -120,4 +120,13 @@ func TestCLI(t *testing.T) {
 	if int64(doc["original_size_bytes"].(float64)) != si.Size() {
 		t.Errorf("original_size_bytes %v, file has %d bytes", doc["original_size_bytes"], si.Size())
 	}
+	// An F16 input already is its float16 size; an F32 one would be about half as big.
+	if doc["fp16_size_bytes"] != doc["original_size_bytes"] || doc["disk_ratio_vs_fp16"] != doc["compression_ratio"] {
+		t.Errorf("F16 input: fp16_size_bytes %v, disk ratio %v", doc["fp16_size_bytes"], doc["disk_ratio_vs_fp16"])
+	}
+	_, doc32, _ := runCLI(t, "metrics", "-i", golden+"cache_f32.safetensors")
+	f32Data := 4 * 2 * 3 * 64 * 4 // four tensors of [1, 2, 3, 64] float32
+	if got, want := doc32["fp16_size_bytes"].(float64), doc32["original_size_bytes"].(float64)-float64(f32Data)/2; got != want {
+		t.Errorf("F32 input: fp16_size_bytes %v, want %v", got, want)
+	}
 }

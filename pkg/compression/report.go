@@ -24,8 +24,13 @@ type Report struct {
 	Violations       []string `json:"violations"`
 	// BitsPerElement counts every stored bit of the quantized tensors (codes
 	// and scales after LZ4) per element; RatioVsFP16 is 16 / BitsPerElement.
-	BitsPerElement   float64            `json:"bits_per_element"`
-	RatioVsFP16      float64            `json:"ratio_vs_fp16"`
+	BitsPerElement float64 `json:"bits_per_element"`
+	RatioVsFP16    float64 `json:"ratio_vs_fp16"`
+	// FP16SizeBytes is what the input file would weigh with every floating
+	// tensor in float16; DiskRatioVsFP16 divides it by the container's size:
+	// the on-disk ratio against a float16 cache, whatever the input's dtype.
+	FP16SizeBytes    int64              `json:"fp16_size_bytes"`
+	DiskRatioVsFP16  float64            `json:"disk_ratio_vs_fp16"`
 	ThroughputMBps   float64            `json:"throughput_mb_per_s"`
 	Codec            Codec              `json:"codec"`
 	QuantizedTensors int                `json:"quantized_tensors"`
@@ -60,12 +65,19 @@ func NewReport(res *Result, originalSize int64, codec, total time.Duration) Repo
 	if codec > 0 {
 		r.ThroughputMBps = float64(originalSize) / 1e6 / codec.Seconds()
 	}
+	r.FP16SizeBytes = originalSize
 	for _, t := range res.PerTensor {
+		if safetensors.DType(t.DType).IsFloat() {
+			r.FP16SizeBytes += 2*t.Elements - t.OriginalBytes
+		}
 		if t.Mode != ModeStored {
 			r.QuantizedTensors++
 		} else {
 			r.StoredTensors++
 		}
+	}
+	if res.FileSize > 0 {
+		r.DiskRatioVsFP16 = float64(r.FP16SizeBytes) / float64(res.FileSize)
 	}
 	return r
 }
