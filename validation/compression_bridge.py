@@ -86,6 +86,8 @@ class CompressionMetrics:
     bits_per_element: float = math.nan
     ratio_vs_fp16: float = math.nan
     throughput_mb_per_s: float = math.nan
+    fp16_size_bytes: int = 0
+    disk_ratio_vs_fp16: float = math.nan
     codec: Dict[str, Any] = field(default_factory=dict)
     timings_ms: Dict[str, float] = field(default_factory=dict)
     tensors: List[Dict[str, Any]] = field(default_factory=list)
