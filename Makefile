@@ -15,7 +15,7 @@ VERSION     ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo 
 PYTEST_ARGS ?=
 FUZZTIME    ?= 60s
 
-.PHONY: all build-compress venv assets test test-go test-python quick-test validate bench bench-go bench-python fuzz vet clean
+.PHONY: all build-compress venv assets test test-go test-python quick-test validate sweep bench bench-go bench-python fuzz vet clean
 
 all: build-compress
 
@@ -51,22 +51,33 @@ test-python: build-compress venv
 quick-test: build-compress venv
 	$(PY) validation/validate_perplexity.py --quick-test
 
-test: build-compress venv test-go test-python quick-test
+# Every Go and Python test. The offline assets are fetched first so the tests
+# that use the embedded model run instead of skipping.
+test: build-compress venv assets test-go test-python quick-test
 
 validate: build-compress venv assets
 	$(PY) validation/validate_perplexity.py $(ARGS)
 
+BENCH_OUT ?= bench-results
+
 bench-go:
-	$(GO) test -run '^$$' -bench . -benchmem -count=1 ./pkg/...
+	@mkdir -p $(BENCH_OUT)
+	$(GO) test -run '^$$' -bench . -benchmem -count=3 ./pkg/... | tee $(BENCH_OUT)/go.txt
 
 bench-python: build-compress venv assets
-	$(PY) -m validation.bench
+	@mkdir -p $(BENCH_OUT)
+	$(PY) -m validation.bench --output $(BENCH_OUT)/validation.json | tee $(BENCH_OUT)/validation.md
 
+# Figures for docs/benchmarks.md: results land in $(BENCH_OUT)/.
 bench: bench-go bench-python
 
 fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzReadHeader -fuzztime $(FUZZTIME) ./pkg/safetensors
 	$(GO) test -run '^$$' -fuzz FuzzDecompress -fuzztime $(FUZZTIME) ./pkg/compression
 
+# The codec frontier: every configuration of the sweep grid on the same windows.
+sweep: build-compress venv assets
+	$(PY) validation/validate_perplexity.py --sweep --plots $(BENCH_OUT)/sweep $(ARGS)
+
 clean:
-	rm -rf bin
+	rm -rf bin $(BENCH_OUT)
