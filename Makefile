@@ -73,7 +73,8 @@ bench: bench-go bench-python
 
 fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzReadHeader -fuzztime $(FUZZTIME) ./pkg/safetensors
-	$(GO) test -run '^$$' -fuzz FuzzDecompress -fuzztime $(FUZZTIME) ./pkg/compression
+	$(GO) test -run '^$$' -fuzz 'FuzzDecompress$$' -fuzztime $(FUZZTIME) ./pkg/compression
+	$(GO) test -run '^$$' -fuzz FuzzDecompressIndex -fuzztime $(FUZZTIME) ./pkg/compression
 
 # The codec frontier: every configuration of the sweep grid on the same windows.
 sweep: build-compress venv assets
