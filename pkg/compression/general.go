@@ -77,10 +77,20 @@ func newGroupCodec(p tensorPlan) groupCodec {
 func (c groupCodec) encode(v []float32, w *bitWriter, deq []float32) (s16, m16 uint16, err error) {
 	var s, mv float32
 	if c.asym {
+		// Plain comparisons: the min and max builtins also order NaN and
+		// signed zeros, which costs a lot here and is not needed (NaN was
+		// refused). A zero minimum is normalised to +0 so its float16 bits
+		// do not depend on the order of the elements.
 		mn, mx := v[0], v[0]
 		for _, x := range v[1:] {
-			mn, mx = min(mn, x), max(mx, x)
+			if x < mn {
+				mn = x
+			}
+			if x > mx {
+				mx = x
+			}
 		}
+		mn += 0
 		s16, m16 = safetensors.F32ToF16((mx-mn)/c.div), safetensors.F32ToF16(mn)
 		if s16&0x7c00 == 0x7c00 || m16&0x7c00 == 0x7c00 {
 			return 0, 0, fmt.Errorf("%w (group min %g, max %g)", ErrScaleOverflow, mn, mx)
@@ -108,22 +118,44 @@ func (c groupCodec) encode(v []float32, w *bitWriter, deq []float32) (s16, m16 u
 	}
 	inv := 1 / s
 	lo, hi := float32(c.lo)-1, float32(c.hi)+1
+	sub := float32(0)
+	if c.asym {
+		sub = mv // x − 0 is exact, so sym shares the loop
+	}
 	for i, x := range v {
-		if c.asym {
-			x -= mv
-		}
+		x -= sub
 		// As in the tuned path: multiply by the reciprocal, and use the
 		// defining division only near a tie, where the two could disagree.
-		t := max(min(x*inv, hi), lo)
+		t := clampF(x*inv, lo, hi)
 		r := (t + roundMagic) - roundMagic
 		if f := t - r; f > tieGuard || f < -tieGuard {
-			r = roundHalfEven(max(min(x/s, hi), lo))
+			r = roundHalfEven(clampF(x/s, lo, hi))
 		}
-		q := max(c.lo, min(c.hi, int32(r)))
+		q := int32(r)
+		if q > c.hi {
+			q = c.hi
+		} else if q < c.lo {
+			q = c.lo
+		}
 		w.put(uint32(q)&mask, c.bits)
-		deq[i] = c.value(q, s, mv)
+		y := float32(q) * s
+		if c.asym {
+			y = float32(y) + mv
+		}
+		deq[i] = y
 	}
 	return s16, m16, nil
+}
+
+// clampF limits v to [lo, hi] with plain comparisons (v is never NaN here).
+func clampF(v, lo, hi float32) float32 {
+	if v > hi {
+		return hi
+	}
+	if v < lo {
+		return lo
+	}
+	return v
 }
 
 // value reconstructs one code: float32(q)·s, plus the minimum for asym (two roundings, never fused).
@@ -284,14 +316,19 @@ func encodeGeneral(t *safetensors.Tensor, p tensorPlan, sparsity float64, ws *ge
 		}
 	}
 	var gs groupStats
+	round := t.DType == safetensors.F16 || t.DType == safetensors.BF16
 	for o := range l.outer {
 		for i := o * l.seq * l.dim; i < (o*l.seq+p.Sink)*l.dim; i++ {
 			gs.add(x[i], x[i])
 		}
 		region := y[o*l.keep*l.dim : (o+1)*l.keep*l.dim]
 		orig := x[(o*l.seq+p.Sink)*l.dim : (o+1)*l.seq*l.dim]
+		orig = orig[:len(region):len(region)]
 		for i, v := range region {
-			gs.add(orig[i], safetensors.RoundTo(t.DType, v))
+			if round {
+				v = safetensors.RoundTo(t.DType, v)
+			}
+			gs.add(orig[i], v)
 			if i%64 == 63 { // flush float32 partial sums often enough to stay accurate
 				enc.stats.addGroup(&gs, 0)
 				gs = groupStats{maxErr: gs.maxErr}

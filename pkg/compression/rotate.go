@@ -39,22 +39,27 @@ func newRotation(n int) *rotation {
 // two), in the butterfly order the format specifies: for h = 1, 2, 4, ...,
 // each pair (j, j+h) inside a block of 2h becomes (a+b, a−b).
 func fwht(v []float32) {
-	n := len(v)
-	// The first two stages are unrolled: their inner loops are too short to pay for themselves.
-	if n >= 2 {
-		for i := 0; i+1 < n; i += 2 {
+	if len(v) >= 2 {
+		for i := 0; i+1 < len(v); i += 2 {
 			a, b := v[i], v[i+1]
 			v[i], v[i+1] = a+b, a-b
 		}
 	}
-	if n >= 4 {
+	fwhtFrom(v, 2)
+}
+
+// fwhtFrom runs the butterfly stages h, 2h, ... of fwht (h a power of two).
+func fwhtFrom(v []float32, h int) {
+	n := len(v)
+	if h == 2 && n >= 4 { // unrolled: the inner loop would be too short to pay for itself
 		for i := 0; i+3 < n; i += 4 {
 			q := v[i : i+4 : i+4]
 			a0, a1, b0, b1 := q[0], q[1], q[2], q[3]
 			q[0], q[1], q[2], q[3] = a0+b0, a1+b1, a0-b0, a1-b1
 		}
+		h = 4
 	}
-	for h := 4; h < n; h *= 2 {
+	for ; h < n; h *= 2 {
 		for i := 0; i < n; i += 2 * h {
 			a, b := v[i:i+h:i+h], v[i+h:i+2*h:i+2*h]
 			for j := range a {
@@ -66,14 +71,21 @@ func fwht(v []float32) {
 }
 
 // forward rotates every block of n consecutive elements of v in place:
-// v ← scale · H · (signs ⊙ v).
+// v ← scale · H · (signs ⊙ v). The sign flips are exact, so they are folded
+// into the first butterfly stage when n >= 2.
 func (r *rotation) forward(v []float32) {
 	for i := 0; i+r.n <= len(v); i += r.n {
 		blk := v[i : i+r.n : i+r.n]
-		for j, s := range r.signs {
-			blk[j] *= s
+		if r.n >= 2 {
+			signs := r.signs[:r.n:r.n]
+			for j := 0; j+1 < len(blk); j += 2 {
+				a, b := blk[j]*signs[j], blk[j+1]*signs[j+1]
+				blk[j], blk[j+1] = a+b, a-b
+			}
+			fwhtFrom(blk, 2)
+		} else {
+			blk[0] *= r.signs[0]
 		}
-		fwht(blk)
 		for j := range blk {
 			blk[j] *= r.scale
 		}
@@ -85,8 +97,9 @@ func (r *rotation) inverse(v []float32) {
 	for i := 0; i+r.n <= len(v); i += r.n {
 		blk := v[i : i+r.n : i+r.n]
 		fwht(blk)
-		for j, s := range r.signs {
-			blk[j] = blk[j] * r.scale * s
+		signs := r.signs[:len(blk):len(blk)]
+		for j := range blk {
+			blk[j] = blk[j] * r.scale * signs[j]
 		}
 	}
 }
