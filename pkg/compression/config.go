@@ -50,15 +50,18 @@ var (
 	GroupSizes = []int{32, 64, 128}
 )
 
-// Default codec parameters.
+// Default codec parameters: those of the command line and DefaultConfig.
+// They were chosen from the measured frontier (docs/codec-frontier.md): the
+// lowest perplexity delta at 3.7x or more on disk. The seed's scheme is
+// SeedConfig: no rotation, no sink.
 const (
 	DefaultGroupSize = 64
 	DefaultSparsity  = 0.0
 	DefaultBits      = 4
 	DefaultScheme    = SchemeSym
-	DefaultRotate    = RotateNone
+	DefaultRotate    = RotateHadamard
 	DefaultKeyAxis   = KeyAxisToken
-	DefaultSink      = 0
+	DefaultSink      = 1
 )
 
 // Config holds the codec parameters chosen by the user.
@@ -71,23 +74,25 @@ type Config struct {
 	Sparsity float64
 	// Workers bounds the number of tensors processed at once; 0 means GOMAXPROCS.
 	Workers int
-	// Scheme is "sym" (scale only) or "asym" (float16 minimum and scale); "" means the default.
+	// Scheme is "sym" (scale only) or "asym" (float16 minimum and scale).
+	// Like every field, its zero value means the seed's choice ("sym");
+	// DefaultConfig holds the recommended ones.
 	Scheme string
-	// Rotate is "none" or "hadamard"; "" means the default.
+	// Rotate is "none" (also "") or "hadamard".
 	Rotate string
-	// KeyAxis is "token" (groups along the last axis) or "channel" (key
-	// tensors grouped along the sequence axis); "" means the default.
+	// KeyAxis is "token" (also "": groups along the last axis) or "channel"
+	// (key tensors grouped along the sequence axis).
 	KeyAxis string
 	// Sink is the number of leading sequence positions of every tensor of
 	// rank >= 2 kept exact in the original dtype.
 	Sink int
 	// Bits is the code width (2, 3, 4 or 8) of tensors that are neither keys
 	// nor values, and of keys and values unless KeyBits / ValueBits say
-	// otherwise; 0 means the default.
+	// otherwise; 0 means 4.
 	Bits, KeyBits, ValueBits int
 }
 
-// DefaultConfig returns the default codec parameters.
+// DefaultConfig returns the recommended codec parameters, the command line's defaults.
 func DefaultConfig() Config {
 	return Config{GroupSize: DefaultGroupSize, Sparsity: DefaultSparsity, Scheme: DefaultScheme, Rotate: DefaultRotate,
 		KeyAxis: DefaultKeyAxis, Sink: DefaultSink, Bits: DefaultBits}
@@ -101,11 +106,18 @@ func or[T comparable](v, def T) T {
 	return v
 }
 
-func (c Config) scheme() string { return or(c.Scheme, DefaultScheme) }
-func (c Config) rotate() string { return or(c.Rotate, DefaultRotate) }
-func (c Config) bits() int      { return or(c.Bits, DefaultBits) }
-func (c Config) keyBits() int   { return or(c.KeyBits, c.bits()) }
-func (c Config) valueBits() int { return or(c.ValueBits, c.bits()) }
+// SeedConfig returns the seed's scheme: symmetric 4-bit, G = 64, no rotation,
+// no sink (3.76x before LZ4). Zero-valued fields of any Config mean these.
+func SeedConfig() Config {
+	return Config{GroupSize: DefaultGroupSize, Scheme: SchemeSym, Rotate: RotateNone, KeyAxis: KeyAxisToken, Bits: 4}
+}
+
+func (c Config) scheme() string  { return or(c.Scheme, SchemeSym) }
+func (c Config) rotate() string  { return or(c.Rotate, RotateNone) }
+func (c Config) keyAxis() string { return or(c.KeyAxis, KeyAxisToken) }
+func (c Config) bits() int       { return or(c.Bits, 4) }
+func (c Config) keyBits() int    { return or(c.KeyBits, c.bits()) }
+func (c Config) valueBits() int  { return or(c.ValueBits, c.bits()) }
 
 // Validate checks the parameters, naming the allowed values and the value received.
 func (c Config) Validate() error {
@@ -125,7 +137,7 @@ func (c Config) Validate() error {
 	if r := c.rotate(); r != RotateNone && r != RotateHadamard {
 		return fmt.Errorf("%w: rotate must be one of [none hadamard], got %q", ErrConfig, r)
 	}
-	if a := or(c.KeyAxis, DefaultKeyAxis); a != KeyAxisToken && a != KeyAxisChannel {
+	if a := c.keyAxis(); a != KeyAxisToken && a != KeyAxisChannel {
 		return fmt.Errorf("%w: key axis must be one of [token channel], got %q", ErrConfig, a)
 	}
 	if c.Sink < 0 || c.Sink > MaxSink {

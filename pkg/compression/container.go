@@ -54,7 +54,7 @@ type Codec struct {
 
 func newCodec(c Config) Codec {
 	return Codec{Scheme: c.scheme(), Bits: c.bits(), KeyBits: c.keyBits(), ValueBits: c.valueBits(),
-		GroupSize: c.GroupSize, Rotate: c.rotate(), KeyAxis: or(c.KeyAxis, DefaultKeyAxis), Sink: c.Sink,
+		GroupSize: c.GroupSize, Rotate: c.rotate(), KeyAxis: c.keyAxis(), Sink: c.Sink,
 		Sparsity: c.Sparsity, ScaleDType: "F16", Rounding: "half_to_even", NibbleOrder: "low_first", Checksum: "crc32c"}
 }
 

@@ -83,7 +83,7 @@ func planFor(name string, shape []int64, cfg Config) (tensorPlan, error) {
 	switch Role(name) {
 	case "key":
 		p.Bits = cfg.keyBits()
-		if cfg.KeyAxis == KeyAxisChannel && len(shape) >= 2 {
+		if cfg.keyAxis() == KeyAxisChannel && len(shape) >= 2 {
 			p.Axis = AxisSeq
 		}
 	case "value":
