@@ -38,9 +38,12 @@ def script(tmp_path: Path, body: str) -> str:
     return str(p)
 
 
+SEED = dict(scheme="sym", rotate="none", key_axis="token", sink=0, bits=4)
+
+
 def test_compress_reports_real_sizes(cache_file: Path, tmp_path: Path, kv_compress_bin: str) -> None:
     out = tmp_path / "cache.kvc"
-    m = cb.compress_kv_cache(str(cache_file), str(out), group_size=64)
+    m = cb.compress_kv_cache(str(cache_file), str(out), group_size=64, **SEED)
     assert m.compressed_size_bytes == out.stat().st_size
     assert m.original_size_bytes == cache_file.stat().st_size
     assert m.compression_ratio == pytest.approx(m.original_size_bytes / m.compressed_size_bytes)
@@ -49,6 +52,14 @@ def test_compress_reports_real_sizes(cache_file: Path, tmp_path: Path, kv_compre
     assert m.quality_level in {"EXCELLENT", "GOOD", "ACCEPTABLE", "POOR"}
     assert m.passed == (not m.violations)
     assert m.bits_per_element <= 4.25 + 1e-9
+
+
+def test_omitted_options_take_the_binary_defaults(cache_file: Path, kv_compress_bin: str) -> None:
+    """None in Python means "whatever kv-compress defaults to": the two never disagree."""
+    default = cb.get_compression_metrics(str(cache_file))
+    assert default.codec == cb.cli_version()["default_codec"]
+    seed = cb.get_compression_metrics(str(cache_file), **SEED)
+    assert seed.codec["rotate"] == "none" and seed.codec["sink"] == 0
 
 
 def test_decompress_restores_names_shapes_dtypes(cache_file: Path, tmp_path: Path, kv_compress_bin: str) -> None:

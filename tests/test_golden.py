@@ -47,9 +47,16 @@ def case_id(c: Dict[str, Any]) -> str:
     return f"{c['input'].split('.')[0]}-G{c['group_size']}-s{c['sparsity']}" + (f"-{extra}" if extra else "")
 
 
+SEED = {"scheme": "sym", "rotate": "none", "key_axis": "token", "sink": 0, "bits": 4}
+
+
 def codec_kwargs(c: Dict[str, Any]) -> Dict[str, Any]:
-    """The case's codec options, as keyword arguments of plan_for and compress_kv_cache."""
-    return {k: c[k] for k in CODEC_KEYS if k in c}
+    """The case's codec options as keyword arguments of plan_for and compress_kv_cache.
+
+    An option a case leaves out means the seed's choice (as in Go's zero-valued
+    Config), not the binary's current default, so it is passed explicitly.
+    """
+    return {**SEED, **{k: c[k] for k in CODEC_KEYS if k in c}}
 
 
 IDS = [case_id(c) for c in CASES]

@@ -35,8 +35,18 @@ def random_layers(n_layers: int, heads: int, seq: int, dim: int, dtype: torch.dt
     return out
 
 
-def assert_bit_exact(original, rebuilt, group_size: int, **codec) -> None:
-    """Every reconstructed layer equals the reference codec applied to the original, bit for bit."""
+def resolved_codec(metrics: cb.CompressionMetrics) -> dict:
+    """The codec options the binary reports it used, as plan_for keyword arguments."""
+    c = metrics.codec
+    return dict(scheme=c["scheme"], rotate=c["rotate"], key_axis=c["key_axis"], sink=c["sink"], bits=c["bits"],
+                key_bits=c["key_bits"], value_bits=c["value_bits"])
+
+
+def assert_bit_exact(original, rebuilt, metrics: cb.CompressionMetrics) -> None:
+    """Every reconstructed layer equals the reference codec, run with the options the
+    binary reports, applied to the original, bit for bit."""
+    group_size = metrics.codec["group_size"]
+    codec = resolved_codec(metrics)
     for i, ((k, v), (k2, v2)) in enumerate(zip(cache_to_layers(original), cache_to_layers(rebuilt))):
         for name, a, b in (("key", k, k2), ("value", v, v2)):
             plan = plan_for(f"layer_{i}_{name}", tuple(a.shape), **codec)
@@ -52,7 +62,7 @@ def test_random_cache_bit_exact(dtype: str, group_size: int, tmp_path: Path, kv_
     dim = max(64, group_size)  # groups never span rows, so G = 128 needs head_dim 128
     cache = layers_to_cache(random_layers(22 if dim == 64 else 4, 4, 24, dim, DTYPES[dtype], seed=group_size))
     rebuilt, metrics = cb.roundtrip_kv_cache(cache, str(tmp_path), group_size=group_size)
-    assert_bit_exact(cache, rebuilt, group_size)
+    assert_bit_exact(cache, rebuilt, metrics)
     assert set(metrics.extra["bridge_timings_ms"]) == {"save", "compress", "decompress", "load"}
 
 
@@ -62,7 +72,7 @@ def test_model_cache_bit_exact_and_usable(group_size: int, tiny_llama, tiny_toke
     cache, meta = extract_kv_cache(tiny_llama, tiny_tokenizer, prompt, device="cpu")
     assert (meta.num_layers, meta.num_kv_heads, meta.head_dim) == (22, 4, 64)
     rebuilt, metrics = cb.roundtrip_kv_cache(cache, str(tmp_path), group_size=group_size)
-    assert_bit_exact(cache, rebuilt, group_size)
+    assert_bit_exact(cache, rebuilt, metrics)
     # The model continues from the reconstructed cache.
     next_ids = torch.tensor([[5, 6, 7]])
     with torch.no_grad():
@@ -73,8 +83,8 @@ def test_model_cache_bit_exact_and_usable(group_size: int, tiny_llama, tiny_toke
 def test_model_cache_bit_exact_g128(tiny_tokenizer, tmp_path: Path, kv_compress_bin: str) -> None:
     model = make_tiny_llama(num_layers=2, num_kv_heads=2, head_dim=128, seed=3)
     cache, _ = extract_kv_cache(model, tiny_tokenizer, "The quick brown fox jumps over the lazy dog.", device="cpu")
-    rebuilt, _ = cb.roundtrip_kv_cache(cache, str(tmp_path), group_size=128)
-    assert_bit_exact(cache, rebuilt, 128)
+    rebuilt, metrics = cb.roundtrip_kv_cache(cache, str(tmp_path), group_size=128)
+    assert_bit_exact(cache, rebuilt, metrics)
 
 
 def test_python_testdata_is_current(tmp_path: Path) -> None:
@@ -113,7 +123,7 @@ def test_python_reads_go_container(tmp_path: Path, kv_compress_bin: str) -> None
     src = tmp_path / "c.safetensors"
     save_kv_cache(layers_to_cache(random_layers(2, 2, 8, 64, torch.float16, 0)), str(src))
     packed = tmp_path / "c.kvc"
-    cb.compress_kv_cache(str(src), str(packed))
+    cb.compress_kv_cache(str(src), str(packed), scheme="sym", rotate="none", sink=0)
     with safe_open(str(packed), framework="pt") as f:
         meta = f.metadata()
         payloads = {k: f.get_tensor(k) for k in f.keys()}
@@ -124,9 +134,9 @@ def test_python_reads_go_container(tmp_path: Path, kv_compress_bin: str) -> None
 
 def test_bfloat16_cache_survives_the_float32_file(tmp_path: Path, kv_compress_bin: str) -> None:
     cache = layers_to_cache(random_layers(3, 2, 8, 64, torch.bfloat16, 4))
-    rebuilt, _ = cb.roundtrip_kv_cache(cache, str(tmp_path), group_size=64)
+    rebuilt, metrics = cb.roundtrip_kv_cache(cache, str(tmp_path), group_size=64)
     assert all(k.dtype == torch.bfloat16 for k, _ in cache_to_layers(rebuilt))
-    assert_bit_exact(cache, rebuilt, 64)
+    assert_bit_exact(cache, rebuilt, metrics)
 
 
 SCHEMES = {
@@ -143,7 +153,7 @@ SCHEMES = {
 def test_schemes_bit_exact(codec, dtype: str, tmp_path: Path, kv_compress_bin: str) -> None:
     cache = layers_to_cache(random_layers(3, 2, 45, 64, DTYPES[dtype], seed=7))
     rebuilt, metrics = cb.roundtrip_kv_cache(cache, str(tmp_path), group_size=32, **codec)
-    assert_bit_exact(cache, rebuilt, 32, **codec)
+    assert_bit_exact(cache, rebuilt, metrics)
     for k, v in codec.items():
         assert metrics.codec[k] == v
 
@@ -151,8 +161,8 @@ def test_schemes_bit_exact(codec, dtype: str, tmp_path: Path, kv_compress_bin: s
 def test_schemes_on_a_model_cache(tiny_llama, tiny_tokenizer, tmp_path: Path, kv_compress_bin: str) -> None:
     codec = dict(scheme="asym", rotate="hadamard", key_axis="channel", sink=1)
     cache, _ = extract_kv_cache(tiny_llama, tiny_tokenizer, "Valkyria Chronicles III is a tactical role-playing game.", device="cpu")
-    rebuilt, _ = cb.roundtrip_kv_cache(cache, str(tmp_path), group_size=64, **codec)
-    assert_bit_exact(cache, rebuilt, 64, **codec)
+    rebuilt, metrics = cb.roundtrip_kv_cache(cache, str(tmp_path), group_size=64, **codec)
+    assert_bit_exact(cache, rebuilt, metrics)
 
 
 @pytest.mark.parametrize(

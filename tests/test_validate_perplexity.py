@@ -337,9 +337,16 @@ def test_corpus_errors(offline_hub, tmp_path: Path, kwargs: dict, message: str) 
         (["--model", "/nonexistent/model/folder"], "no such folder"),
         (["--model", "nobody/not-a-model", "--hub-timeout", "0.5"], "cannot be loaded"),
         (["--threshold", "abc"], "invalid float value"),
+        (["--scheme", "nf4"], r"argument --scheme: invalid choice: 'nf4' \(choose from '?sym'?, '?asym'?\)"),
+        (["--rotate", "givens"], "argument --rotate: invalid choice: 'givens'"),
+        (["--key-axis", "row"], "argument --key-axis: invalid choice: 'row'"),
+        (["--bits", "5"], "argument --bits: invalid choice: 5"),
+        (["--key-bits", "16"], "argument --key-bits: invalid choice: 16"),
+        (["--sink", "-1"], "--sink must be a non-negative integer, got -1"),
     ],
     ids=["group-size", "stride-zero", "stride-equals-length", "sparsity", "batch-windows", "dataset", "dataset-and-file",
-         "cpu-vs-device", "missing-model-folder", "unreachable-model-id", "threshold-not-a-number"],
+         "cpu-vs-device", "missing-model-folder", "unreachable-model-id", "threshold-not-a-number", "scheme", "rotate",
+         "key-axis", "bits", "key-bits", "sink-negative"],
 )
 def test_bad_input_exits_2_with_one_line(offline_hub, capsys, argv: list[str], message: str) -> None:
     assert exit_status(argv) == 2
@@ -470,3 +477,120 @@ def test_embedded_model_short_run(kv_compress_bin: str, embedded_ready, offline_
     assert report["model"]["source"] == "embedded" and report["model"]["num_kv_heads"] == 3
     assert report["corpus"]["file_sha256"] == report["corpus"]["file_sha256"].lower()
     assert report["tokenizer"]["vocab_size"] == 49152
+
+
+# -----------------------------------------------------------------------------
+# codec options, resolved codec and per-layer diagnostics
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--scheme", "asym", "--rotate", "hadamard", "--key-axis", "channel", "--sink", "1"],
+         {"scheme": "asym", "rotate": "hadamard", "key_axis": "channel", "sink": 1}),
+        (["--scheme", "sym", "--rotate", "none", "--key-bits", "8", "--value-bits", "4"],
+         {"scheme": "sym", "rotate": "none", "key_bits": 8, "value_bits": 4}),
+        (["--bits", "2", "--group-size", "32"], {"bits": 2, "key_bits": 2, "value_bits": 2, "group_size": 32}),
+    ],
+    ids=["asym-hadamard-channel-sink", "mixed-key-value-bits", "two-bit-g32"],
+)
+def test_codec_flags_reach_the_binary(
+    kv_compress_bin: str, offline_hub, tiny_model_dir: Path, corpus_file: Path, tmp_path: Path, capsys,
+    flags: list[str], expected: dict,
+) -> None:
+    out = tmp_path / "report.json"
+    assert _run_local(tiny_model_dir, corpus_file, out, "--threshold", "1e9", *flags) == 0
+    stdout = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    resolved = report["codec"]["resolved"]
+    for key, value in expected.items():
+        assert resolved[key] == value, (key, resolved)
+    sent = {flag[2:].replace("-", "_"): value for flag, value in zip(flags[::2], flags[1::2])}
+    assert {k: str(v) for k, v in report["codec"]["requested"].items() if k in sent} == sent
+    for call in report["codec"]["per_call"]:  # every batch ran the same codec
+        assert {k: call["codec"][k] for k in expected} == expected
+    result = report["result"]
+    assert result["bits_per_element"] > 0 and result["disk_ratio_vs_fp16"] > 1.0
+    assert result["bits_per_element"] == pytest.approx(report["codec"]["bits_per_element"])
+    assert "Codec:" in stdout and "Ratio vs float16:" in stdout and vp.describe_codec(resolved) in stdout
+
+
+def test_default_run_leaves_the_codec_to_the_binary_and_reports_snr(
+    kv_compress_bin: str, offline_hub, tiny_model_dir: Path, corpus_file: Path, tmp_path: Path, capsys,
+) -> None:
+    out, plots = tmp_path / "report.json", tmp_path / "plots" / "nested"
+    assert _run_local(tiny_model_dir, corpus_file, out, "--threshold", "1e9", "--plots", str(plots)) == 0
+    stdout = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["codec"]["requested"] == {"group_size": 64, "sparsity": 0.0}  # nothing else sent to the binary
+    assert {"scheme", "rotate", "key_axis", "sink", "bits"} <= set(report["codec"]["resolved"])
+    assert report["codec"]["disk_ratio_vs_fp16"] == pytest.approx(
+        report["codec"]["aggregate"]["fp16_size_bytes"] / report["codec"]["aggregate"]["compressed_size_bytes"])
+
+    diag = report["diagnostics"]
+    assert len(diag["key_snr_db"]) == 22 and all(len(row) == 4 for row in diag["key_snr_db"])
+    assert len(diag["value_snr_db"]) == 22 and len(diag["value_layer_snr_db"]) == 22
+    worst = diag["worst_key"]
+    assert diag["key_snr_db"][worst["layer"]][worst["head"]] == pytest.approx(worst["snr_db"], abs=1e-3)
+    assert "SNR keys:" in stdout and "SNR values:" in stdout and "Worst SNR:" in stdout
+
+    heatmap = Path(report["plots"]["snr_heatmap"])
+    assert heatmap == plots / "snr_heatmap.png"
+    assert heatmap.read_bytes().startswith(b"\x89PNG") and heatmap.stat().st_size > 10_000
+
+
+def test_run_full_validation_takes_codec_keywords(
+    kv_compress_bin: str, offline_hub, tiny_model_dir: Path, corpus_file: Path, tmp_path: Path,
+) -> None:
+    out = tmp_path / "r.json"
+    result = vp.run_full_validation(
+        device="cpu", threshold=1e9, verbose=False, model=str(tiny_model_dir), text_file=str(corpus_file),
+        max_length=64, stride=16, max_samples=2, batch_windows=2, output_json=str(out),
+        scheme="asym", rotate="hadamard", bits=8,
+    )
+    assert result.passed and result.disk_ratio_vs_fp16 > 1.0
+    resolved = json.loads(out.read_text())["codec"]["resolved"]
+    assert (resolved["scheme"], resolved["rotate"], resolved["bits"]) == ("asym", "hadamard", 8)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"schem": "asym"}, r"unknown option\(s\) \['schem'\]"),
+        ({"scheme": "nf4"}, r"--scheme must be one of \['sym', 'asym'\], got 'nf4'"),
+        ({"sink": -2}, "--sink must be a non-negative integer, got -2"),
+        ({"value_bits": 1}, r"--value-bits must be one of \[2, 3, 4, 8\], got 1"),
+    ],
+    ids=["unknown-keyword", "bad-scheme", "bad-sink", "bad-value-bits"],
+)
+def test_run_full_validation_rejects_bad_codec_options(kwargs: dict, message: str) -> None:
+    with pytest.raises(vp.ValidationError, match=message):
+        vp.run_full_validation(device="cpu", verbose=False, model="/nonexistent", **kwargs)
+
+
+def test_aggregate_metrics_disk_ratio_and_bits_per_element() -> None:
+    a = CompressionMetrics(original_size_bytes=800, compressed_size_bytes=100, fp16_size_bytes=400, bits_per_element=4.0,
+                           rmse=0.1, snr_db=20.0, cosine_similarity=0.99, max_error=0.1, quality_level="GOOD")
+    b = CompressionMetrics(original_size_bytes=400, compressed_size_bytes=100, fp16_size_bytes=200, bits_per_element=7.0,
+                           rmse=0.1, snr_db=20.0, cosine_similarity=0.99, max_error=0.1, quality_level="GOOD")
+    agg = vp.aggregate_metrics([a, b])
+    assert agg["disk_ratio_vs_fp16"] == pytest.approx(600 / 200)
+    assert agg["fp16_size_bytes"] == 600
+    assert agg["bits_per_element"] == pytest.approx((4.0 * 400 + 7.0 * 200) / 600)
+    missing = vp.aggregate_metrics([CompressionMetrics(original_size_bytes=8, compressed_size_bytes=2)])
+    assert math.isnan(missing["disk_ratio_vs_fp16"]) and math.isnan(missing["bits_per_element"])
+
+
+@pytest.mark.parametrize(
+    "codec, text",
+    [
+        ({"scheme": "asym", "bits": 4, "key_bits": 4, "value_bits": 4, "group_size": 64, "rotate": "hadamard",
+          "key_axis": "channel", "sink": 1, "sparsity": 0}, "asym 4-bit, G64, rotate hadamard, key axis channel, sink 1"),
+        ({"scheme": "sym", "bits": 4, "key_bits": 8, "value_bits": 4, "group_size": 32},
+         "sym keys 8-bit / values 4-bit, G32, rotate none, key axis token, sink 0"),
+        (None, "unknown"),
+    ],
+    ids=["full", "mixed-bits-old-fields-missing", "none"],
+)
+def test_describe_codec(codec, text: str) -> None:
+    assert vp.describe_codec(codec).startswith(text)

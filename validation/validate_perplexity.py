@@ -16,8 +16,14 @@ Usage::
     python validation/validate_perplexity.py                 # default model and corpus
     python validation/validate_perplexity.py --quick-test    # no download, synthetic data, < 1 min
     python validation/validate_perplexity.py --model PATH_OR_ID --text-file notes.txt --output-json r.json
+    python validation/validate_perplexity.py --scheme asym --rotate hadamard --plots plots/   # another codec
+    python validation/validate_perplexity.py --sweep --plots sweep-results/                   # codec frontier
 
-Exit status: 0 passed, 1 quality gate failed (delta >= threshold), 2 error.
+Every run also reports the SNR of keys and values per layer and KV head (``--plots DIR`` draws
+it as a heatmap). ``--sweep`` (validation/sweep.py) scores a grid of codec configurations
+against one shared baseline.
+
+Exit status: 0 passed, 1 quality gate failed (delta >= threshold), 2 error (``--sweep``: 0 or 2).
 """
 
 from __future__ import annotations
@@ -49,6 +55,14 @@ import numpy as np
 import torch
 
 from validation import assets
+from validation.compression_bridge import (
+    ALLOWED_BITS,
+    ALLOWED_KEY_AXES,
+    ALLOWED_ROTATIONS,
+    ALLOWED_SCHEMES,
+    codec_args,
+)
+from validation.diagnostics import HEATMAP_FILENAME, CacheDiagnostics, SNRAccumulator, plot_snr_heatmap
 from validation.kv_cache_utils import cache_to_layers, layers_to_cache
 
 # -----------------------------------------------------------------------------
@@ -60,6 +74,11 @@ DATASET_CHOICES = ("wikitext", "embedded")
 WIKITEXT_IDS = ("Salesforce/wikitext", "wikitext")
 WIKITEXT_CONFIG = "wikitext-2-raw-v1"
 GROUP_SIZES = (32, 64, 128)
+# Codec options besides group size and sparsity; None = the kv-compress binary's default.
+CODEC_KEYS = ("scheme", "rotate", "key_axis", "sink", "bits", "key_bits", "value_bits")
+# The seed's scheme (symmetric INT4, G = 64, no rotation), pinned where a check is specific to it.
+SEED_CODEC: Dict[str, Any] = {"scheme": "sym", "rotate": "none", "key_axis": "token", "sink": 0, "bits": 4,
+                              "key_bits": 4, "value_bits": 4}
 
 DEFAULT_THRESHOLD = 0.5
 DEFAULT_MAX_LENGTH = 1024
@@ -117,6 +136,8 @@ class ValidationResult:
     quality_level: str = ""
     model_name: str = ""
     corpus_name: str = ""
+    bits_per_element: float = math.nan
+    disk_ratio_vs_fp16: float = math.nan
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-serialisable dict of every field (NaN and infinities become None)."""
@@ -143,7 +164,8 @@ class ProtocolOutcome:
     [batch, kv_heads, context, head_dim] keys and values of every layer). ``timings`` holds
     seconds per phase, summed over batches: prefill, bridge, scoring, metrics, total, and the
     bridge's own steps (bridge_save, bridge_compress, bridge_decompress, bridge_load).
-    ``metrics`` is one CompressionMetrics per bridge call.
+    ``metrics`` is one CompressionMetrics per bridge call. ``diagnostics`` holds the per-layer,
+    per-KV-head key and value SNR accumulated over every batch (None when not computed).
     """
 
     windows: List[WindowScore]
@@ -157,6 +179,7 @@ class ProtocolOutcome:
     num_layers: int
     num_kv_heads: int
     head_dim: int
+    diagnostics: Optional[CacheDiagnostics] = None
 
     @property
     def context_length(self) -> int:
@@ -196,6 +219,8 @@ class ValidationOptions:
     ``model`` None: TinyLlama when cached or the hub answers within ``hub_timeout`` seconds,
     else the embedded SmolLM2. ``dataset`` None: WikiText-2 when cached or reachable, else the
     embedded corpus. ``max_samples`` is the number of windows (None or 0: all full windows).
+    The codec fields (``scheme`` … ``value_bits``) default to None, meaning the kv-compress
+    binary's own default; ``plots`` is a folder for the SNR heatmap (and the sweep's plots).
     """
 
     model: Optional[str] = None
@@ -214,6 +239,19 @@ class ValidationOptions:
     output_json: Optional[str] = None
     hub_timeout: float = DEFAULT_HUB_TIMEOUT
     bootstrap_resamples: int = BOOTSTRAP_RESAMPLES
+    scheme: Optional[str] = None
+    rotate: Optional[str] = None
+    key_axis: Optional[str] = None
+    sink: Optional[int] = None
+    bits: Optional[int] = None
+    key_bits: Optional[int] = None
+    value_bits: Optional[int] = None
+    plots: Optional[str] = None
+
+    @property
+    def codec(self) -> Dict[str, Any]:
+        """The codec options that were set (None ones are left to the binary's defaults)."""
+        return {k: getattr(self, k) for k in CODEC_KEYS if getattr(self, k) is not None}
 
     def check(self) -> None:
         """Raise ValidationError naming the allowed values and the value received for any bad option."""
@@ -244,6 +282,38 @@ class ValidationOptions:
             raise ValidationError(f"--cpu conflicts with --device {self.device}")
         if self.hub_timeout <= 0:
             raise ValidationError(f"--hub-timeout must be > 0 seconds, got {self.hub_timeout}")
+        check_codec(self.codec)
+
+
+def check_codec(codec: Dict[str, Any], group_size: int = DEFAULT_GROUP_SIZE, sparsity: float = 0.0) -> None:
+    """Raise ValidationError for an unknown codec key or a value kv-compress would refuse.
+
+    ``codec`` maps names of CODEC_KEYS to values; the message names the allowed values and the
+    value received (as ``--flag``).
+    """
+    unknown = sorted(set(codec) - set(CODEC_KEYS))
+    if unknown:
+        raise ValidationError(f"unknown codec option(s) {unknown}; allowed: {list(CODEC_KEYS)}")
+    try:
+        codec_args(group_size, sparsity, **codec)
+    except ValueError as e:
+        name = str(e).split(" ", 1)
+        raise ValidationError(f"--{name[0].replace('_', '-')} {name[1]}" if len(name) == 2 else str(e)) from None
+
+
+def describe_codec(codec: Optional[Dict[str, Any]]) -> str:
+    """One line for a codec object as reported by kv-compress, e.g. "asym 4-bit, G64, rotate hadamard, ..."."""
+    if not codec:
+        return "unknown (the binary reported no codec)"
+    bits = codec.get("bits")
+    kb, vb = codec.get("key_bits", bits), codec.get("value_bits", bits)
+    width = f"{kb}-bit" if kb == vb else f"keys {kb}-bit / values {vb}-bit"
+    parts = [f"{codec.get('scheme', '?')} {width}", f"G{codec.get('group_size', '?')}",
+             f"rotate {codec.get('rotate', 'none')}", f"key axis {codec.get('key_axis', 'token')}",
+             f"sink {codec.get('sink', 0)}"]
+    if codec.get("sparsity"):
+        parts.append(f"sparsity {codec['sparsity']:g}")
+    return ", ".join(parts)
 
 
 @dataclass
@@ -816,6 +886,8 @@ def run_protocol(
     batch_windows: int = DEFAULT_BATCH_WINDOWS,
     work_dir: Optional[str] = None,
     progress: bool = False,
+    snr_diagnostics: bool = True,
+    **codec: Any,
 ) -> ProtocolOutcome:
     """Score ``windows`` [num_windows, max_length] with the original and the kv-compress-reconstructed cache.
 
@@ -824,11 +896,16 @@ def run_protocol(
     through the real binary; two scoring passes over the [batch, stride - 1] inputs that predict
     the scored tokens 2..stride, one on a fresh copy of the original cache and one on the
     reconstructed cache. Scored token 1 is predicted by the prefill's last logits for both.
+    ``codec`` (scheme, rotate, key_axis, sink, bits, key_bits, value_bits) goes to the binary;
+    omitted options take its defaults. With ``snr_diagnostics`` the per-layer, per-KV-head key
+    and value SNR of every batch is accumulated into ``outcome.diagnostics``.
     """
     from tqdm.auto import tqdm
 
     from validation.compression_bridge import roundtrip_kv_cache
 
+    check_codec(codec, group_size, sparsity)
+    snr = SNRAccumulator() if snr_diagnostics else None
     num_windows, max_length = windows.shape
     context = max_length - stride
     if context < 1:
@@ -873,7 +950,7 @@ def run_protocol(
 
                 t = time.perf_counter()
                 recon_cache, metrics = roundtrip_kv_cache(
-                    prefill_cache, work_dir, group_size=group_size, sparsity=sparsity, device=str(device)
+                    prefill_cache, work_dir, group_size=group_size, sparsity=sparsity, device=str(device), **codec
                 )
                 timings["bridge"] += time.perf_counter() - t
                 metrics_list.append(metrics)
@@ -884,6 +961,11 @@ def run_protocol(
                     rk.shape != k.shape or rv.shape != v.shape for (k, v), (rk, rv) in zip(layers, recon_layers)
                 ):
                     raise ValidationError("the reconstructed KV cache does not have the original cache's geometry")
+                if snr is not None:
+                    t = time.perf_counter()
+                    snr.update(layers, recon_layers)
+                    timings["diagnostics"] = timings.get("diagnostics", 0.0) + time.perf_counter() - t
+                del recon_layers
 
                 t = time.perf_counter()
                 baseline_cache = layers_to_cache(layers)  # fresh cache holding copies of the original tensors
@@ -920,7 +1002,7 @@ def run_protocol(
         windows=scores, metrics=metrics_list, timings=timings, max_length=max_length, stride=stride,
         batch_windows=batch_windows, cache_bytes=cache_bytes, cache_dtype=geometry.get("dtype", ""),
         num_layers=geometry.get("num_layers", 0), num_kv_heads=geometry.get("num_kv_heads", 0),
-        head_dim=geometry.get("head_dim", 0),
+        head_dim=geometry.get("head_dim", 0), diagnostics=snr.result() if snr is not None and snr.batches else None,
     )
 
 
@@ -951,7 +1033,9 @@ def aggregate_metrics(metrics: Sequence[Any]) -> Dict[str, Any]:
 
     Sizes add up (ratio = total original / total compressed; ``ratio_vs_fp16``, the ratio
     against the same tensors stored as float16, is combined the same way); RMSE is the element-weighted
-    root mean square; SNR uses the summed signal and noise power; cosine similarity is the
+    root mean square; ``disk_ratio_vs_fp16`` is the summed float16-equivalent file sizes over the
+    summed container sizes and ``bits_per_element`` the element-weighted mean (elements counted
+    through ``fp16_size_bytes``); SNR uses the summed signal and noise power; cosine similarity is the
     minimum; max error the maximum; quality the worst level; passed all; violations the union.
     """
     if not metrics:
@@ -977,9 +1061,20 @@ def aggregate_metrics(metrics: Sequence[Any]) -> Dict[str, Any]:
                 violations.append(v)
     fp16 = [(getattr(m, "ratio_vs_fp16", math.nan), m.compressed_size_bytes) for m in metrics]
     vs_fp16 = (sum(r * c for r, c in fp16) / comp) if comp and all(math.isfinite(r) for r, _ in fp16) else math.nan
+    # on-disk ratio against the same tensors as a float16 safetensors file, and bits per quantized
+    # element weighted by each call's element count (proportional to its float16 size)
+    fp16_bytes = [int(getattr(m, "fp16_size_bytes", 0) or 0) for m in metrics]
+    fp16_total = sum(fp16_bytes)
+    disk_vs_fp16 = fp16_total / comp if comp and all(fp16_bytes) else math.nan
+    bpe = [float(getattr(m, "bits_per_element", math.nan)) for m in metrics]
+    bits_per_element = (sum(b * f for b, f in zip(bpe, fp16_bytes)) / fp16_total
+                        if fp16_total and all(fp16_bytes) and all(math.isfinite(b) for b in bpe) else math.nan)
     return {
         "compression_ratio": orig / comp if comp else math.nan,
         "ratio_vs_fp16": vs_fp16,
+        "disk_ratio_vs_fp16": disk_vs_fp16,
+        "fp16_size_bytes": fp16_total,
+        "bits_per_element": bits_per_element,
         "original_size_bytes": orig,
         "compressed_size_bytes": comp,
         "rmse": math.sqrt(mse),
@@ -1031,6 +1126,8 @@ def build_result(
         quality_level=agg.get("quality_level", ""),
         model_name=model_name,
         corpus_name=corpus_name,
+        bits_per_element=agg.get("bits_per_element", math.nan),
+        disk_ratio_vs_fp16=agg.get("disk_ratio_vs_fp16", math.nan),
     )
 
 
@@ -1134,7 +1231,7 @@ def evaluate(
                  f"scoring on original and reconstructed cache")
     outcome = run_protocol(
         model, windows, options.stride, starts=starts, group_size=options.group_size, sparsity=options.sparsity,
-        batch_windows=options.batch_windows, progress=progress and console.verbose,
+        batch_windows=options.batch_windows, progress=progress and console.verbose, **options.codec,
     )
     console.info(f"Generated: {outcome.num_layers} layers, {len(outcome.windows)} x {context} tokens, "
                  f"{_fmt_mb(outcome.cache_bytes)} ({outcome.cache_dtype})")
@@ -1152,8 +1249,16 @@ def evaluate(
     console.info(f"Compression ratio: {result.compression_ratio:.2f}x{vs_fp16_text}  "
                  f"({_fmt_mb(agg['original_size_bytes'])} -> {_fmt_mb(agg['compressed_size_bytes'])}, "
                  f"group size {options.group_size}, sparsity {options.sparsity:g})")
+    console.info(f"Codec: {describe_codec(agg.get('codec'))}"
+                 + ("" if options.codec else " (the binary's defaults)"))
+    console.info(f"Bits per element: {result.bits_per_element:.3f}; on disk {result.disk_ratio_vs_fp16:.2f}x "
+                 f"smaller than the cache as float16")
     console.info(f"RMSE: {result.rmse:.6f}")
     console.info(f"SNR: {result.snr_db:.2f} dB")
+    diag = outcome.diagnostics
+    if diag is not None:
+        for text in diag.summary_lines():
+            console.info(text)
     console.info(f"Bridge: {agg['calls']} compress + {agg['calls']} decompress calls, {t['bridge']:.2f} s "
                  f"({100 * t['bridge'] / t['total']:.1f}% of {t['total']:.1f} s)")
     failed = [m for m in outcome.metrics if not m.passed]
@@ -1165,7 +1270,15 @@ def evaluate(
                  f"max error {result.max_error:.4g} ({result.quality_level})")
     console.step(6, 6, "Computing perplexity with compressed KV cache...")
     console.info(f"Compressed perplexity: {result.compressed_perplexity:.4f}")
-    print_results(result, console, outcome)
+    plots: Dict[str, str] = {}
+    if options.plots and diag is not None:
+        plots["snr_heatmap"] = plot_snr_heatmap(
+            diag, os.path.join(options.plots, HEATMAP_FILENAME),
+            title=f"{model_choice.display_name}: SNR per layer and KV head\n{describe_codec(agg.get('codec'))}",
+        )
+    print_results(result, console, outcome, codec=agg.get("codec"))
+    for name, path in plots.items():
+        console.line(f"  Plot ({name}): {path}")
 
     timings = {"model_load_s": round(load_seconds, 3)}
     timings.update({k: round(v, 3) for k, v in (extra_timings or {}).items()})
@@ -1195,8 +1308,14 @@ def evaluate(
             "kl": "mean over scored tokens of KL(baseline || compressed), nats",
         },
         "codec": {"group_size": options.group_size, "sparsity": options.sparsity, "cli": agg.get("codec"),
+                  "requested": {"group_size": options.group_size, "sparsity": options.sparsity, **options.codec},
+                  "resolved": agg.get("codec"), "description": describe_codec(agg.get("codec")),
+                  "bits_per_element": agg.get("bits_per_element"), "disk_ratio_vs_fp16": agg.get("disk_ratio_vs_fp16"),
+                  "fp16_size_bytes": agg.get("fp16_size_bytes"), "compression_ratio": agg.get("compression_ratio"),
                   "aggregate": {k: v for k, v in agg.items() if k != "codec"},
                   "per_call": [_metrics_dict(m) for m in outcome.metrics]},
+        "diagnostics": diag.to_dict() if diag is not None else None,
+        "plots": plots,
         "cache": {"bytes": outcome.cache_bytes, "dtype": outcome.cache_dtype, "num_layers": outcome.num_layers,
                   "num_kv_heads": outcome.num_kv_heads, "head_dim": outcome.head_dim},
         "timings": timings,
@@ -1213,8 +1332,9 @@ def _metrics_dict(m: Any) -> Dict[str, Any]:
     return d
 
 
-def print_results(result: ValidationResult, console: Console, outcome: Optional[ProtocolOutcome] = None) -> None:
-    """The RESULTS block of the seed, plus KL, top-1 agreement and the bootstrap interval."""
+def print_results(result: ValidationResult, console: Console, outcome: Optional[ProtocolOutcome] = None,
+                  codec: Optional[Dict[str, Any]] = None) -> None:
+    """The RESULTS block of the seed, plus KL, top-1 agreement, the bootstrap interval, the codec and SNR extremes."""
     console.banner("RESULTS")
     if result.model_name:
         console.line(f"  Model:                 {result.model_name}")
@@ -1226,12 +1346,21 @@ def print_results(result: ValidationResult, console: Console, outcome: Optional[
     console.line(f"  Delta {int(result.ci_level * 100)}% CI:          [{result.delta_ci_low:+.4f}, {result.delta_ci_high:+.4f}] "
                  f"(paired bootstrap over {result.num_windows} windows)")
     console.line(f"  Compression Ratio:     {result.compression_ratio:.2f}x")
+    if math.isfinite(result.disk_ratio_vs_fp16):
+        console.line(f"  Ratio vs float16:      {result.disk_ratio_vs_fp16:.2f}x on disk "
+                     f"({result.bits_per_element:.3f} bits/element)")
+    if codec is not None:
+        console.line(f"  Codec:                 {describe_codec(codec)}")
     console.line(THIN_RULE)
     console.line(f"  RMSE:                  {result.rmse:.6f}")
     console.line(f"  SNR:                   {result.snr_db:.2f} dB")
     console.line(f"  Cosine Similarity:     {result.cosine_similarity:.6f}")
     console.line(f"  KL(base||compressed):  {result.kl_divergence:.6f} nats/token")
     console.line(f"  Top-1 Agreement:       {100 * result.top1_agreement:.2f}%")
+    if outcome is not None and outcome.diagnostics is not None:
+        wk, wv = outcome.diagnostics.worst("key"), outcome.diagnostics.worst("value")
+        console.line(f"  Worst SNR:             keys {wk['snr_db']:.2f} dB (layer {wk['layer']} head {wk['head']}), "
+                     f"values {wv['snr_db']:.2f} dB (layer {wv['layer']} head {wv['head']})")
     console.line(f"  Scored Tokens:         {result.scored_tokens:,} ({result.num_windows} windows x {result.stride})")
     if outcome is not None:
         t = outcome.timings
@@ -1250,20 +1379,39 @@ def _quiet_line(result: ValidationResult) -> str:
     return (f"{verdict}: delta {result.delta:+.4f} ({result.delta_percent:+.2f}%) "
             f"{'<' if result.passed else '>='} {result.threshold:g}; PPL {result.baseline_perplexity:.4f} -> "
             f"{result.compressed_perplexity:.4f}, KL {result.kl_divergence:.5f}, top-1 {100 * result.top1_agreement:.2f}%, "
-            f"ratio {result.compression_ratio:.2f}x [{result.model_name}]")
+            f"ratio {result.compression_ratio:.2f}x"
+            + (f" ({result.disk_ratio_vs_fp16:.2f}x vs fp16)" if math.isfinite(result.disk_ratio_vs_fp16) else "")
+            + f" [{result.model_name}]")
 
 
 # -----------------------------------------------------------------------------
 # full run
 
 
-def run_validation(options: ValidationOptions, verbose: bool = True) -> Tuple[ValidationResult, Dict[str, Any]]:
-    """Resolve the model and corpus, run the protocol, print the report; return (result, JSON report).
+@dataclass
+class RunInputs:
+    """A loaded model and tokenized corpus, ready for the protocol (or a sweep).
+
+    ``token_ids`` is [num_tokens]; ``timings`` holds ``model_load_s``, ``corpus_load_s`` and
+    ``tokenize_s``; ``run_start`` is the ``time.perf_counter()`` at which loading began.
+    """
+
+    choice: ModelChoice
+    model: Any
+    tokenizer: Any
+    token_ids: torch.Tensor
+    corpus_info: Dict[str, Any]
+    timings: Dict[str, float]
+    run_start: float
+
+
+def load_run_inputs(options: ValidationOptions, console: Console, title: str = "KV Cache Compression Validation",
+                    steps: int = 6) -> RunInputs:
+    """Check the options, resolve and load the model and corpus, tokenize what the windows need (step 1).
 
     Raises ValidationError for anything that prevents a measurement.
     """
     options.check()
-    console = Console(verbose)
     run_start = time.perf_counter()
     dev = select_device(options.device, options.cpu)
     dtype = default_dtype(dev)
@@ -1272,8 +1420,8 @@ def run_validation(options: ValidationOptions, verbose: bool = True) -> Tuple[Va
     t = time.perf_counter()
     corpus = load_corpus(options.dataset, options.text_file, options.hub_timeout)  # fail before the model load
     corpus_seconds = time.perf_counter() - t
-    console.banner(f"KV Cache Compression Validation: {choice.display_name}")
-    console.step(1, 6, f"Loading {choice.display_name}...")
+    console.banner(f"{title}: {choice.display_name}")
+    console.step(1, steps, f"Loading {choice.display_name}...")
     console.info(f"Why this model: {choice.reason}")
     t = time.perf_counter()
     model, tokenizer = load_model_and_tokenizer(
@@ -1295,12 +1443,24 @@ def run_validation(options: ValidationOptions, verbose: bool = True) -> Tuple[Va
     tokenize_seconds = time.perf_counter() - t
     corpus_info = {"name": corpus.name, "source": corpus.source, "reason": corpus.reason, "sha256": corpus.sha256,
                    "characters": len(corpus.text), "characters_tokenized": chars, **corpus.details}
+    return RunInputs(choice, model, tokenizer, token_ids, corpus_info,
+                     {"model_load_s": load_seconds, "corpus_load_s": corpus_seconds, "tokenize_s": tokenize_seconds},
+                     run_start)
 
+
+def run_validation(options: ValidationOptions, verbose: bool = True) -> Tuple[ValidationResult, Dict[str, Any]]:
+    """Resolve the model and corpus, run the protocol, print the report; return (result, JSON report).
+
+    Raises ValidationError for anything that prevents a measurement.
+    """
+    console = Console(verbose)
+    inputs = load_run_inputs(options, console)
     result, report = evaluate(
-        model, token_ids, options, console, model_choice=choice, corpus_info=corpus_info, tokenizer=tokenizer,
-        load_seconds=load_seconds, extra_timings={"corpus_load_s": corpus_seconds, "tokenize_s": tokenize_seconds},
+        inputs.model, inputs.token_ids, options, console, model_choice=inputs.choice, corpus_info=inputs.corpus_info,
+        tokenizer=inputs.tokenizer, load_seconds=inputs.timings["model_load_s"],
+        extra_timings={k: v for k, v in inputs.timings.items() if k != "model_load_s"},
     )
-    report["timings"]["run_total_s"] = round(time.perf_counter() - run_start, 3)
+    report["timings"]["run_total_s"] = round(time.perf_counter() - inputs.run_start, 3)
     report["options"] = asdict(options)
     report["mode"] = "full"
     return result, report
@@ -1317,8 +1477,14 @@ def run_full_validation(
     Steps: 1 load the model; 2 generate KV caches (prefill of each window's context);
     3 baseline perplexity; 4 compress the caches with the Go CLI; 5 load the reconstructed
     caches; 6 perplexity with them. Extra keyword arguments are ValidationOptions fields
-    (model, dataset, text_file, max_length, stride, max_samples, group_size, ...).
+    (model, dataset, text_file, max_length, stride, max_samples, group_size, ..., output_json, plots)
+    including the codec options ``scheme``, ``rotate``, ``key_axis``, ``sink``, ``bits``,
+    ``key_bits`` and ``value_bits`` (omitted or None: the kv-compress binary's defaults).
     """
+    allowed = {f.name for f in dataclasses.fields(ValidationOptions)} - {"device", "threshold"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ValidationError(f"unknown option(s) {unknown}; allowed: {sorted(allowed)}")
     opts = ValidationOptions(device=device, threshold=threshold, **options)
     result, report = run_validation(opts, verbose=verbose)
     if opts.output_json:
@@ -1393,7 +1559,9 @@ def check_synthetic_roundtrip(console: Console, work_dir: Optional[str] = None) 
     group; compression ratio > 3; the CLI's own quality gate passed, its cosine >= 0.99 and
     SNR >= 18 dB; our own cosine
     (computed here from the tensors) >= 0.99. Returns the
-    measured values and ``ok``.
+    measured values and ``ok``. The per-element bound is the seed scheme's (symmetric INT4
+    along head_dim, no rotation), so this check runs that scheme explicitly (SEED_CODEC)
+    whatever the binary's default codec is.
     """
     from validation.compression_bridge import roundtrip_kv_cache
 
@@ -1401,7 +1569,7 @@ def check_synthetic_roundtrip(console: Console, work_dir: Optional[str] = None) 
     original = cache_to_layers(cache)
     with tempfile.TemporaryDirectory(prefix="kv-quick-", dir=work_dir) as tmp:
         t = time.perf_counter()
-        recon, metrics = roundtrip_kv_cache(cache, tmp, group_size=DEFAULT_GROUP_SIZE)
+        recon, metrics = roundtrip_kv_cache(cache, tmp, group_size=DEFAULT_GROUP_SIZE, **SEED_CODEC)
         seconds = time.perf_counter() - t
     restored = cache_to_layers(recon)
     geometry_ok = len(restored) == len(original) and all(
@@ -1438,14 +1606,18 @@ def check_synthetic_roundtrip(console: Console, work_dir: Optional[str] = None) 
 
 
 def run_quick_test(verbose: bool = True, *, threshold: float = DEFAULT_THRESHOLD, output_json: Optional[str] = None,
-                   seed: int = DEFAULT_SEED) -> ValidationResult:
+                   seed: int = DEFAULT_SEED, plots: Optional[str] = None, group_size: int = DEFAULT_GROUP_SIZE,
+                   sparsity: float = 0.0, **codec: Any) -> ValidationResult:
     """Run a quick test with synthetic data (no model download required).
 
     Part A sends a synthetic TinyLlama-shaped cache (22 layers x 4 KV heads x 256 tokens x
     head_dim 64, float16) through the real ``kv-compress`` and checks its metrics. Part B runs
     the complete protocol (prefill, kv-compress round trip per batch, scoring twice) with a
     small random Llama built from a LlamaConfig on synthetic token ids. Needs no GPU and no
-    network. ``passed`` is delta < threshold and every part-A check holding.
+    network. ``passed`` is delta < threshold and every part-A check holding. Part A always runs
+    the seed scheme (its error bound is that scheme's); part B runs ``group_size``,
+    ``sparsity`` and ``codec`` (omitted options: the binary's defaults). ``plots``: folder for
+    part B's SNR heatmap.
     """
     console = Console(verbose)
     start = time.perf_counter()
@@ -1454,7 +1626,8 @@ def run_quick_test(verbose: bool = True, *, threshold: float = DEFAULT_THRESHOLD
     synthetic = check_synthetic_roundtrip(console)
 
     options = ValidationOptions(max_length=128, stride=32, max_samples=8, batch_windows=4, threshold=threshold,
-                                seed=seed, cpu=True)
+                                seed=seed, cpu=True, plots=plots, group_size=group_size, sparsity=sparsity, **codec)
+    options.check()
     console.line("[B] Random Llama through the complete protocol...")
     console.step(1, 6, "Building a random LlamaForCausalLM from a LlamaConfig...")
     t = time.perf_counter()
@@ -1519,6 +1692,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"windows per prefill and per kv-compress call (default {DEFAULT_BATCH_WINDOWS})")
     p.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=DEFAULT_GROUP_SIZE, help="INT4 group size (default 64)")
     p.add_argument("--sparsity", type=float, default=0.0, help="fraction of smallest elements zeroed, [0, 1) (default 0)")
+    codec = p.add_argument_group("codec", "kv-compress codec options; each one omitted takes the binary's default "
+                                          "(see docs/cli.md)")
+    codec.add_argument("--scheme", choices=ALLOWED_SCHEMES, help="sym (scale per group) or asym (scale and minimum)")
+    codec.add_argument("--rotate", choices=ALLOWED_ROTATIONS, help="none, or a random-sign Hadamard rotation along head_dim")
+    codec.add_argument("--key-axis", choices=ALLOWED_KEY_AXES,
+                       help="group keys along head_dim (token) or along the sequence per channel (channel)")
+    codec.add_argument("--sink", type=int, metavar="N", help="first N positions of every tensor kept exact")
+    codec.add_argument("--bits", type=int, choices=ALLOWED_BITS, help="code width of keys and values")
+    codec.add_argument("--key-bits", type=int, choices=ALLOWED_BITS, help="code width of keys (overrides --bits)")
+    codec.add_argument("--value-bits", type=int, choices=ALLOWED_BITS, help="code width of values (overrides --bits)")
+    p.add_argument("--plots", metavar="DIR", help="write PNG plots here (the per-layer SNR heatmap; with --sweep, "
+                                                 "also the tables and the frontier; default for --sweep: sweep-results)")
+    p.add_argument("--sweep", action="store_true", help="score a grid of codec configurations against one shared "
+                                                        "baseline and write sweep.json, sweep.md and frontier.png")
+    p.add_argument("--sweep-grid", metavar="FILE", help="JSON list of {\"name\": ..., \"codec\": {...}} for --sweep "
+                                                       "(default: the built-in grid of validation/sweep.py)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed for the bootstrap and the quick test (default 0)")
     p.add_argument("--output-json", metavar="PATH", help="write the full report as JSON (atomically)")
     p.add_argument("--hub-timeout", type=float, default=DEFAULT_HUB_TIMEOUT, help="seconds to wait for the Hugging Face hub (default 2)")
@@ -1533,16 +1722,42 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    codec = {k: getattr(args, k) for k in CODEC_KEYS if getattr(args, k) is not None}
     try:
+        if args.sweep_grid and not args.sweep:
+            raise ValidationError(f"--sweep-grid {args.sweep_grid} needs --sweep")
+        if args.sweep and args.quick_test:
+            raise ValidationError("use either --sweep or --quick-test, not both")
+        if args.sweep:
+            if codec:
+                raise ValidationError(f"--sweep takes its codecs from the grid; drop the codec flags "
+                                      f"{['--' + k.replace('_', '-') for k in codec]} or use --sweep-grid")
+            from validation import sweep
+
+            options = ValidationOptions(
+                model=args.model, dataset=args.dataset, text_file=args.text_file, max_length=args.max_length,
+                stride=args.stride, max_samples=args.max_samples, batch_windows=args.batch_windows,
+                group_size=args.group_size, sparsity=args.sparsity, device=args.device, cpu=args.cpu,
+                threshold=args.threshold, seed=args.seed, output_json=args.output_json, hub_timeout=args.hub_timeout,
+                plots=args.plots,
+            )
+            argv_used = list(argv) if argv is not None else sys.argv[1:]
+            command = " ".join(["python validation/validate_perplexity.py", *argv_used])
+            outcome = sweep.run_sweep_cli(options, grid_file=args.sweep_grid, verbose=not args.quiet, command=command)
+            if args.quiet:
+                print(outcome.verdict_line())
+            return 0
         if args.quick_test:
             result = run_quick_test(verbose=not args.quiet, threshold=args.threshold, output_json=args.output_json,
-                                    seed=args.seed)
+                                    seed=args.seed, plots=args.plots, group_size=args.group_size,
+                                    sparsity=args.sparsity, **codec)
         else:
             options = ValidationOptions(
                 model=args.model, dataset=args.dataset, text_file=args.text_file, max_length=args.max_length,
                 stride=args.stride, max_samples=args.max_samples, batch_windows=args.batch_windows,
                 group_size=args.group_size, sparsity=args.sparsity, device=args.device, cpu=args.cpu,
                 threshold=args.threshold, seed=args.seed, output_json=args.output_json, hub_timeout=args.hub_timeout,
+                plots=args.plots, **codec,
             )
             result, report = run_validation(options, verbose=not args.quiet)
             if options.output_json:
@@ -1560,4 +1775,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the package's copy of this module, so that validation.sweep (which imports
+    # validation.validate_perplexity) shares its classes with the code that catches its errors.
+    from validation import validate_perplexity as _package_module
+
+    sys.exit(_package_module.main())

@@ -52,6 +52,9 @@ type Codec struct {
 	Checksum    string  `json:"checksum"`
 }
 
+// DefaultCodec is the codec record of DefaultConfig: what compress uses without flags.
+func DefaultCodec() Codec { return newCodec(DefaultConfig()) }
+
 func newCodec(c Config) Codec {
 	return Codec{Scheme: c.scheme(), Bits: c.bits(), KeyBits: c.keyBits(), ValueBits: c.valueBits(),
 		GroupSize: c.GroupSize, Rotate: c.rotate(), KeyAxis: c.keyAxis(), Sink: c.Sink,
