@@ -128,18 +128,32 @@ func quantizeTensor(src []byte, dt safetensors.DType, sparse []float32, g int, c
 	width := dt.Bits() / 8
 	for gi := range len(scales) {
 		ref := buf[:g:g]
-		if err := safetensors.DecodeFloat32(dt, src[gi*g*width:(gi+1)*g*width], ref); err != nil {
-			return st, err
+		// For non-negative floats the bit patterns order like the values, and
+		// NaN and Inf sort above every finite value: one integer max finds both.
+		var mb uint32
+		if dt == safetensors.F16 {
+			// The common case, decoded and scanned in one pass.
+			in := src[gi*g*2 : (gi+1)*g*2 : (gi+1)*g*2]
+			for i := range ref {
+				v := safetensors.F16ToF32(uint16(in[2*i]) | uint16(in[2*i+1])<<8)
+				ref[i] = v
+				mb = max(mb, math.Float32bits(v)&0x7fffffff)
+			}
+		} else {
+			if err := safetensors.DecodeFloat32(dt, src[gi*g*width:(gi+1)*g*width], ref); err != nil {
+				return st, err
+			}
+			for _, v := range ref {
+				mb = max(mb, math.Float32bits(v)&0x7fffffff)
+			}
 		}
 		grp := ref
 		if sparse != nil {
 			grp = sparse[gi*g : (gi+1)*g : (gi+1)*g]
-		}
-		// For non-negative floats the bit patterns order like the values, and
-		// NaN and Inf sort above every finite value: one integer max finds both.
-		var mb uint32
-		for _, v := range grp {
-			mb = max(mb, math.Float32bits(v)&0x7fffffff)
+			mb = 0
+			for _, v := range grp {
+				mb = max(mb, math.Float32bits(v)&0x7fffffff)
+			}
 		}
 		if mb >= 0x7f800000 {
 			i := slices.IndexFunc(grp, func(v float32) bool { return math.Float32bits(v)&0x7fffffff >= 0x7f800000 })

@@ -175,3 +175,14 @@ func BenchmarkDecodeF16(b *testing.B) {
 		DecodeFloat32(F16, src, dst)
 	}
 }
+
+func TestBitsMatchesTable(t *testing.T) {
+	for d, want := range dtypeBits {
+		if got := d.Bits(); got != want {
+			t.Errorf("%s.Bits() = %d, want %d", d, got, want)
+		}
+	}
+	if DType("X").Bits() != 0 {
+		t.Error("unknown dtype has a width")
+	}
+}

@@ -89,8 +89,26 @@ func ParseDType(s string) (DType, error) {
 	return d, nil
 }
 
-// Bits is the storage width of one element in bits (4 and 6 for the packed float types).
-func (d DType) Bits() int { return dtypeBits[d] }
+// Bits is the storage width of one element in bits (4 and 6 for the packed
+// float types, 0 for an unknown dtype). A switch, not a map lookup: it sits on
+// hot paths.
+func (d DType) Bits() int {
+	switch d {
+	case F16, BF16, I16, U16:
+		return 16
+	case F32, I32, U32:
+		return 32
+	case BOOL, U8, I8, F8E5M2, F8E4M3, F8E8M0:
+		return 8
+	case F64, I64, U64, C64:
+		return 64
+	case F4:
+		return 4
+	case F6E2M3, F6E3M2:
+		return 6
+	}
+	return 0
+}
 
 // Valid reports whether d is one of the known element types.
 func (d DType) Valid() bool { _, ok := dtypeBits[d]; return ok }
