@@ -73,6 +73,7 @@ func BenchmarkCompressScheme(b *testing.B) {
 		name string
 		cfg  Config
 	}{
+		{"default", DefaultConfig()},
 		{"hadamard", Config{GroupSize: 64, Rotate: RotateHadamard}},
 		{"asym", Config{GroupSize: 64, Scheme: SchemeAsym}},
 		{"hadamard-asym-channel-sink1", Config{GroupSize: 64, Rotate: RotateHadamard, Scheme: SchemeAsym, KeyAxis: KeyAxisChannel, Sink: 1}},
@@ -87,5 +88,30 @@ func BenchmarkCompressScheme(b *testing.B) {
 				}
 			}
 		})
+	}
+}
+
+// BenchmarkDecompressDefault decodes a container written with DefaultConfig
+// (rotation and an exact first position: the general decoder).
+func BenchmarkDecompressDefault(b *testing.B) {
+	src := benchCache(b, 64)
+	res, err := Compress(src, DefaultConfig())
+	if err != nil {
+		b.Fatal(err)
+	}
+	var buf bytes.Buffer
+	if err := safetensors.Encode(&buf, res.Tensors, res.Metadata); err != nil {
+		b.Fatal(err)
+	}
+	container, err := safetensors.Parse(buf.Bytes())
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.SetBytes(inputBytes(src))
+	b.ResetTimer()
+	for b.Loop() {
+		if _, err := Decompress(container, 0); err != nil {
+			b.Fatal(err)
+		}
 	}
 }

@@ -169,6 +169,24 @@ func (c groupCodec) value(q int32, s, mv float32) float32 {
 
 // decode reads len(deq) codes and writes their reconstruction.
 func (c groupCodec) decode(r *bitReader, s, mv float32, deq []float32) {
+	if c.bits == 4 && r.nacc == 0 && len(deq)%2 == 0 {
+		// Byte-aligned 4-bit group: two codes per byte, low nibble first,
+		// through a 16-entry table of reconstructions.
+		var lut [16]float32
+		for u := range lut {
+			q := int32(u)
+			if !c.asym {
+				q = int32(uint32(u)<<28) >> 28
+			}
+			lut[u] = c.value(q, s, mv)
+		}
+		in := r.in[r.pos : r.pos+len(deq)/2]
+		for j, b := range in {
+			deq[2*j], deq[2*j+1] = lut[b&0xf], lut[b>>4]
+		}
+		r.pos += len(in)
+		return
+	}
 	shift := 32 - c.bits
 	for i := range deq {
 		u := r.get(c.bits)
