@@ -45,7 +45,7 @@ import torch
 from validation import validate_perplexity as vp
 from validation.compression_bridge import codec_args, roundtrip_kv_cache
 from validation.diagnostics import SNRAccumulator, pyplot_agg, plot_snr_heatmap
-from validation.kv_cache_utils import cache_to_layers, layers_to_cache
+from validation.kv_cache_utils import layers_to_cache
 
 SWEEP_SCHEMA = "kv-cache-p2p/codec-sweep/v1"
 DEFAULT_OUT_DIR = "sweep-results"
@@ -203,13 +203,9 @@ def run_sweep_protocol(
     cache_bytes = 0
     geometry: Dict[str, Any] = {}
 
-    n_layers, n_kv, h_dim = vp._geometry(model.config)
-    elem = torch.finfo(next(model.parameters()).dtype).bits // 8
-    batch_bytes = 2 * n_layers * min(batch_windows, num_windows) * n_kv * context * h_dim * elem
     owned_tmp = None
     if work_dir is None:
-        owned_tmp = tempfile.mkdtemp(prefix="kv-sweep-", dir=vp._work_root(batch_bytes))
-        work_dir = owned_tmp
+        owned_tmp = work_dir = vp.make_work_dir(model, batch_windows, num_windows, context, "kv-sweep-")
     wall = time.perf_counter()
     bar = tqdm(total=num_windows * len(configs), desc="windows x configs", unit="window", disable=not progress,
                file=sys.stderr)
@@ -221,16 +217,11 @@ def run_sweep_protocol(
             scored_in = batch[:, context:max_length - 1]  # [batch, stride - 1]
             with torch.inference_mode():
                 t = time.perf_counter()
-                out = model(input_ids=batch[:, :context], use_cache=True, **({keep_arg: 1} if keep_arg else {}))
-                first_logits = out.logits[:, -1, :]  # [batch, vocab]
-                prefill_cache = out.past_key_values
-                del out
-                layers = cache_to_layers(prefill_cache)  # [(key, value)], each [batch, kv_heads, context, head_dim]
+                pre = vp.prefill_contexts(model, batch[:, :context], keep_arg)
+                first_logits, prefill_cache, layers = pre.first_logits, pre.cache, pre.layers
                 shared["prefill"] += time.perf_counter() - t
-                k0 = layers[0][0]
-                geometry = {"num_layers": len(layers), "num_kv_heads": k0.shape[1], "head_dim": k0.shape[3],
-                            "dtype": str(k0.dtype).removeprefix("torch.")}
-                cache_bytes += sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
+                geometry = pre.geometry
+                cache_bytes += pre.nbytes
 
                 t = time.perf_counter()
                 if scored_in.shape[1] > 0:  # baseline logits [batch, stride - 1, vocab], attending to a copy
@@ -245,12 +236,7 @@ def run_sweep_protocol(
                     recon_cache, m = roundtrip_kv_cache(prefill_cache, work_dir, device=str(device), **kwargs[c])
                     timing["bridge"] += time.perf_counter() - t
                     metrics[c].append(m)
-                    recon_layers = cache_to_layers(recon_cache)
-                    if len(recon_layers) != len(layers) or any(
-                        rk.shape != k.shape or rv.shape != v.shape for (k, v), (rk, rv) in zip(layers, recon_layers)
-                    ):
-                        raise vp.ValidationError(f"config {cfg.name}: the reconstructed KV cache does not have the "
-                                                 "original cache's geometry")
+                    recon_layers = vp.check_reconstruction(layers, recon_cache, what=f"config {cfg.name}: ")
                     t = time.perf_counter()
                     snr[c].update(layers, recon_layers)
                     timing["diagnostics"] += time.perf_counter() - t

@@ -851,6 +851,49 @@ def _work_root(needed_bytes: int) -> Optional[str]:
     return None
 
 
+def make_work_dir(model: Any, batch_windows: int, num_windows: int, context: int, prefix: str) -> str:
+    """A fresh temporary folder for one batch's bridge files: in /dev/shm when it has room for them."""
+    n_layers, n_kv, h_dim = _geometry(model.config)
+    elem = torch.finfo(next(model.parameters()).dtype).bits // 8
+    batch_bytes = 2 * n_layers * min(batch_windows, num_windows) * n_kv * context * h_dim * elem
+    return tempfile.mkdtemp(prefix=prefix, dir=_work_root(batch_bytes))
+
+
+@dataclass
+class Prefill:
+    """One batch's prefill: what the model returned for the context tokens."""
+
+    first_logits: torch.Tensor  # [batch, vocab]: predicts the first scored token
+    cache: Any  # the DynamicCache the model returned
+    layers: List[Tuple[torch.Tensor, torch.Tensor]]  # [(key, value)], each [batch, kv_heads, context, head_dim]
+    geometry: Dict[str, Any]  # num_layers, num_kv_heads, head_dim, dtype
+    nbytes: int  # bytes of every key and value tensor
+
+
+def prefill_contexts(model: Any, contexts: torch.Tensor, keep_arg: Optional[str]) -> Prefill:
+    """Run the model over ``contexts`` ``[batch, context]`` with a cache, keeping only the last logits."""
+    out = model(input_ids=contexts, use_cache=True, **({keep_arg: 1} if keep_arg else {}))
+    first_logits = out.logits[:, -1, :]
+    cache = out.past_key_values
+    del out
+    layers = cache_to_layers(cache)
+    k0 = layers[0][0]
+    geometry = {"num_layers": len(layers), "num_kv_heads": k0.shape[1], "head_dim": k0.shape[3],
+                "dtype": str(k0.dtype).removeprefix("torch.")}
+    nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
+    return Prefill(first_logits, cache, layers, geometry, nbytes)
+
+
+def check_reconstruction(layers: Sequence[Tuple[torch.Tensor, torch.Tensor]], recon_cache: Any, what: str = "") -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """The reconstructed cache's layers, after checking they have the original geometry."""
+    recon_layers = cache_to_layers(recon_cache)
+    if len(recon_layers) != len(layers) or any(
+        rk.shape != k.shape or rv.shape != v.shape for (k, v), (rk, rv) in zip(layers, recon_layers)
+    ):
+        raise ValidationError(f"{what}the reconstructed KV cache does not have the original cache's geometry")
+    return recon_layers
+
+
 def _window_stats(
     first_logits: torch.Tensor, logits_b: torch.Tensor, logits_c: torch.Tensor, labels: torch.Tensor
 ) -> Tuple[float, float, float, int]:
@@ -919,13 +962,9 @@ def run_protocol(
     cache_bytes = 0
     geometry: Dict[str, Any] = {}
 
-    n_layers, n_kv, h_dim = _geometry(model.config)
-    elem = torch.finfo(next(model.parameters()).dtype).bits // 8
-    batch_bytes = 2 * n_layers * min(batch_windows, num_windows) * n_kv * context * h_dim * elem
     owned_tmp = None
     if work_dir is None:
-        owned_tmp = tempfile.mkdtemp(prefix="kv-validate-", dir=_work_root(batch_bytes))
-        work_dir = owned_tmp
+        owned_tmp = work_dir = make_work_dir(model, batch_windows, num_windows, context, "kv-validate-")
     bridge_steps: Dict[str, float] = {}
     wall_start = time.perf_counter()
     bar = tqdm(total=num_windows, desc="windows", unit="window", disable=not progress, file=sys.stderr)
@@ -935,18 +974,11 @@ def run_protocol(
             bsz = batch.shape[0]
             with torch.inference_mode():
                 t = time.perf_counter()
-                kwargs = {keep_arg: 1} if keep_arg else {}
-                out = model(input_ids=batch[:, :context], use_cache=True, **kwargs)
-                first_logits = out.logits[:, -1, :]  # [batch, vocab]
-                prefill_cache = out.past_key_values
-                del out
-                layers = cache_to_layers(prefill_cache)  # [(key, value)], each [batch, kv_heads, context, head_dim]
+                pre = prefill_contexts(model, batch[:, :context], keep_arg)
+                first_logits, prefill_cache, layers = pre.first_logits, pre.cache, pre.layers
                 timings["prefill"] += time.perf_counter() - t
-
-                k0 = layers[0][0]
-                geometry = {"num_layers": len(layers), "num_kv_heads": k0.shape[1], "head_dim": k0.shape[3],
-                            "dtype": str(k0.dtype).removeprefix("torch.")}
-                cache_bytes += sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
+                geometry = pre.geometry
+                cache_bytes += pre.nbytes
 
                 t = time.perf_counter()
                 recon_cache, metrics = roundtrip_kv_cache(
@@ -956,11 +988,7 @@ def run_protocol(
                 metrics_list.append(metrics)
                 for step, ms in (getattr(metrics, "extra", {}) or {}).get("bridge_timings_ms", {}).items():
                     bridge_steps[step] = bridge_steps.get(step, 0.0) + ms / 1e3
-                recon_layers = cache_to_layers(recon_cache)
-                if len(recon_layers) != len(layers) or any(
-                    rk.shape != k.shape or rv.shape != v.shape for (k, v), (rk, rv) in zip(layers, recon_layers)
-                ):
-                    raise ValidationError("the reconstructed KV cache does not have the original cache's geometry")
+                recon_layers = check_reconstruction(layers, recon_cache)
                 if snr is not None:
                     t = time.perf_counter()
                     snr.update(layers, recon_layers)

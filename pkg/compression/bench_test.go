@@ -40,30 +40,33 @@ func BenchmarkCompress(b *testing.B) {
 	}
 }
 
+// benchDecompress measures decoding a container of src written with cfg;
+// throughput counts restored bytes.
+func benchDecompress(b *testing.B, src *safetensors.File, cfg Config) {
+	res, err := Compress(src, cfg)
+	if err != nil {
+		b.Fatal(err)
+	}
+	var buf bytes.Buffer
+	if err := safetensors.Encode(&buf, res.Tensors, res.Metadata); err != nil {
+		b.Fatal(err)
+	}
+	container, err := safetensors.Parse(buf.Bytes())
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.SetBytes(inputBytes(src))
+	b.ResetTimer()
+	for b.Loop() {
+		if _, err := Decompress(container, 0); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
 func BenchmarkDecompress(b *testing.B) {
 	for _, g := range GroupSizes {
-		b.Run("G"+itoa(g), func(b *testing.B) {
-			src := benchCache(b, g)
-			res, err := Compress(src, Config{GroupSize: g})
-			if err != nil {
-				b.Fatal(err)
-			}
-			var buf bytes.Buffer
-			if err := safetensors.Encode(&buf, res.Tensors, res.Metadata); err != nil {
-				b.Fatal(err)
-			}
-			container, err := safetensors.Parse(buf.Bytes())
-			if err != nil {
-				b.Fatal(err)
-			}
-			b.SetBytes(inputBytes(src)) // throughput of restored bytes
-			b.ResetTimer()
-			for b.Loop() {
-				if _, err := Decompress(container, 0); err != nil {
-					b.Fatal(err)
-				}
-			}
-		})
+		b.Run("G"+itoa(g), func(b *testing.B) { benchDecompress(b, benchCache(b, g), Config{GroupSize: g}) })
 	}
 }
 
@@ -93,25 +96,4 @@ func BenchmarkCompressScheme(b *testing.B) {
 
 // BenchmarkDecompressDefault decodes a container written with DefaultConfig
 // (rotation and an exact first position: the general decoder).
-func BenchmarkDecompressDefault(b *testing.B) {
-	src := benchCache(b, 64)
-	res, err := Compress(src, DefaultConfig())
-	if err != nil {
-		b.Fatal(err)
-	}
-	var buf bytes.Buffer
-	if err := safetensors.Encode(&buf, res.Tensors, res.Metadata); err != nil {
-		b.Fatal(err)
-	}
-	container, err := safetensors.Parse(buf.Bytes())
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.SetBytes(inputBytes(src))
-	b.ResetTimer()
-	for b.Loop() {
-		if _, err := Decompress(container, 0); err != nil {
-			b.Fatal(err)
-		}
-	}
-}
+func BenchmarkDecompressDefault(b *testing.B) { benchDecompress(b, benchCache(b, 64), DefaultConfig()) }

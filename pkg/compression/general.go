@@ -227,15 +227,7 @@ func toLayout(l layout, axis string, w, dst []float32) []float32 {
 	if axis != AxisSeq {
 		return w
 	}
-	for o := range l.outer {
-		src := w[o*l.keep*l.dim : (o+1)*l.keep*l.dim]
-		out := dst[o*l.keep*l.dim : (o+1)*l.keep*l.dim]
-		for s := range l.keep {
-			for d := range l.dim {
-				out[d*l.keep+s] = src[s*l.dim+d]
-			}
-		}
-	}
+	transposeBlocks(w, dst, l.outer, l.keep, l.dim)
 	return dst
 }
 
@@ -243,16 +235,21 @@ func fromLayout(l layout, axis string, v, dst []float32) []float32 {
 	if axis != AxisSeq {
 		return v
 	}
-	for o := range l.outer {
-		src := v[o*l.keep*l.dim : (o+1)*l.keep*l.dim]
-		out := dst[o*l.keep*l.dim : (o+1)*l.keep*l.dim]
-		for d := range l.dim {
-			for s := range l.keep {
-				out[s*l.dim+d] = src[d*l.keep+s]
+	transposeBlocks(v, dst, l.outer, l.dim, l.keep)
+	return dst
+}
+
+// transposeBlocks transposes each of the outer [rows, cols] blocks of src into dst.
+func transposeBlocks(src, dst []float32, outer, rows, cols int) {
+	n := rows * cols
+	for o := range outer {
+		in, out := src[o*n:(o+1)*n], dst[o*n:(o+1)*n]
+		for r := range rows {
+			for c := range cols {
+				out[c*rows+r] = in[r*cols+c]
 			}
 		}
 	}
-	return dst
 }
 
 // generalEncoding is the raw (not yet LZ4-compressed) payloads of one tensor.
