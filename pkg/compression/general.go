@@ -128,7 +128,7 @@ func (c groupCodec) encode(v []float32, w *bitWriter, deq []float32) (s16, m16 u
 		// defining division only near a tie, where the two could disagree.
 		t := clampF(x*inv, lo, hi)
 		r := (t + roundMagic) - roundMagic
-		if f := t - r; f > tieGuard || f < -tieGuard {
+		if f := t - r; f*f > tieGuard*tieGuard {
 			r = roundHalfEven(clampF(x/s, lo, hi))
 		}
 		q := int32(r)

@@ -41,7 +41,9 @@ func roundClamp(q float32) int32 {
 }
 
 // tieGuard is how close to a half-integer a fast quotient may come before
-// quantizePair recomputes it with the exact division.
+// quantizePair recomputes it with the exact division. Loops test f·f >
+// tieGuard² (two multiplies instead of four compares); any test that catches
+// every |f| above the guard is correct, since the fallback is the definition.
 const tieGuard = 0.5 - 1.0/4096
 
 // quantizePair is quantizeCode for two values, fast: it multiplies by inv =
@@ -193,7 +195,7 @@ func quantizeTensor(src []byte, dt safetensors.DType, sparse []float32, g int, c
 			f0, f1 := t0-r0, t1-r1
 			var q0, q1 int32
 			switch {
-			case f0 > tieGuard || f0 < -tieGuard || f1 > tieGuard || f1 < -tieGuard:
+			case f0*f0 > tieGuard*tieGuard || f1*f1 > tieGuard*tieGuard:
 				// Near a tie the multiply may differ from the division: use the definition.
 				q0, q1 = quantizeCode(x0, s), quantizeCode(x1, s)
 			case noClamp:
