@@ -128,6 +128,14 @@ func quantizeTensor(src []byte, dt safetensors.DType, sparse []float32, g int, c
 	var lut [16]float32
 	var buf [128]float32 // one group of original values, decoded where it is used
 	width := dt.Bits() / 8
+	// Error sums live in locals (two lanes each) so they stay in registers,
+	// and go to the float64 totals every flushEvery elements: often enough
+	// for float32 to stay accurate, rarely enough to cost little at G = 32.
+	// Σxy is not accumulated: it follows from Σx², Σy² and Σ(x−y)².
+	const flushEvery = 256
+	var xx0, xx1, ee0, ee1, yy0, yy1 float32
+	var me0, me1 uint32 // |error| as bits: integer max is cheaper than float max
+	pending := 0
 	for gi := range len(scales) {
 		ref := buf[:g:g]
 		// For non-negative floats the bit patterns order like the values, and
@@ -183,10 +191,6 @@ func quantizeTensor(src []byte, dt safetensors.DType, sparse []float32, g int, c
 		// Quotients stay within ±7·(1 + 2^-11) unless the scale lost precision
 		// (subnormal float16); only then can a code need clamping.
 		noClamp := m*inv < 7.25
-		// Accumulators live in locals (two lanes each) so they stay in registers.
-		// Σxy is not accumulated: it follows from Σx², Σy² and Σ(x−y)².
-		var xx0, xx1, ee0, ee1, yy0, yy1 float32
-		var me0, me1 uint32 // |error| as bits: integer max is cheaper than float max
 		for j := range out {
 			x0, x1 := grp[2*j], grp[2*j+1]
 			t0, t1 := x0*inv, x1*inv
@@ -217,12 +221,25 @@ func quantizeTensor(src []byte, dt safetensors.DType, sparse []float32, g int, c
 			me0 = max(me0, math.Float32bits(e0)&0x7fffffff)
 			me1 = max(me1, math.Float32bits(e1)&0x7fffffff)
 		}
-		gs := groupStats{xx: [2]float32{xx0, xx1}, ee: [2]float32{ee0, ee1}, yy: [2]float32{yy0, yy1}, maxErr: math.Float32frombits(max(me0, me1))}
-		gs.xy[0] = (xx0 + yy0 - ee0) / 2
-		gs.xy[1] = (xx1 + yy1 - ee1) / 2
-		st.addGroup(&gs, len(ref))
+		if pending += len(ref); pending >= flushEvery {
+			st.addLanes(xx0, xx1, ee0, ee1, yy0, yy1, max(me0, me1), pending)
+			xx0, xx1, ee0, ee1, yy0, yy1, me0, me1, pending = 0, 0, 0, 0, 0, 0, 0, 0, 0
+		}
 	}
+	st.addLanes(xx0, xx1, ee0, ee1, yy0, yy1, max(me0, me1), pending)
 	return st, nil
+}
+
+// addLanes adds two-lane float32 error sums of n elements (the largest
+// |error| as float32 bits) to the totals; Σxy follows from the others.
+func (s *tensorStats) addLanes(xx0, xx1, ee0, ee1, yy0, yy1 float32, maxErrBits uint32, n int) {
+	if n == 0 {
+		return
+	}
+	gs := groupStats{xx: [2]float32{xx0, xx1}, ee: [2]float32{ee0, ee1}, yy: [2]float32{yy0, yy1}, maxErr: math.Float32frombits(maxErrBits)}
+	gs.xy[0] = (xx0 + yy0 - ee0) / 2
+	gs.xy[1] = (xx1 + yy1 - ee1) / 2
+	s.addGroup(&gs, n)
 }
 
 // groupStats accumulates one group's error sums in float32, in two lanes so
