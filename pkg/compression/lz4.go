@@ -32,6 +32,15 @@ func checksum(b []byte) string {
 // its size), falling back to storing it when LZ4
 // does not make it smaller. The result does not alias raw.
 func encodePayload(c *lz4.CompressorCCompat, raw []byte) (data []byte, encoding string) {
+	if len(raw) >= 4*probeBytes {
+		// Probe: when the first probeBytes barely shrink, the rest will not
+		// either (packed codes of a group-quantized tensor look alike
+		// throughout), so skip the full attempt.
+		var tmp [probeBytes]byte
+		if n, err := c.CompressBlock(raw[:probeBytes], tmp[:probeBytes-probeBytes/32]); err != nil || n == 0 {
+			return append([]byte(nil), raw...), EncodingStored
+		}
+	}
 	if len(raw) > 0 {
 		dst := make([]byte, len(raw)-1)
 		if n, err := c.CompressBlock(raw, dst); err == nil && n > 0 {
@@ -65,3 +74,7 @@ func decodePayload(data []byte, encoding string, dst []byte) error {
 	}
 	return nil
 }
+
+// probeBytes is the sample encodePayload compresses first to decide whether
+// LZ4 is worth running on a large payload: it must save at least 1/32 of it.
+const probeBytes = 16 << 10

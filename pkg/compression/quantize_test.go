@@ -1,12 +1,14 @@
 package compression
 
 import (
+	"bytes"
 	"errors"
 	"math"
 	"math/rand/v2"
 	"testing"
 
 	"github.com/kv-cache-p2p/validation/pkg/safetensors"
+	"github.com/pierrec/lz4/v4"
 )
 
 func TestQuantizeCode(t *testing.T) {
@@ -288,5 +290,36 @@ func TestDequantTableFastPath(t *testing.T) {
 				}
 			}
 		}
+	}
+}
+
+func TestEncodePayloadChoosesEncoding(t *testing.T) {
+	rng := rand.New(rand.NewPCG(3, 3))
+	random := make([]byte, 8*probeBytes)
+	for i := range random {
+		random[i] = byte(rng.Uint32())
+	}
+	tests := []struct {
+		name string
+		raw  []byte
+		want string
+	}{
+		{"zeros", make([]byte, 8*probeBytes), EncodingLZ4},
+		{"random", random, EncodingStored},
+		{"small random", random[:1000], EncodingStored},
+		{"empty", nil, EncodingStored},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			var c lz4.CompressorCCompat
+			data, enc := encodePayload(&c, tc.raw)
+			if enc != tc.want {
+				t.Fatalf("encoding %s, want %s", enc, tc.want)
+			}
+			back := make([]byte, len(tc.raw))
+			if err := decodePayload(data, enc, back); err != nil || !bytes.Equal(back, tc.raw) {
+				t.Fatalf("round trip: %v", err)
+			}
+		})
 	}
 }
