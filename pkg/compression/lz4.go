@@ -27,24 +27,30 @@ func checksum(b []byte) string {
 	return hex.EncodeToString([]byte{byte(c >> 24), byte(c >> 16), byte(c >> 8), byte(c)})
 }
 
-// encodePayload compresses raw with LZ4 (the reference implementation's fast
-// algorithm: 2.5x faster than pierrec's default on packed codes, within 2% of
-// its size), falling back to storing it when LZ4
-// does not make it smaller. The result does not alias raw.
-func encodePayload(c *lz4.CompressorCCompat, raw []byte) (data []byte, encoding string) {
+// lz4Encoder compresses payloads with LZ4 (the reference implementation's
+// fast algorithm: 2.5x faster than pierrec's default on packed codes, within
+// 2% of its size), reusing its output buffer between payloads.
+type lz4Encoder struct {
+	c   lz4.CompressorCCompat
+	buf []byte
+}
+
+// encode returns raw compressed, or raw itself (copied) when LZ4 would not
+// make it smaller. The result does not alias raw or the encoder's buffer.
+func (e *lz4Encoder) encode(raw []byte) (data []byte, encoding string) {
 	if len(raw) >= 4*probeBytes {
 		// Probe: when the first probeBytes barely shrink, the rest will not
 		// either (packed codes of a group-quantized tensor look alike
 		// throughout), so skip the full attempt.
 		var tmp [probeBytes]byte
-		if n, err := c.CompressBlock(raw[:probeBytes], tmp[:probeBytes-probeBytes/32]); err != nil || n == 0 {
+		if n, err := e.c.CompressBlock(raw[:probeBytes], tmp[:probeBytes-probeBytes/32]); err != nil || n == 0 {
 			return append([]byte(nil), raw...), EncodingStored
 		}
 	}
 	if len(raw) > 0 {
-		dst := make([]byte, len(raw)-1)
-		if n, err := c.CompressBlock(raw, dst); err == nil && n > 0 {
-			return dst[:n:n], EncodingLZ4
+		e.buf = grow(e.buf, len(raw)-1)
+		if n, err := e.c.CompressBlock(raw, e.buf); err == nil && n > 0 {
+			return append([]byte(nil), e.buf[:n]...), EncodingLZ4
 		}
 	}
 	return append([]byte(nil), raw...), EncodingStored

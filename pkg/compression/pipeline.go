@@ -7,7 +7,6 @@ import (
 	"sync/atomic"
 
 	"github.com/kv-cache-p2p/validation/pkg/safetensors"
-	"github.com/pierrec/lz4/v4"
 )
 
 // TensorReport describes how one tensor was encoded and how well it was reconstructed.
@@ -47,7 +46,7 @@ type workerScratch struct {
 	codes      []byte
 	scales     []uint16
 	scaleBytes []byte
-	lz         lz4.CompressorCCompat
+	lz         lz4Encoder
 	general    generalScratch
 }
 
@@ -118,7 +117,7 @@ func compressTensor(t *safetensors.Tensor, cfg Config, ws *workerScratch) (compr
 		report: TensorReport{Name: t.Name, Shape: t.Shape, DType: string(t.DType), Elements: n, OriginalBytes: int64(len(t.Data))},
 	}
 	if !t.DType.IsFloat() || n == 0 {
-		data, enc := encodePayload(&ws.lz, t.Data)
+		data, enc := ws.lz.encode(t.Data)
 		p := Payload{Tensor: t.Name + SuffixRaw, Encoding: enc, RawBytes: int64(len(t.Data)), CRC32C: checksum(data)}
 		ct.entry.Mode, ct.entry.Raw = ModeStored, &p
 		ct.payload = []safetensors.Tensor{{Name: p.Tensor, DType: safetensors.U8, Shape: []int64{int64(len(data))}, Data: data}}
@@ -159,8 +158,8 @@ func compressTensor(t *safetensors.Tensor, cfg Config, ws *workerScratch) (compr
 	for i, s := range ws.scales {
 		binary.LittleEndian.PutUint16(ws.scaleBytes[2*i:], s)
 	}
-	codes, cenc := encodePayload(&ws.lz, ws.codes)
-	scales, senc := encodePayload(&ws.lz, ws.scaleBytes)
+	codes, cenc := ws.lz.encode(ws.codes)
+	scales, senc := ws.lz.encode(ws.scaleBytes)
 	cp := Payload{Tensor: t.Name + SuffixCodes, Encoding: cenc, RawBytes: int64(len(ws.codes)), CRC32C: checksum(codes)}
 	sp := Payload{Tensor: t.Name + SuffixScales, Encoding: senc, RawBytes: int64(len(ws.scaleBytes)), CRC32C: checksum(scales)}
 	ct.entry.Mode, ct.entry.Codes, ct.entry.Scales = ModeInt4, &cp, &sp
@@ -185,7 +184,7 @@ func compressGeneral(t *safetensors.Tensor, plan tensorPlan, cfg Config, ws *wor
 	e := &ct.entry
 	e.Mode, e.Scheme, e.Axis, e.Rotate, e.Sink = modeName(plan.Bits), plan.Scheme, plan.Axis, plan.Rotate, plan.Sink
 	add := func(suffix string, raw []byte) *Payload {
-		data, encoding := encodePayload(&ws.lz, raw)
+		data, encoding := ws.lz.encode(raw)
 		p := &Payload{Tensor: t.Name + suffix, Encoding: encoding, RawBytes: int64(len(raw)), CRC32C: checksum(data)}
 		ct.payload = append(ct.payload, u8Tensor(p.Tensor, data))
 		ct.report.CompressedBytes += int64(len(data))

@@ -8,7 +8,6 @@ import (
 	"testing"
 
 	"github.com/kv-cache-p2p/validation/pkg/safetensors"
-	"github.com/pierrec/lz4/v4"
 )
 
 func TestQuantizeCode(t *testing.T) {
@@ -311,8 +310,8 @@ func TestEncodePayloadChoosesEncoding(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			var c lz4.CompressorCCompat
-			data, enc := encodePayload(&c, tc.raw)
+			var e lz4Encoder
+			data, enc := e.encode(tc.raw)
 			if enc != tc.want {
 				t.Fatalf("encoding %s, want %s", enc, tc.want)
 			}
