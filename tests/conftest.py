@@ -109,3 +109,12 @@ def make_tiny_llama(
 def tiny_llama():
     """A random float32 Llama with TinyLlama's cache geometry: 22 layers, 4 KV heads, head_dim 64."""
     return make_tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_llama, tiny_tokenizer) -> Path:
+    """The tiny Llama and its tokenizer saved as a local transformers folder (for ``--model PATH``)."""
+    folder = tmp_path_factory.mktemp("tiny-model")
+    tiny_llama.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder

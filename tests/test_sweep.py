@@ -270,14 +270,6 @@ def test_cli_sweep_errors_exit_2(tmp_path: Path, capsys, argv: list[str], messag
     assert re.search(message, err[0]), err[0]
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_llama, tiny_tokenizer) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-model")
-    tiny_llama.save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
-    return folder
-
-
 def test_cli_sweep_end_to_end(kv_compress_bin: str, tiny_model_dir: Path, tmp_path: Path, capsys,
                               monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

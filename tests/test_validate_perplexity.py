@@ -38,15 +38,6 @@ def windows_for(max_length: int, stride: int, count: int, seed: int = 0) -> tupl
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_llama, tiny_tokenizer) -> Path:
-    """The conftest tiny Llama and tokenizer saved as a local transformers folder."""
-    folder = tmp_path_factory.mktemp("tiny-model")
-    tiny_llama.save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A UTF-8 text file long enough for a few small windows with the tiny tokenizer."""
     path = tmp_path_factory.mktemp("corpus") / "notes.txt"

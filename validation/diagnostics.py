@@ -266,6 +266,13 @@ def plot_snr_heatmap(diag: CacheDiagnostics, path: str, title: str = "") -> str:
                         fontweight="bold" if (layer, head) == w else "normal", color="black")
     fig.colorbar(image, ax=list(axes), shrink=0.8, label="SNR (dB)")
     fig.suptitle(title or "Per-layer, per-KV-head SNR of the reconstructed cache", fontsize=10)
+    return save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: str) -> str:
+    """Write ``fig`` as a PNG at ``path`` (creating its folder), close it, return the path."""
+    import matplotlib.pyplot as plt
+
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(target, dpi=110)

@@ -44,7 +44,7 @@ import torch
 
 from validation import validate_perplexity as vp
 from validation.compression_bridge import codec_args, roundtrip_kv_cache
-from validation.diagnostics import SNRAccumulator, pyplot_agg, plot_snr_heatmap
+from validation.diagnostics import SNRAccumulator, plot_snr_heatmap, pyplot_agg, save_figure
 from validation.kv_cache_utils import layers_to_cache
 
 SWEEP_SCHEMA = "kv-cache-p2p/codec-sweep/v1"
@@ -465,11 +465,7 @@ def plot_frontier(rows: Sequence[SweepRow], path: str, threshold: float, min_rat
                     for r in sorted(rows, key=lambda r: r.index))
     fig.text(0.772, 0.5, key, fontsize=7.5, family="monospace", va="center", ha="left")
     ax.set_title(title or "Codec frontier", fontsize=9)
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(target, dpi=110)
-    plt.close(fig)
-    return str(target)
+    return save_figure(fig, path)
 
 
 def _zoom_inset(ax: Any, rows: Sequence[SweepRow], threshold: float, min_ratio: float, cap: float) -> None:
