@@ -585,3 +585,19 @@ def test_aggregate_metrics_disk_ratio_and_bits_per_element() -> None:
 )
 def test_describe_codec(codec, text: str) -> None:
     assert vp.describe_codec(codec).startswith(text)
+
+
+@pytest.mark.slow
+def test_load_model_and_tokenizer_embedded_alias(embedded_ready, offline_hub, kv_compress_bin: str, tmp_path: Path) -> None:
+    """The notebook path of docs/python-api.md: load the embedded model by name, extract, compress, continue."""
+    from validation.compression_bridge import roundtrip_kv_cache
+    from validation.kv_cache_utils import extract_kv_cache
+
+    model, tokenizer = vp.load_model_and_tokenizer("embedded", device="cpu")
+    cache, meta = extract_kv_cache(model, tokenizer, "The Eiffel Tower is 330 metres tall.")
+    assert (meta.num_layers, meta.num_kv_heads, meta.head_dim) == (30, 3, 64)
+    restored, metrics = roundtrip_kv_cache(cache, str(tmp_path))
+    ids = tokenizer(" It", return_tensors="pt", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        logits = model(ids, past_key_values=restored, use_cache=True).logits
+    assert torch.isfinite(logits).all() and metrics.compressed_size_bytes < metrics.original_size_bytes

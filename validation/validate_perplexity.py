@@ -570,7 +570,8 @@ def load_model_and_tokenizer(
     dtype: Optional[torch.dtype] = None,
     local_files_only: bool = False,
 ) -> Tuple[Any, Any]:
-    """Load a causal LM and its tokenizer exactly as named (an HF id or a local folder).
+    """Load a causal LM and its tokenizer exactly as named: an HF id, a local folder, or
+    "embedded" / "smollm2" for the offline SmolLM2-135M (fetched and dequantized on first use).
 
     ``device`` None: CUDA when available, else CPU. ``dtype`` None: float16 on CUDA, float32
     on CPU. The model is put in eval mode. Raises ValidationError when it cannot be loaded
@@ -578,6 +579,8 @@ def load_model_and_tokenizer(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if model_name.lower() in EMBEDDED_ALIASES:
+        model_name = _embedded_choice(model_name, "requested").name_or_path
     dev = select_device(device)
     dtype = dtype or default_dtype(dev)
     try:
