@@ -154,7 +154,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 			"schema_version": compression.SchemaVersion, "command": "version", "version": version,
 			"format": compression.FormatName, "format_version": compression.FormatVersion,
 			"go_version": runtime.Version(), "group_sizes": compression.GroupSizes,
-			"default_codec": compression.DefaultCodec(),
+			"default_codec": compression.DefaultCodec(), "encoder": compression.Encoder(),
 		}
 	default:
 		err = fmt.Errorf("%w: unknown subcommand %q (want compress, decompress, metrics, inspect or version)", errUsage, cmd)

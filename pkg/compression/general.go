@@ -260,6 +260,11 @@ type generalEncoding struct {
 
 // encodeGeneral quantizes t with plan p and measures the reconstruction.
 func encodeGeneral(t *safetensors.Tensor, p tensorPlan, sparsity float64, ws *generalScratch) (generalEncoding, error) {
+	if p.Scheme == SchemeSym && p.Bits == 4 && p.Axis == AxisLast && sparsity == 0 {
+		if enc, ok := encodeSym4Rows(t, p, ws); ok {
+			return enc, nil
+		}
+	}
 	var enc generalEncoding
 	n := int(t.NumElements())
 	width := t.DType.Bits() / 8
@@ -353,6 +358,61 @@ func encodeGeneral(t *safetensors.Tensor, p tensorPlan, sparsity float64, ws *ge
 	enc.stats.addGroup(&gs, 0)
 	enc.stats.n = int64(n)
 	return enc, nil
+}
+
+// encodeSym4Rows is encodeGeneral for symmetric 4-bit groups along the last
+// axis (the default codec) through the vector row encoder. It returns false,
+// having written nothing the caller keeps, when that encoder declines.
+func encodeSym4Rows(t *safetensors.Tensor, p tensorPlan, ws *generalScratch) (generalEncoding, bool) {
+	var enc generalEncoding
+	l := p.layout(t.Shape)
+	var rot *rotation
+	if p.Rotate == RotateHadamard {
+		rot = rotationFor(l.dim)
+	}
+	if !rowsSupported(t.DType, l.dim, p.Group, rot) {
+		return enc, false
+	}
+	width := t.DType.Bits() / 8
+	seqBytes, sinkBytes := l.seq*l.dim*width, p.Sink*l.dim*width
+	codesPer, scalesPer := l.keep*l.dim/2, 2*l.keep*(l.dim/p.Group)
+	enc.codes = make([]byte, l.outer*codesPer)
+	enc.scales = make([]byte, l.outer*scalesPer)
+	if p.Sink > 0 {
+		enc.sink = make([]byte, l.outer*sinkBytes)
+		ws.x = grow(ws.x, p.Sink*l.dim)
+	}
+	for o := range l.outer {
+		base := o * seqBytes
+		if p.Sink > 0 {
+			// Positions kept exact: stored as they are, error zero.
+			sink := t.Data[base : base+sinkBytes]
+			copy(enc.sink[o*sinkBytes:], sink)
+			if safetensors.DecodeFloat32(t.DType, sink, ws.x) != nil {
+				return enc, false
+			}
+			var gs groupStats
+			for i, v := range ws.x {
+				if math.Float32bits(v)&0x7fffffff >= 0x7f800000 {
+					return enc, false
+				}
+				gs.add(v, v)
+				if i%64 == 63 {
+					enc.stats.addGroup(&gs, 0)
+					gs = groupStats{}
+				}
+			}
+			enc.stats.addGroup(&gs, len(ws.x))
+		}
+		job := rowJob{
+			src: t.Data[base+sinkBytes : base+seqBytes], dt: t.DType, dim: l.dim, group: p.Group, rot: rot,
+			codes: enc.codes[o*codesPer : (o+1)*codesPer], scales: enc.scales[o*scalesPer : (o+1)*scalesPer],
+		}
+		if !encodeRows(job, &enc.stats) {
+			return enc, false
+		}
+	}
+	return enc, true
 }
 
 // decodeGeneral rebuilds a tensor's bytes from its raw payloads.

@@ -149,14 +149,15 @@ func compressTensor(t *safetensors.Tensor, cfg Config, ws *workerScratch) (compr
 		sparse = ws.x
 	}
 	ws.codes = grow(ws.codes, int(n/2))
-	ws.scales = grow(ws.scales, int(n/int64(g)))
-	st, err := quantizeTensor(t.Data, t.DType, sparse, g, ws.codes, ws.scales)
-	if err != nil {
-		return ct, err
-	}
-	ws.scaleBytes = grow(ws.scaleBytes, 2*len(ws.scales))
-	for i, s := range ws.scales {
-		binary.LittleEndian.PutUint16(ws.scaleBytes[2*i:], s)
+	ws.scaleBytes = grow(ws.scaleBytes, int(2*n/int64(g)))
+	var st tensorStats
+	job := rowJob{src: t.Data, dt: t.DType, dim: int(t.Shape[len(t.Shape)-1]), group: g, codes: ws.codes, scales: ws.scaleBytes}
+	if sparse != nil || !encodeRows(job, &st) {
+		ws.scales = grow(ws.scales, int(n/int64(g)))
+		if st, err = quantizeTensor(t.Data, t.DType, sparse, g, ws.codes, ws.scales); err != nil {
+			return ct, err
+		}
+		scalesToBytes(ws.scaleBytes, ws.scales)
 	}
 	codes, cenc := ws.lz.encode(ws.codes)
 	scales, senc := ws.lz.encode(ws.scaleBytes)

@@ -1,0 +1,78 @@
+package compression
+
+import (
+	"encoding/binary"
+
+	"github.com/kv-cache-p2p/validation/pkg/safetensors"
+)
+
+// This file holds the entry point of the vectorised row encoder: symmetric
+// 4-bit groups along the last axis, optionally after the Hadamard rotation.
+// That covers both the version-1 scheme and the default codec. The vector
+// code (rows_simd_amd64.go) exists only in builds with GOEXPERIMENT=simd on
+// amd64, runs only on CPUs with AVX2, and must produce the same bytes as the
+// scalar encoders; anything it does not handle, it declines, and the caller
+// takes the scalar path. See docs/decisions/ADR-005-simd.md.
+
+// rowJob is one run of consecutive rows to encode: rows·dim elements of
+// dtype dt, little-endian, in src. Groups of group elements never span rows.
+// codes receives rows·dim/2 bytes, two codes per byte, low nibble first;
+// scales receives the little-endian float16 scale of each group, 2 bytes each.
+type rowJob struct {
+	src    []byte
+	dt     safetensors.DType
+	dim    int
+	group  int
+	rot    *rotation // nil: no rotation
+	codes  []byte
+	scales []byte
+}
+
+// Encoder names the compression path this build and CPU run: "avx2" for the
+// vector row encoder, "scalar" otherwise. Both write identical bytes; only
+// the speed differs.
+func Encoder() string {
+	if haveSIMD {
+		return "avx2"
+	}
+	return "scalar"
+}
+
+// simdEnabled lets tests turn the vector encoder off to compare it with the
+// scalar paths in the same build; it is never changed outside tests.
+var simdEnabled = haveSIMD
+
+// rowsSupported reports whether the vector encoder can take a job of this
+// geometry; it may still decline a particular block (a non-finite value, a
+// scale or reconstruction outside float16's range), which encodeRows reports.
+func rowsSupported(dt safetensors.DType, dim, group int, rot *rotation) bool {
+	if !simdEnabled || dim%8 != 0 || group%8 != 0 || dim%group != 0 {
+		return false
+	}
+	if rot != nil && (rot.n%8 != 0 || dim%rot.n != 0) {
+		return false
+	}
+	return dt == safetensors.F16 || dt == safetensors.BF16 || dt == safetensors.F32
+}
+
+// encodeRows runs job with the vector encoder and adds the reconstruction
+// error to st. It returns false, with st unchanged and the outputs in an
+// unspecified state, when the job must go through the scalar path instead.
+func encodeRows(job rowJob, st *tensorStats) bool {
+	if !rowsSupported(job.dt, job.dim, job.group, job.rot) {
+		return false
+	}
+	var local tensorStats
+	if !encodeRowsSIMD(&job, &local) {
+		return false
+	}
+	st.merge(local)
+	return true
+}
+
+// scalesToBytes writes float16 scales as little-endian bytes.
+func scalesToBytes(dst []byte, scales []uint16) {
+	for i, s := range scales {
+		binary.LittleEndian.PutUint16(dst[2*i:], s)
+	}
+}

@@ -1,0 +1,9 @@
+//go:build !(goexperiment.simd && amd64)
+
+package compression
+
+// haveSIMD is false in builds without GOEXPERIMENT=simd on amd64: every
+// encoder runs its scalar path.
+const haveSIMD = false
+
+func encodeRowsSIMD(*rowJob, *tensorStats) bool { return false }

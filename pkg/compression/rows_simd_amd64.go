@@ -1,0 +1,313 @@
+//go:build goexperiment.simd && amd64
+
+package compression
+
+import (
+	"math"
+	"simd/archsimd"
+
+	"github.com/kv-cache-p2p/validation/pkg/safetensors"
+)
+
+// haveSIMD reports whether the vector row encoder runs: AVX2 is all it uses
+// (no FMA, so every product and sum is rounded exactly as the scalar code
+// rounds it).
+var haveSIMD = archsimd.X86.AVX2()
+
+// Lane permutations and signs of the three butterfly stages that stay inside
+// one 8-lane vector. Stage h pairs lane j with lane j^h; the lower lane of a
+// pair becomes a+b and the upper one a−b. With p the vector with each lane
+// swapped for its partner and alt = +1 on lower lanes, −1 on upper ones,
+// the stage is x·alt + p: x·alt is exact, so the one rounding of the sum is
+// the scalar butterfly's.
+var (
+	permH1 = [8]uint32{1, 0, 3, 2, 5, 4, 7, 6}
+	permH2 = [8]uint32{2, 3, 0, 1, 6, 7, 4, 5}
+	permH4 = [8]uint32{4, 5, 6, 7, 0, 1, 2, 3}
+	altH1  = [8]float32{1, -1, 1, -1, 1, -1, 1, -1}
+	altH2  = [8]float32{1, 1, -1, -1, 1, 1, -1, -1}
+	altH4  = [8]float32{1, 1, 1, 1, -1, -1, -1, -1}
+)
+
+// butterflies holds the constants of the in-vector stages in registers.
+type butterflies struct {
+	p1, p2, p4 archsimd.Uint32x8
+	a1, a2, a4 archsimd.Float32x8
+}
+
+func newButterflies() butterflies {
+	return butterflies{
+		p1: archsimd.LoadUint32x8(&permH1), p2: archsimd.LoadUint32x8(&permH2), p4: archsimd.LoadUint32x8(&permH4),
+		a1: archsimd.LoadFloat32x8(&altH1), a2: archsimd.LoadFloat32x8(&altH2), a4: archsimd.LoadFloat32x8(&altH4),
+	}
+}
+
+// inVector runs butterfly stages h = 1, 2, 4 on the 8 lanes of x.
+func (b *butterflies) inVector(x archsimd.Float32x8) archsimd.Float32x8 {
+	x = x.Mul(b.a1).Add(x.Permute(b.p1))
+	x = x.Mul(b.a2).Add(x.Permute(b.p2))
+	return x.Mul(b.a4).Add(x.Permute(b.p4))
+}
+
+// acrossVectors runs butterfly stages h = 8, 16, ... < n on each block of n
+// elements of v (n a multiple of 8).
+func acrossVectors(v []float32, n int) {
+	for h := 8; h < n; h *= 2 {
+		for i := 0; i < len(v); i += 2 * h {
+			for j := i; j < i+h; j += 8 {
+				a := archsimd.LoadFloat32x8Slice(v[j : j+8])
+				b := archsimd.LoadFloat32x8Slice(v[j+h : j+h+8])
+				a.Add(b).StoreSlice(v[j : j+8])
+				a.Sub(b).StoreSlice(v[j+h : j+h+8])
+			}
+		}
+	}
+}
+
+// rotateForward is rotation.forward for a row whose length is a multiple of
+// r.n (itself a multiple of 8), with the same roundings in the same order:
+// signs, the stages h = 1, 2, 4, ..., then the scale.
+func rotateForward(r *rotation, bf *butterflies, v []float32) {
+	for i := 0; i < len(v); i += 8 {
+		x := archsimd.LoadFloat32x8Slice(v[i : i+8])
+		sg := archsimd.LoadFloat32x8Slice(r.signs[i%r.n : i%r.n+8])
+		bf.inVector(x.Mul(sg)).StoreSlice(v[i : i+8])
+	}
+	acrossVectors(v, r.n)
+	sc := archsimd.BroadcastFloat32x8(r.scale)
+	for i := 0; i < len(v); i += 8 {
+		archsimd.LoadFloat32x8Slice(v[i : i+8]).Mul(sc).StoreSlice(v[i : i+8])
+	}
+}
+
+// rotateInverse is rotation.inverse: the stages h = 1, 2, 4, ..., then
+// (v·scale)·sign.
+func rotateInverse(r *rotation, bf *butterflies, v []float32) {
+	for i := 0; i < len(v); i += 8 {
+		bf.inVector(archsimd.LoadFloat32x8Slice(v[i : i+8])).StoreSlice(v[i : i+8])
+	}
+	acrossVectors(v, r.n)
+	sc := archsimd.BroadcastFloat32x8(r.scale)
+	for i := 0; i < len(v); i += 8 {
+		sg := archsimd.LoadFloat32x8Slice(r.signs[i%r.n : i%r.n+8])
+		archsimd.LoadFloat32x8Slice(v[i : i+8]).Mul(sc).Mul(sg).StoreSlice(v[i : i+8])
+	}
+}
+
+// decodeRow converts one row of dtype dt to float32 in x. It returns false if
+// the row holds an Inf or a NaN.
+func decodeRow(in []byte, dt safetensors.DType, x []float32) bool {
+	switch dt {
+	case safetensors.F16:
+		// A float16's exponent and mantissa, moved to a float32's top bits,
+		// read as a float32 2^112 times too small, subnormals included, so
+		// one exact multiply converts every finite value.
+		mask := archsimd.BroadcastUint32x8(0x7fff)
+		signBit := archsimd.BroadcastUint32x8(0x8000)
+		rescale := archsimd.BroadcastFloat32x8(0x1p112)
+		var mx archsimd.Uint32x8
+		for i := 0; i < len(x); i += 8 {
+			h := archsimd.LoadUint8x16Slice(in[2*i : 2*i+16]).AsUint16x8().ExtendToUint32()
+			mag := h.And(mask)
+			mx = mx.Max(mag)
+			f := mag.ShiftAllLeft(13).AsFloat32x8().Mul(rescale)
+			f.AsUint32x8().Or(h.And(signBit).ShiftAllLeft(16)).AsFloat32x8().StoreSlice(x[i : i+8])
+		}
+		return maxLane(mx) < 0x7c00
+	case safetensors.BF16:
+		mask := archsimd.BroadcastUint32x8(0x7fff)
+		var mx archsimd.Uint32x8
+		for i := 0; i < len(x); i += 8 {
+			h := archsimd.LoadUint8x16Slice(in[2*i : 2*i+16]).AsUint16x8().ExtendToUint32()
+			mx = mx.Max(h.And(mask))
+			h.ShiftAllLeft(16).AsFloat32x8().StoreSlice(x[i : i+8])
+		}
+		return maxLane(mx) < 0x7f80
+	default: // F32
+		mask := archsimd.BroadcastUint32x8(0x7fffffff)
+		var mx archsimd.Uint32x8
+		for i := 0; i < len(x); i += 8 {
+			u := archsimd.LoadUint8x32Slice(in[4*i : 4*i+32]).AsUint32x8()
+			mx = mx.Max(u.And(mask))
+			u.AsFloat32x8().StoreSlice(x[i : i+8])
+		}
+		return maxLane(mx) < 0x7f800000
+	}
+}
+
+func maxLane(v archsimd.Uint32x8) uint32 {
+	var a [8]uint32
+	v.Store(&a)
+	return max(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7])
+}
+
+// roundToDType rounds each element of y to the precision of dt, as
+// safetensors.RoundTo does, and returns false if some element is too large
+// for that shortcut (|y| ≥ 65504 for float16), leaving y partly rounded.
+func roundToDType(y []float32, dt safetensors.DType) bool {
+	switch dt {
+	case safetensors.F16:
+		// Adding and subtracting C = 1.5·2^(e+13), where 2^e ≤ |y| (e ≥ −14,
+		// float16's smallest normal exponent), rounds y half to even at
+		// float16's spacing for that binade, 2^(e−10), subnormals included.
+		expMask := archsimd.BroadcastUint32x8(0x7f800000)
+		minExp := archsimd.BroadcastUint32x8(113 << 23)
+		offset := archsimd.BroadcastUint32x8(13<<23 | 0x400000)
+		absMask := archsimd.BroadcastUint32x8(0x7fffffff)
+		var mx archsimd.Uint32x8
+		for i := 0; i < len(y); i += 8 {
+			v := archsimd.LoadFloat32x8Slice(y[i : i+8])
+			u := v.AsUint32x8()
+			mx = mx.Max(u.And(absMask))
+			c := u.And(expMask).Max(minExp).Add(offset).AsFloat32x8()
+			v.Add(c).Sub(c).StoreSlice(y[i : i+8])
+		}
+		return maxLane(mx) < 0x477fe000 // below 65504: nothing rounds to Inf
+	case safetensors.BF16:
+		// Round half to even on the bit pattern; a carry into the exponent
+		// is the correct result (up to Inf, which cannot occur here).
+		one := archsimd.BroadcastUint32x8(1)
+		bias := archsimd.BroadcastUint32x8(0x7fff)
+		keep := archsimd.BroadcastUint32x8(0xffff0000)
+		for i := 0; i < len(y); i += 8 {
+			u := archsimd.LoadFloat32x8Slice(y[i : i+8]).AsUint32x8()
+			u = u.Add(bias).Add(u.ShiftAllRight(16).And(one)).And(keep)
+			u.AsFloat32x8().StoreSlice(y[i : i+8])
+		}
+	}
+	return true
+}
+
+// errorSums accumulates the error of a reconstruction in 8 float32 lanes,
+// flushed to the float64 totals every flushEvery elements.
+type errorSums struct {
+	xx, ee, yy archsimd.Float32x8
+	maxErr     archsimd.Uint32x8
+	pending    int
+}
+
+const vectorFlushEvery = 1024 // 128 per lane, as often as the scalar paths flush
+
+func (s *errorSums) add(x, y []float32) {
+	absMask := archsimd.BroadcastUint32x8(0x7fffffff)
+	for i := 0; i < len(x); i += 8 {
+		xv := archsimd.LoadFloat32x8Slice(x[i : i+8])
+		yv := archsimd.LoadFloat32x8Slice(y[i : i+8])
+		e := xv.Sub(yv)
+		s.xx = s.xx.Add(xv.Mul(xv))
+		s.ee = s.ee.Add(e.Mul(e))
+		s.yy = s.yy.Add(yv.Mul(yv))
+		s.maxErr = s.maxErr.Max(e.AsUint32x8().And(absMask))
+	}
+	s.pending += len(x)
+}
+
+func (s *errorSums) flush(st *tensorStats) {
+	if s.pending == 0 {
+		return
+	}
+	var xx, ee, yy [8]float32
+	s.xx.Store(&xx)
+	s.ee.Store(&ee)
+	s.yy.Store(&yy)
+	var sxx, see, syy float64
+	for i := range 8 {
+		sxx += float64(xx[i])
+		see += float64(ee[i])
+		syy += float64(yy[i])
+	}
+	st.n += int64(s.pending)
+	st.sumXX += sxx
+	st.sumEE += see
+	st.sumYY += syy
+	st.sumXY += (sxx + syy - see) / 2 // Σxy from Σx², Σy² and Σ(x−y)²
+	st.maxErr = max(st.maxErr, float64(math.Float32frombits(maxLane(s.maxErr))))
+	*s = errorSums{maxErr: s.maxErr}
+}
+
+// quantizeGroup writes the codes of group v (symmetric 4-bit, scale s > 0)
+// into out (len(v)/2 bytes) and the codes' values, float32(q)·s, into y. The
+// quotient is the exact division v/s, rounded half to even and clamped, as
+// quantizeCode defines it.
+func quantizeGroup(v []float32, s float32, out []byte, y []float32) {
+	sv := archsimd.BroadcastFloat32x8(s)
+	lo := archsimd.BroadcastFloat32x8(qmin)
+	hi := archsimd.BroadcastFloat32x8(qmax)
+	nib := archsimd.BroadcastInt32x8(0xf)
+	var packed [4]uint64
+	for i := 0; i < len(v); i += 8 {
+		q := archsimd.LoadFloat32x8Slice(v[i : i+8]).Div(sv).RoundToEven().Max(lo).Min(hi)
+		q.Mul(sv).StoreSlice(y[i : i+8])
+		// Each 64-bit lane holds codes c0 (low half) and c1: c0 | c1<<4 is
+		// its low byte after folding the high half down by 28 bits.
+		w := q.ConvertToInt32().And(nib).AsUint64x4()
+		w.Or(w.ShiftAllRight(28)).Store(&packed)
+		o := out[i/2 : i/2+4 : i/2+4]
+		o[0], o[1], o[2], o[3] = byte(packed[0]), byte(packed[1]), byte(packed[2]), byte(packed[3])
+	}
+}
+
+// groupMax returns the largest |v| of a group, as float32 bits.
+func groupMax(v []float32) uint32 {
+	absMask := archsimd.BroadcastUint32x8(0x7fffffff)
+	var mx archsimd.Uint32x8
+	for i := 0; i < len(v); i += 8 {
+		mx = mx.Max(archsimd.LoadFloat32x8Slice(v[i : i+8]).AsUint32x8().And(absMask))
+	}
+	return maxLane(mx)
+}
+
+func encodeRowsSIMD(job *rowJob, st *tensorStats) bool {
+	dim, g := job.dim, job.group
+	width := job.dt.Bits() / 8
+	rows := len(job.src) / (dim * width)
+	x := make([]float32, dim) // the row as read
+	w := make([]float32, dim) // rotated, then the reconstruction
+	var bf butterflies
+	if job.rot != nil {
+		bf = newButterflies()
+	}
+	var sums errorSums
+	groupsRow := dim / g
+	for r := range rows {
+		if !decodeRow(job.src[r*dim*width:(r+1)*dim*width], job.dt, x) {
+			return false
+		}
+		v := x
+		if job.rot != nil {
+			copy(w, x)
+			rotateForward(job.rot, &bf, w)
+			v = w
+		}
+		for k := range groupsRow {
+			gi := r*groupsRow + k
+			grp := v[k*g : (k+1)*g : (k+1)*g]
+			m := math.Float32frombits(groupMax(grp))
+			s16 := groupScale(m)
+			if s16 == 0x7c00 {
+				return false // the scalar path reports the overflow
+			}
+			job.scales[2*gi], job.scales[2*gi+1] = byte(s16), byte(s16>>8)
+			out := job.codes[gi*g/2 : (gi+1)*g/2]
+			y := w[k*g : (k+1)*g]
+			if s16 == 0 {
+				clear(out)
+				clear(y)
+				continue
+			}
+			quantizeGroup(grp, safetensors.F16ToF32(s16), out, y)
+		}
+		if job.rot != nil {
+			rotateInverse(job.rot, &bf, w)
+		}
+		if !roundToDType(w, job.dt) {
+			return false
+		}
+		sums.add(x, w)
+		if sums.pending >= vectorFlushEvery {
+			sums.flush(st)
+		}
+	}
+	sums.flush(st)
+	return true
+}

@@ -1,0 +1,228 @@
+package compression
+
+import (
+	"bytes"
+	"math"
+	"math/rand/v2"
+	"testing"
+
+	"github.com/kv-cache-p2p/validation/pkg/safetensors"
+)
+
+// rowsTestFile builds one [2, 3, seq, dim] tensor per kind of hard input the
+// row encoder must treat exactly as the scalar encoders do.
+func rowsTestFile(tb testing.TB, dt safetensors.DType, seq, dim int) *safetensors.File {
+	tb.Helper()
+	rng := rand.New(rand.NewPCG(7, uint64(dim)))
+	n := 2 * 3 * seq * dim
+	kinds := []struct {
+		name string
+		gen  func(i int) float64
+	}{
+		// Gaussian with outlier channels, like real keys.
+		{"layer_0_key", func(i int) float64 {
+			v := rng.NormFloat64()
+			if i%dim < 2 {
+				v *= 12
+			}
+			return v
+		}},
+		// Half-integers and integers: with max 7 the scale is 1 and every
+		// odd half-integer is a rounding tie (half to even).
+		{"layer_0_value", func(i int) float64 {
+			if i%8 == 0 {
+				return 7
+			}
+			return float64(rng.IntN(30)-15) / 2
+		}},
+		// Magnitudes around float16's subnormal range: subnormal scales,
+		// quotients that need clamping, groups whose scale rounds to zero.
+		{"layer_1_key", func(i int) float64 {
+			return rng.NormFloat64() * math.Ldexp(1, -14-rng.IntN(14))
+		}},
+		// Whole groups of zeros, signed zeros and a few spikes.
+		{"layer_1_value", func(i int) float64 {
+			switch {
+			case (i/dim)%3 == 0:
+				return 0
+			case i%5 == 0:
+				return math.Copysign(0, -1)
+			case i%97 == 0:
+				return 300 * rng.NormFloat64()
+			}
+			return rng.NormFloat64() / 64
+		}},
+		// Near float16's largest value: reconstructions may reach 65504, where
+		// the vector rounding declines and the scalar path takes over.
+		{"other_big", func(i int) float64 { return 65504 * (2*rng.Float64() - 1) }},
+	}
+	f := &safetensors.File{}
+	vals := make([]float32, n)
+	for _, k := range kinds {
+		for i := range vals {
+			vals[i] = float32(k.gen(i))
+		}
+		data := make([]byte, n*dt.Bits()/8)
+		if err := safetensors.EncodeFloat32(dt, vals, data); err != nil {
+			tb.Fatal(err)
+		}
+		f.Tensors = append(f.Tensors, safetensors.Tensor{Name: k.name, DType: dt, Shape: []int64{2, 3, int64(seq), int64(dim)}, Data: data})
+	}
+	return f
+}
+
+// compressBoth compresses f with the vector encoder and with the scalar paths.
+func compressBoth(t *testing.T, f *safetensors.File, cfg Config) (vec, scalar *Result, vecErr, scalarErr error) {
+	t.Helper()
+	defer func(old bool) { simdEnabled = old }(simdEnabled)
+	simdEnabled = haveSIMD
+	vec, vecErr = Compress(f, cfg)
+	simdEnabled = false
+	scalar, scalarErr = Compress(f, cfg)
+	return
+}
+
+// TestRowEncoderMatchesScalar checks that the vector row encoder writes the
+// same payload bytes as the scalar encoders and measures the same error, for
+// every dtype, group size, rotation and sink it handles. Without SIMD in the
+// build both runs take the scalar path and the test only checks determinism.
+func TestRowEncoderMatchesScalar(t *testing.T) {
+	if !haveSIMD {
+		t.Log("built without GOEXPERIMENT=simd (or no AVX2): comparing the scalar path with itself")
+	}
+	for _, dt := range []safetensors.DType{safetensors.F16, safetensors.BF16, safetensors.F32} {
+		for _, dim := range []int{8, 24, 64, 128} {
+			for _, c := range []struct {
+				name string
+				cfg  Config
+			}{
+				{"seed-G32", Config{GroupSize: 32}},
+				{"seed-G64", Config{GroupSize: 64}},
+				{"seed-G128", Config{GroupSize: 128}},
+				{"default", DefaultConfig()},
+				{"hadamard-G32-sink3", Config{GroupSize: 32, Rotate: RotateHadamard, Sink: 3}},
+				{"hadamard-G128", Config{GroupSize: 128, Rotate: RotateHadamard}},
+				{"sym-sink2", Config{GroupSize: 64, Sink: 2}},
+			} {
+				if dim%c.cfg.GroupSize != 0 {
+					continue
+				}
+				t.Run(string(dt)+"/dim"+itoa(dim)+"/"+c.name, func(t *testing.T) {
+					f := rowsTestFile(t, dt, 37, dim)
+					vec, scalar, vecErr, scalarErr := compressBoth(t, f, c.cfg)
+					if (vecErr == nil) != (scalarErr == nil) || (vecErr != nil && vecErr.Error() != scalarErr.Error()) {
+						t.Fatalf("errors differ: vector %v, scalar %v", vecErr, scalarErr)
+					}
+					if vecErr != nil {
+						return
+					}
+					if len(vec.Tensors) != len(scalar.Tensors) {
+						t.Fatalf("%d payloads, scalar %d", len(vec.Tensors), len(scalar.Tensors))
+					}
+					for i := range vec.Tensors {
+						if !bytes.Equal(vec.Tensors[i].Data, scalar.Tensors[i].Data) {
+							t.Fatalf("payload %s differs from the scalar encoder's", vec.Tensors[i].Name)
+						}
+					}
+					for i, r := range vec.PerTensor {
+						s := scalar.PerTensor[i]
+						for _, q := range [][2]float64{{r.RMSE, s.RMSE}, {r.SNRdB, s.SNRdB}, {r.CosineSimilarity, s.CosineSimilarity}} {
+							if !near(q[0], q[1]) && !sameSpecial(q[0], q[1]) {
+								t.Errorf("%s: quality %+v, scalar %+v", r.Name, r.Quality, s.Quality)
+								break
+							}
+						}
+						if r.MaxError != s.MaxError {
+							t.Errorf("%s: max error %g, scalar %g", r.Name, r.MaxError, s.MaxError)
+						}
+					}
+				})
+			}
+		}
+	}
+}
+
+// TestRowEncoderRefusesWhatScalarRefuses feeds non-finite values and scales
+// that overflow float16, and expects the scalar path's exact error.
+func TestRowEncoderRefusesWhatScalarRefuses(t *testing.T) {
+	for _, c := range []struct {
+		name string
+		dt   safetensors.DType
+		at   int
+		v    float32
+		cfg  Config
+	}{
+		{"nan-f16", safetensors.F16, 77, float32(math.NaN()), Config{GroupSize: 64}},
+		{"inf-bf16-default", safetensors.BF16, 5, float32(math.Inf(-1)), DefaultConfig()},
+		{"inf-in-sink", safetensors.F32, 3, float32(math.Inf(1)), DefaultConfig()},
+		{"scale-overflow-f32", safetensors.F32, 100, 1e6, Config{GroupSize: 32}},
+		{"scale-overflow-rotated", safetensors.F32, 300, 1e7, DefaultConfig()},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			vals := make([]float32, 4*16*64)
+			for i := range vals {
+				vals[i] = float32(i%13) / 13
+			}
+			vals[c.at] = c.v
+			data := make([]byte, len(vals)*c.dt.Bits()/8)
+			if err := safetensors.EncodeFloat32(c.dt, vals, data); err != nil {
+				t.Fatal(err)
+			}
+			f := &safetensors.File{Tensors: []safetensors.Tensor{{Name: "layer_0_key", DType: c.dt, Shape: []int64{1, 4, 16, 64}, Data: data}}}
+			_, _, vecErr, scalarErr := compressBoth(t, f, c.cfg)
+			if vecErr == nil || scalarErr == nil || vecErr.Error() != scalarErr.Error() {
+				t.Fatalf("vector error %v, scalar error %v: want the same error", vecErr, scalarErr)
+			}
+		})
+	}
+}
+
+// sameSpecial reports whether a and b are both NaN or the same infinity.
+func sameSpecial(a, b float64) bool {
+	return (math.IsNaN(a) && math.IsNaN(b)) || (math.IsInf(a, 0) && a == b)
+}
+
+// FuzzRowEncoder feeds arbitrary bit patterns (NaN, Inf, subnormals, huge
+// values included) to both encoders: the vector row encoder must write the
+// scalar encoders' bytes, and fail exactly when and how they fail.
+func FuzzRowEncoder(f *testing.F) {
+	seed := rowsTestFile(f, safetensors.F16, 3, 64)
+	for i, t := range seed.Tensors {
+		f.Add(uint8(i), t.Data[:512])
+	}
+	f.Add(uint8(9), bytes.Repeat([]byte{0x00, 0x7c}, 64))             // +Inf in float16
+	f.Add(uint8(3), bytes.Repeat([]byte{0x01, 0x00, 0x00, 0x00}, 64)) // float32 subnormals
+	dtypes := []safetensors.DType{safetensors.F16, safetensors.BF16, safetensors.F32}
+	configs := []Config{
+		{GroupSize: 32}, {GroupSize: 64}, DefaultConfig(),
+		{GroupSize: 32, Rotate: RotateHadamard, Sink: 1}, {GroupSize: 64, Sink: 2},
+	}
+	dims := []int{8, 16, 32, 64}
+	f.Fuzz(func(t *testing.T, sel uint8, data []byte) {
+		dt := dtypes[int(sel)%len(dtypes)]
+		cfg := configs[int(sel/3)%len(configs)]
+		dim := max(dims[int(sel/15)%len(dims)], cfg.GroupSize)
+		width := dt.Bits() / 8
+		rows := len(data) / (dim * width)
+		if rows == 0 {
+			return
+		}
+		tensor := safetensors.Tensor{Name: "layer_0_key", DType: dt, Shape: []int64{1, int64(rows), int64(dim)}, Data: data[:rows*dim*width]}
+		vec, scalar, vecErr, scalarErr := compressBoth(t, &safetensors.File{Tensors: []safetensors.Tensor{tensor}}, cfg)
+		if (vecErr == nil) != (scalarErr == nil) || (vecErr != nil && vecErr.Error() != scalarErr.Error()) {
+			t.Fatalf("errors differ: vector %v, scalar %v", vecErr, scalarErr)
+		}
+		if vecErr != nil {
+			return
+		}
+		for i := range vec.Tensors {
+			if !bytes.Equal(vec.Tensors[i].Data, scalar.Tensors[i].Data) {
+				t.Fatalf("payload %s differs from the scalar encoder's", vec.Tensors[i].Name)
+			}
+		}
+		r, s := vec.PerTensor[0], scalar.PerTensor[0]
+		if r.MaxError != s.MaxError && !sameSpecial(r.MaxError, s.MaxError) {
+			t.Fatalf("max error %g, scalar %g", r.MaxError, s.MaxError)
+		}
+	})
+}
