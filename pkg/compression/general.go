@@ -417,6 +417,9 @@ func encodeSym4Rows(t *safetensors.Tensor, p tensorPlan, ws *generalScratch) (ge
 
 // decodeGeneral rebuilds a tensor's bytes from its raw payloads.
 func decodeGeneral(e *Entry, p tensorPlan, codes, scales, mins, sink []byte, dst []byte, ws *generalScratch) error {
+	if p.Scheme == SchemeSym && p.Bits == 4 && p.Axis == AxisLast && decodeSym4Rows(e, p, codes, scales, sink, dst) {
+		return nil
+	}
 	dt := safetensors.DType(e.DType)
 	width := dt.Bits() / 8
 	l := p.layout(e.Shape)
@@ -462,4 +465,37 @@ func decodeGeneral(e *Entry, p tensorPlan, codes, scales, mins, sink []byte, dst
 		}
 	}
 	return nil
+}
+
+// decodeSym4Rows is decodeGeneral for symmetric 4-bit groups along the last
+// axis through the vector row decoder. It returns false when that decoder
+// declines; decodeGeneral then rewrites all of dst.
+func decodeSym4Rows(e *Entry, p tensorPlan, codes, scales, sink, dst []byte) bool {
+	dt := safetensors.DType(e.DType)
+	l := p.layout(e.Shape)
+	var rot *rotation
+	if p.Rotate == RotateHadamard {
+		rot = rotationFor(l.dim)
+	}
+	if !rowsSupported(dt, l.dim, p.Group, rot) {
+		return false
+	}
+	width := dt.Bits() / 8
+	seqBytes, sinkBytes := l.seq*l.dim*width, p.Sink*l.dim*width
+	codesPer, scalesPer := l.keep*l.dim/2, 2*l.keep*(l.dim/p.Group)
+	if len(codes) != l.outer*codesPer || len(scales) != l.outer*scalesPer || len(sink) != l.outer*sinkBytes || len(dst) != l.outer*seqBytes {
+		return false
+	}
+	for o := range l.outer {
+		base := o * seqBytes
+		copy(dst[base:base+sinkBytes], sink[o*sinkBytes:(o+1)*sinkBytes])
+		job := rowDecodeJob{
+			codes: codes[o*codesPer : (o+1)*codesPer], scales: scales[o*scalesPer : (o+1)*scalesPer],
+			dt: dt, dim: l.dim, group: p.Group, rot: rot, dst: dst[base+sinkBytes : base+seqBytes],
+		}
+		if !decodeRows(job) {
+			return false
+		}
+	}
+	return true
 }

@@ -70,6 +70,28 @@ func encodeRows(job rowJob, st *tensorStats) bool {
 	return true
 }
 
+// rowDecodeJob is the inverse of a rowJob: it rebuilds rows·dim elements of
+// dtype dt into dst from codes and little-endian float16 scales.
+type rowDecodeJob struct {
+	codes  []byte
+	scales []byte
+	dt     safetensors.DType
+	dim    int
+	group  int
+	rot    *rotation
+	dst    []byte
+}
+
+// decodeRows runs job with the vector decoder. It returns false, with dst in
+// an unspecified state, when the job must go through the scalar path instead
+// (which also reports corrupt scales).
+func decodeRows(job rowDecodeJob) bool {
+	if !rowsSupported(job.dt, job.dim, job.group, job.rot) {
+		return false
+	}
+	return decodeRowsSIMD(&job)
+}
+
 // scalesToBytes writes float16 scales as little-endian bytes.
 func scalesToBytes(dst []byte, scales []uint16) {
 	for i, s := range scales {

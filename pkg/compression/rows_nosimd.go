@@ -7,3 +7,5 @@ package compression
 const haveSIMD = false
 
 func encodeRowsSIMD(*rowJob, *tensorStats) bool { return false }
+
+func decodeRowsSIMD(*rowDecodeJob) bool { return false }

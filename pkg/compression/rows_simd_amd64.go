@@ -311,3 +311,121 @@ func encodeRowsSIMD(job *rowJob, st *tensorStats) bool {
 	sums.flush(st)
 	return true
 }
+
+// nibbleShifts moves code i of a 32-bit word (4 bytes, low nibble first) to
+// the bottom of lane i.
+var nibbleShifts = [8]uint32{0, 4, 8, 12, 16, 20, 24, 28}
+
+// packOrder puts the 32-bit units of a VPACKUSDW result, which interleaves its
+// two inputs per 128-bit half, back in element order.
+var packOrder = [8]uint32{0, 1, 4, 5, 2, 3, 6, 7}
+
+// dequantizeGroup writes float32(q)·s for the len(y) codes packed in in.
+func dequantizeGroup(in []byte, s float32, y []float32) {
+	shifts := archsimd.LoadUint32x8(&nibbleShifts)
+	nib := archsimd.BroadcastUint32x8(0xf)
+	sv := archsimd.BroadcastFloat32x8(s)
+	for i := 0; i < len(y); i += 8 {
+		b := in[i/2 : i/2+4 : i/2+4]
+		word := uint32(b[0]) | uint32(b[1])<<8 | uint32(b[2])<<16 | uint32(b[3])<<24
+		q := archsimd.BroadcastUint32x8(word).ShiftRight(shifts).And(nib)
+		// Sign-extend the 4-bit two's complement code.
+		qi := q.ShiftAllLeft(28).AsInt32x8().ShiftAllRight(28)
+		qi.ConvertToFloat32().Mul(sv).StoreSlice(y[i : i+8])
+	}
+}
+
+// encodeRow writes y (len a multiple of 8) as little-endian elements of dt
+// into out, rounding half to even as safetensors.EncodeFloat32 does. It
+// returns false if a float16 element is too large for the shortcut (|y| ≥ 65504).
+func encodeRow(y []float32, dt safetensors.DType, out []byte) bool {
+	switch dt {
+	case safetensors.F32:
+		for i := 0; i < len(y); i += 8 {
+			archsimd.LoadFloat32x8Slice(y[i : i+8]).AsUint8x32().StoreSlice(out[4*i : 4*i+32])
+		}
+		return true
+	case safetensors.F16:
+		// Round |y| to float16's spacing as roundToDType does, then scale by
+		// 2^−112: the float32 bits of the result, shifted down by 13, are the
+		// float16's exponent and mantissa (subnormals included: the product
+		// is then an exact float32 subnormal). The sign is put back last, so
+		// −0 and tiny negatives keep it, as in F32ToF16.
+		expMask := archsimd.BroadcastUint32x8(0x7f800000)
+		minExp := archsimd.BroadcastUint32x8(113 << 23)
+		offset := archsimd.BroadcastUint32x8(13<<23 | 0x400000)
+		absMask := archsimd.BroadcastUint32x8(0x7fffffff)
+		signBit := archsimd.BroadcastUint32x8(0x80000000)
+		down := archsimd.BroadcastFloat32x8(0x1p-112)
+		var mx archsimd.Uint32x8
+		half := func(v archsimd.Float32x8) archsimd.Int32x8 {
+			u := v.AsUint32x8()
+			a := u.And(absMask)
+			mx = mx.Max(a)
+			c := a.And(expMask).Max(minExp).Add(offset).AsFloat32x8()
+			r := a.AsFloat32x8().Add(c).Sub(c).Mul(down).AsUint32x8().ShiftAllRight(13)
+			return r.Or(u.And(signBit).ShiftAllRight(16)).AsInt32x8()
+		}
+		if !packHalves(y, out, half) {
+			return false
+		}
+		return maxLane(mx) < 0x477fe000
+	default: // BF16
+		one := archsimd.BroadcastUint32x8(1)
+		bias := archsimd.BroadcastUint32x8(0x7fff)
+		bf := func(v archsimd.Float32x8) archsimd.Int32x8 {
+			u := v.AsUint32x8()
+			return u.Add(bias).Add(u.ShiftAllRight(16).And(one)).ShiftAllRight(16).AsInt32x8()
+		}
+		return packHalves(y, out, bf)
+	}
+}
+
+// packHalves converts y to 16-bit patterns with conv (each lane's result in
+// its low 16 bits) and stores them little-endian in out.
+func packHalves(y []float32, out []byte, conv func(archsimd.Float32x8) archsimd.Int32x8) bool {
+	order := archsimd.LoadUint32x8(&packOrder)
+	i := 0
+	for ; i+16 <= len(y); i += 16 {
+		a := conv(archsimd.LoadFloat32x8Slice(y[i : i+8]))
+		b := conv(archsimd.LoadFloat32x8Slice(y[i+8 : i+16]))
+		a.SaturateToUint16ConcatGrouped(b).AsUint32x8().Permute(order).AsUint8x32().StoreSlice(out[2*i : 2*i+32])
+	}
+	if i < len(y) { // one last vector of 8
+		var h [8]int32
+		conv(archsimd.LoadFloat32x8Slice(y[i : i+8])).Store(&h)
+		for k, v := range h {
+			out[2*(i+k)], out[2*(i+k)+1] = byte(v), byte(v>>8)
+		}
+	}
+	return true
+}
+
+func decodeRowsSIMD(job *rowDecodeJob) bool {
+	dim, g := job.dim, job.group
+	width := job.dt.Bits() / 8
+	rows := len(job.dst) / (dim * width)
+	y := make([]float32, dim)
+	var bf butterflies
+	if job.rot != nil {
+		bf = newButterflies()
+	}
+	groupsRow := dim / g
+	for r := range rows {
+		for k := range groupsRow {
+			gi := r*groupsRow + k
+			s16 := uint16(job.scales[2*gi]) | uint16(job.scales[2*gi+1])<<8
+			if s16&0x7c00 == 0x7c00 || s16&0x8000 != 0 {
+				return false // corrupt: the scalar path names the scale
+			}
+			dequantizeGroup(job.codes[gi*g/2:(gi+1)*g/2], safetensors.F16ToF32(s16), y[k*g:(k+1)*g])
+		}
+		if job.rot != nil {
+			rotateInverse(job.rot, &bf, y)
+		}
+		if !encodeRow(y, job.dt, job.dst[r*dim*width:(r+1)*dim*width]) {
+			return false
+		}
+	}
+	return true
+}

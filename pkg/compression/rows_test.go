@@ -82,8 +82,33 @@ func compressBoth(t *testing.T, f *safetensors.File, cfg Config) (vec, scalar *R
 	return
 }
 
+// decompressBoth writes res as a container and restores it with the vector
+// decoder and with the scalar one.
+func decompressBoth(t *testing.T, res *Result) (vec, scalar *Restored) {
+	t.Helper()
+	var buf bytes.Buffer
+	if err := safetensors.Encode(&buf, res.Tensors, res.Metadata); err != nil {
+		t.Fatal(err)
+	}
+	container, err := safetensors.Parse(buf.Bytes())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func(old bool) { simdEnabled = old }(simdEnabled)
+	simdEnabled = haveSIMD
+	if vec, err = Decompress(container, 1); err != nil {
+		t.Fatal(err)
+	}
+	simdEnabled = false
+	if scalar, err = Decompress(container, 1); err != nil {
+		t.Fatal(err)
+	}
+	return vec, scalar
+}
+
 // TestRowEncoderMatchesScalar checks that the vector row encoder writes the
-// same payload bytes as the scalar encoders and measures the same error, for
+// same payload bytes as the scalar encoders and measures the same error, and
+// that the vector row decoder restores the same bytes as the scalar one, for
 // every dtype, group size, rotation and sink it handles. Without SIMD in the
 // build both runs take the scalar path and the test only checks determinism.
 func TestRowEncoderMatchesScalar(t *testing.T) {
@@ -122,6 +147,12 @@ func TestRowEncoderMatchesScalar(t *testing.T) {
 					for i := range vec.Tensors {
 						if !bytes.Equal(vec.Tensors[i].Data, scalar.Tensors[i].Data) {
 							t.Fatalf("payload %s differs from the scalar encoder's", vec.Tensors[i].Name)
+						}
+					}
+					vecOut, scalarOut := decompressBoth(t, vec)
+					for i := range vecOut.Tensors {
+						if !bytes.Equal(vecOut.Tensors[i].Data, scalarOut.Tensors[i].Data) {
+							t.Fatalf("restored %s differs from the scalar decoder's", vecOut.Tensors[i].Name)
 						}
 					}
 					for i, r := range vec.PerTensor {
@@ -223,6 +254,50 @@ func FuzzRowEncoder(f *testing.F) {
 		r, s := vec.PerTensor[0], scalar.PerTensor[0]
 		if r.MaxError != s.MaxError && !sameSpecial(r.MaxError, s.MaxError) {
 			t.Fatalf("max error %g, scalar %g", r.MaxError, s.MaxError)
+		}
+	})
+}
+
+// FuzzRowDecoder decodes arbitrary codes and scales (negative, Inf and NaN
+// scales included) with both decoders: the restored bytes, or the error, must
+// be the same.
+func FuzzRowDecoder(f *testing.F) {
+	f.Add(uint8(0), []byte{0x12, 0x34, 0x00, 0x3c, 0xff, 0x7b, 0x01, 0x00})
+	f.Add(uint8(4), []byte{0x88, 0x77, 0x00, 0x7c})
+	f.Add(uint8(7), []byte{0x01, 0x80, 0x00, 0x04})
+	dtypes := []safetensors.DType{safetensors.F16, safetensors.BF16, safetensors.F32}
+	f.Fuzz(func(t *testing.T, sel uint8, data []byte) {
+		dt := dtypes[int(sel)%len(dtypes)]
+		p := tensorPlan{Scheme: SchemeSym, Bits: 4, Axis: AxisLast, Rotate: RotateHadamard, Group: 32, Sink: int(sel/3) % 3}
+		if sel&0x80 != 0 {
+			p.Rotate = RotateNone
+		}
+		dim := 32 << (int(sel/9) % 3)
+		rowBytes := dim/2 + 2*dim/p.Group // codes and scales of one row
+		rows := len(data) / rowBytes
+		seq := rows + p.Sink
+		if rows == 0 {
+			return
+		}
+		e := &Entry{Name: "layer_0_value", DType: string(dt), Shape: []int64{1, int64(seq), int64(dim)}}
+		codes := data[:rows*dim/2]
+		scales := data[rows*dim/2 : rows*rowBytes]
+		sink := make([]byte, p.Sink*dim*dt.Bits()/8)
+		for i := range sink {
+			sink[i] = byte(i * 7)
+		}
+		n := seq * dim * dt.Bits() / 8
+		vecOut, scalarOut := make([]byte, n), make([]byte, n)
+		defer func(old bool) { simdEnabled = old }(simdEnabled)
+		simdEnabled = haveSIMD
+		vecErr := decodeGeneral(e, p, codes, scales, nil, sink, vecOut, &generalScratch{})
+		simdEnabled = false
+		scalarErr := decodeGeneral(e, p, codes, scales, nil, sink, scalarOut, &generalScratch{})
+		if (vecErr == nil) != (scalarErr == nil) || (vecErr != nil && vecErr.Error() != scalarErr.Error()) {
+			t.Fatalf("errors differ: vector %v, scalar %v", vecErr, scalarErr)
+		}
+		if vecErr == nil && !bytes.Equal(vecOut, scalarOut) {
+			t.Fatalf("restored bytes differ from the scalar decoder's")
 		}
 	})
 }
