@@ -300,7 +300,13 @@ func encodeGeneral(t *safetensors.Tensor, p tensorPlan, sparsity float64, ws *ge
 	if p.Rotate == RotateHadamard {
 		rot = rotationFor(l.dim)
 		for r := 0; r < l.outer*l.keep; r++ {
-			rot.forward(ws.w[r*l.dim : (r+1)*l.dim])
+			row := ws.w[r*l.dim : (r+1)*l.dim]
+			rot.forward(row)
+			for _, v := range row {
+				if math.Float32bits(v)&0x7fffffff >= 0x7f800000 {
+					return enc, errRotationOverflow
+				}
+			}
 		}
 	}
 	ws.t = grow(ws.t, q)
@@ -359,6 +365,10 @@ func encodeGeneral(t *safetensors.Tensor, p tensorPlan, sparsity float64, ws *ge
 	enc.stats.n = int64(n)
 	return enc, nil
 }
+
+// errRotationOverflow is the error for a row whose rotation left float32's
+// range: finite inputs near 3.4e38 can sum to Inf, and Inf − Inf gives NaN.
+var errRotationOverflow = fmt.Errorf("%w: the Hadamard rotation of a row leaves float32's range; use --rotate none", ErrScaleOverflow)
 
 // encodeSym4Rows is encodeGeneral for symmetric 4-bit groups along the last
 // axis (the default codec) through the vector row encoder. It returns false,

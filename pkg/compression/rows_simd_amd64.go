@@ -282,8 +282,11 @@ func encodeRowsSIMD(job *rowJob, st *tensorStats) bool {
 		for k := range groupsRow {
 			gi := r*groupsRow + k
 			grp := v[k*g : (k+1)*g : (k+1)*g]
-			m := math.Float32frombits(groupMax(grp))
-			s16 := groupScale(m)
+			mb := groupMax(grp)
+			if mb >= 0x7f800000 {
+				return false // the rotation overflowed: the scalar path reports it
+			}
+			s16 := groupScale(math.Float32frombits(mb))
 			if s16 == 0x7c00 {
 				return false // the scalar path reports the overflow
 			}

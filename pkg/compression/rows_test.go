@@ -2,6 +2,7 @@ package compression
 
 import (
 	"bytes"
+	"errors"
 	"math"
 	"math/rand/v2"
 	"testing"
@@ -188,13 +189,21 @@ func TestRowEncoderRefusesWhatScalarRefuses(t *testing.T) {
 		{"inf-in-sink", safetensors.F32, 3, float32(math.Inf(1)), DefaultConfig()},
 		{"scale-overflow-f32", safetensors.F32, 100, 1e6, Config{GroupSize: 32}},
 		{"scale-overflow-rotated", safetensors.F32, 300, 1e7, DefaultConfig()},
+		{"rotation-overflow", safetensors.F32, -1, -1.7e38, DefaultConfig()},
+		{"rotation-overflow-asym", safetensors.F32, -1, -1.7e38, Config{GroupSize: 64, Scheme: SchemeAsym, Rotate: RotateHadamard}},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			vals := make([]float32, 4*16*64)
 			for i := range vals {
 				vals[i] = float32(i%13) / 13
 			}
-			vals[c.at] = c.v
+			if c.at >= 0 {
+				vals[c.at] = c.v
+			} else { // a whole row of huge values, past the first (sink) position
+				for i := 64; i < 64+49; i++ {
+					vals[i] = c.v
+				}
+			}
 			data := make([]byte, len(vals)*c.dt.Bits()/8)
 			if err := safetensors.EncodeFloat32(c.dt, vals, data); err != nil {
 				t.Fatal(err)
@@ -203,6 +212,9 @@ func TestRowEncoderRefusesWhatScalarRefuses(t *testing.T) {
 			_, _, vecErr, scalarErr := compressBoth(t, f, c.cfg)
 			if vecErr == nil || scalarErr == nil || vecErr.Error() != scalarErr.Error() {
 				t.Fatalf("vector error %v, scalar error %v: want the same error", vecErr, scalarErr)
+			}
+			if want := map[bool]error{true: ErrNonFinite, false: ErrScaleOverflow}[c.v != c.v || math.IsInf(float64(c.v), 0)]; !errors.Is(vecErr, want) {
+				t.Fatalf("error %v, want %v", vecErr, want)
 			}
 		})
 	}
