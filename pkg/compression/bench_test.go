@@ -1,7 +1,6 @@
 package compression
 
 import (
-	"bytes"
 	"testing"
 
 	"github.com/kv-cache-p2p/validation/pkg/safetensors"
@@ -47,14 +46,7 @@ func benchDecompress(b *testing.B, src *safetensors.File, cfg Config) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	var buf bytes.Buffer
-	if err := safetensors.Encode(&buf, res.Tensors, res.Metadata); err != nil {
-		b.Fatal(err)
-	}
-	container, err := safetensors.Parse(buf.Bytes())
-	if err != nil {
-		b.Fatal(err)
-	}
+	container := asContainer(b, res)
 	b.SetBytes(inputBytes(src))
 	b.ResetTimer()
 	for b.Loop() {

@@ -1,6 +1,7 @@
 package compression
 
 import (
+	"bytes"
 	"math"
 	"math/rand/v2"
 	"testing"
@@ -76,4 +77,19 @@ func f16Bytes(x []float32) []byte {
 	b := make([]byte, 2*len(x))
 	safetensors.EncodeFloat32(safetensors.F16, x, b)
 	return b
+}
+
+// asContainer writes res as a container file in memory and parses it back,
+// as Decompress would receive it from disk.
+func asContainer(tb testing.TB, res *Result) *safetensors.File {
+	tb.Helper()
+	var buf bytes.Buffer
+	if err := safetensors.Encode(&buf, res.Tensors, res.Metadata); err != nil {
+		tb.Fatal(err)
+	}
+	container, err := safetensors.Parse(buf.Bytes())
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return container
 }

@@ -87,16 +87,10 @@ func compressBoth(t *testing.T, f *safetensors.File, cfg Config) (vec, scalar *R
 // decoder and with the scalar one.
 func decompressBoth(t *testing.T, res *Result) (vec, scalar *Restored) {
 	t.Helper()
-	var buf bytes.Buffer
-	if err := safetensors.Encode(&buf, res.Tensors, res.Metadata); err != nil {
-		t.Fatal(err)
-	}
-	container, err := safetensors.Parse(buf.Bytes())
-	if err != nil {
-		t.Fatal(err)
-	}
+	container := asContainer(t, res)
 	defer func(old bool) { simdEnabled = old }(simdEnabled)
 	simdEnabled = haveSIMD
+	var err error
 	if vec, err = Decompress(container, 1); err != nil {
 		t.Fatal(err)
 	}
