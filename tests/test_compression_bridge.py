@@ -173,3 +173,14 @@ def test_print_metrics_report(capsys, cache_file: Path, kv_compress_bin: str) ->
 def test_cli_version(kv_compress_bin: str) -> None:
     v = cb.cli_version()
     assert v["format"] == "kv-compress" and v["format_version"] == 1
+    assert v["encoder"] in ("avx2", "scalar")
+
+
+def test_bench_labels_the_encoder(kv_compress_bin: str) -> None:
+    from validation import bench
+    from validation import validate_perplexity as vp
+
+    info = vp.kv_compress_version()
+    label = bench._kv_compress_label(info)
+    assert label.startswith(str(info["version"])) and f"({info['encoder']} encoder)" in label
+    assert bench._kv_compress_label({"version": "abc"}) == "abc"  # binaries before the field

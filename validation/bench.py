@@ -42,6 +42,17 @@ BRIDGE_SHARE_TARGET = 0.10
 E2E_TARGET_S = 120.0
 
 
+def _kv_compress_label(info: Dict[str, Any]) -> str:
+    """``kv-compress version`` as one label, e.g. ``"4efbc59 (avx2 encoder)"``.
+
+    Older binaries do not report ``encoder``; then the version alone.
+    """
+    label = str(info.get("version", "unknown"))
+    if info.get("encoder"):
+        label += f" ({info['encoder']} encoder)"
+    return label
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -229,7 +240,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "cpu_model": _cpu_model(), "threads": threads, "torch": torch.__version__,
         "transformers": transformers.__version__, "python": platform.python_version(),
-        "kv_compress": vp.kv_compress_version().get("version", "unknown"),
+        "kv_compress": _kv_compress_label(vp.kv_compress_version()),
     }
     try:
         cli = None
