@@ -49,10 +49,10 @@ func (b *butterflies) inVector(x archsimd.Float32x8) archsimd.Float32x8 {
 	return x.Mul(b.a4).Add(x.Permute(b.p4))
 }
 
-// acrossVectors runs butterfly stages h = 8, 16, ... < n on each block of n
-// elements of v (n a multiple of 8).
-func acrossVectors(v []float32, n int) {
-	for h := 8; h < n; h *= 2 {
+// acrossVectors runs butterfly stages h = from, 2·from, ... < n on each
+// block of n elements of v (from and n multiples of 8).
+func acrossVectors(v []float32, n, from int) {
+	for h := from; h < n; h *= 2 {
 		for i := 0; i < len(v); i += 2 * h {
 			for j := i; j < i+h; j += 8 {
 				a := archsimd.LoadFloat32x8Slice(v[j : j+8])
@@ -64,16 +64,57 @@ func acrossVectors(v []float32, n int) {
 	}
 }
 
+// stages64 runs butterfly stages h = 8, 16, 32 on 64 elements held as eight
+// vectors, without going through memory.
+func stages64(x0, x1, x2, x3, x4, x5, x6, x7 archsimd.Float32x8) (y0, y1, y2, y3, y4, y5, y6, y7 archsimd.Float32x8) {
+	x0, x1 = x0.Add(x1), x0.Sub(x1)
+	x2, x3 = x2.Add(x3), x2.Sub(x3)
+	x4, x5 = x4.Add(x5), x4.Sub(x5)
+	x6, x7 = x6.Add(x7), x6.Sub(x7)
+	x0, x2 = x0.Add(x2), x0.Sub(x2)
+	x1, x3 = x1.Add(x3), x1.Sub(x3)
+	x4, x6 = x4.Add(x6), x4.Sub(x6)
+	x5, x7 = x5.Add(x7), x5.Sub(x7)
+	return x0.Add(x4), x1.Add(x5), x2.Add(x6), x3.Add(x7), x0.Sub(x4), x1.Sub(x5), x2.Sub(x6), x3.Sub(x7)
+}
+
+// blocks64 runs the stages h = 1, ..., 32 on every 64 elements of v (whose
+// length is a multiple of 64), after multiplying by signs when not nil.
+func blocks64(v []float32, bf *butterflies, signs []float32) {
+	for i := 0; i < len(v); i += 64 {
+		b := v[i : i+64 : i+64]
+		var x [8]archsimd.Float32x8
+		for k := range x {
+			x[k] = archsimd.LoadFloat32x8Slice(b[8*k : 8*k+8])
+			if signs != nil {
+				s := signs[(i+8*k)%len(signs):]
+				x[k] = x[k].Mul(archsimd.LoadFloat32x8Slice(s[:8]))
+			}
+			x[k] = bf.inVector(x[k])
+		}
+		x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7] = stages64(x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7])
+		for k := range x {
+			x[k].StoreSlice(b[8*k : 8*k+8])
+		}
+	}
+}
+
 // rotateForward is rotation.forward for a row whose length is a multiple of
 // r.n (itself a multiple of 8), with the same roundings in the same order:
 // signs, the stages h = 1, 2, 4, ..., then the scale.
 func rotateForward(r *rotation, bf *butterflies, v []float32) {
-	for i := 0; i < len(v); i += 8 {
-		x := archsimd.LoadFloat32x8Slice(v[i : i+8])
-		sg := archsimd.LoadFloat32x8Slice(r.signs[i%r.n : i%r.n+8])
-		bf.inVector(x.Mul(sg)).StoreSlice(v[i : i+8])
+	from := 8
+	if r.n >= 64 {
+		blocks64(v, bf, r.signs)
+		from = 64
+	} else {
+		for i := 0; i < len(v); i += 8 {
+			x := archsimd.LoadFloat32x8Slice(v[i : i+8])
+			sg := archsimd.LoadFloat32x8Slice(r.signs[i%r.n : i%r.n+8])
+			bf.inVector(x.Mul(sg)).StoreSlice(v[i : i+8])
+		}
 	}
-	acrossVectors(v, r.n)
+	acrossVectors(v, r.n, from)
 	sc := archsimd.BroadcastFloat32x8(r.scale)
 	for i := 0; i < len(v); i += 8 {
 		archsimd.LoadFloat32x8Slice(v[i : i+8]).Mul(sc).StoreSlice(v[i : i+8])
@@ -83,10 +124,16 @@ func rotateForward(r *rotation, bf *butterflies, v []float32) {
 // rotateInverse is rotation.inverse: the stages h = 1, 2, 4, ..., then
 // (v·scale)·sign.
 func rotateInverse(r *rotation, bf *butterflies, v []float32) {
-	for i := 0; i < len(v); i += 8 {
-		bf.inVector(archsimd.LoadFloat32x8Slice(v[i : i+8])).StoreSlice(v[i : i+8])
+	from := 8
+	if r.n >= 64 {
+		blocks64(v, bf, nil)
+		from = 64
+	} else {
+		for i := 0; i < len(v); i += 8 {
+			bf.inVector(archsimd.LoadFloat32x8Slice(v[i : i+8])).StoreSlice(v[i : i+8])
+		}
 	}
-	acrossVectors(v, r.n)
+	acrossVectors(v, r.n, from)
 	sc := archsimd.BroadcastFloat32x8(r.scale)
 	for i := 0; i < len(v); i += 8 {
 		sg := archsimd.LoadFloat32x8Slice(r.signs[i%r.n : i%r.n+8])
