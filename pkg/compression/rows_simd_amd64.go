@@ -416,9 +416,7 @@ func encodeRow(y []float32, dt safetensors.DType, out []byte) bool {
 			r := a.AsFloat32x8().Add(c).Sub(c).Mul(down).AsUint32x8().ShiftAllRight(13)
 			return r.Or(u.And(signBit).ShiftAllRight(16)).AsInt32x8()
 		}
-		if !packHalves(y, out, half) {
-			return false
-		}
+		packHalves(y, out, half)
 		return maxLane(mx) < 0x477fe000
 	default: // BF16
 		one := archsimd.BroadcastUint32x8(1)
@@ -427,13 +425,14 @@ func encodeRow(y []float32, dt safetensors.DType, out []byte) bool {
 			u := v.AsUint32x8()
 			return u.Add(bias).Add(u.ShiftAllRight(16).And(one)).ShiftAllRight(16).AsInt32x8()
 		}
-		return packHalves(y, out, bf)
+		packHalves(y, out, bf)
+		return true
 	}
 }
 
 // packHalves converts y to 16-bit patterns with conv (each lane's result in
 // its low 16 bits) and stores them little-endian in out.
-func packHalves(y []float32, out []byte, conv func(archsimd.Float32x8) archsimd.Int32x8) bool {
+func packHalves(y []float32, out []byte, conv func(archsimd.Float32x8) archsimd.Int32x8) {
 	order := archsimd.LoadUint32x8(&packOrder)
 	i := 0
 	for ; i+16 <= len(y); i += 16 {
@@ -448,7 +447,6 @@ func packHalves(y []float32, out []byte, conv func(archsimd.Float32x8) archsimd.
 			out[2*(i+k)], out[2*(i+k)+1] = byte(v), byte(v>>8)
 		}
 	}
-	return true
 }
 
 func decodeRowsSIMD(job *rowDecodeJob) bool {
