@@ -158,6 +158,26 @@ def test_schemes_bit_exact(codec, dtype: str, tmp_path: Path, kv_compress_bin: s
         assert metrics.codec[k] == v
 
 
+@pytest.mark.parametrize("codec", [SCHEMES["asym"], SCHEMES["channel-keys-sink"]], ids=["asym", "channel-keys-sink"])
+def test_signed_zero_groups_bit_exact(codec, tmp_path: Path, kv_compress_bin: str) -> None:
+    # Groups of zeros that start with -0.0: the scale must be +0 in both implementations
+    # (a -0 scale is refused by the decoder), and the zeros must come back.
+    layers = random_layers(2, 2, 40, 64, torch.float32, seed=11)
+    for k, v in layers:
+        for t in (k, v):
+            t[:, :, 7, :] = 0.0
+            t[:, :, :, 5] = 0.0
+            t[:, :, 7, ::2] = -0.0
+            t[:, :, ::2, 5] = -0.0
+    cache = layers_to_cache(layers)
+    rebuilt, metrics = cb.roundtrip_kv_cache(cache, str(tmp_path), group_size=32, rotate="none", **codec)
+    assert_bit_exact(cache, rebuilt, metrics)
+    for k2, v2 in cache_to_layers(rebuilt):
+        assert torch.all(v2[:, :, 7, :] == 0)  # values: the zero row is a group
+        zero_group = k2[:, :, 1:, 5] if codec.get("key_axis") == "channel" else k2[:, :, 7, :]
+        assert torch.all(zero_group == 0)  # keys: the zero channel (after the sink) or the zero row
+
+
 def test_schemes_on_a_model_cache(tiny_llama, tiny_tokenizer, tmp_path: Path, kv_compress_bin: str) -> None:
     codec = dict(scheme="asym", rotate="hadamard", key_axis="channel", sink=1)
     cache, _ = extract_kv_cache(tiny_llama, tiny_tokenizer, "Valkyria Chronicles III is a tactical role-playing game.", device="cpu")

@@ -197,7 +197,8 @@ def encode_reference(x: torch.Tensor, group_size: int, sparsity: float = 0.0, *,
     for g in _group_stats(rows, group_size):
         if p.scheme == "asym":
             mn, mx = g.amin(dim=2, keepdim=True), g.amax(dim=2, keepdim=True)
-            mn = mn + 0.0  # a zero minimum is +0, whichever signed zero came first
+            mn = mn + 0.0  # a zero minimum is +0, whichever signed zero came first,
+            mx = mx + 0.0  # and so is a zero maximum: a group of zeros gets scale +0, never -0
             scale16 = ((mx - mn) / divisor).to(torch.float16)
             min16 = mn.to(torch.float16)
             mv = min16.to(torch.float32)

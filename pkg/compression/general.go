@@ -79,8 +79,9 @@ func (c groupCodec) encode(v []float32, w *bitWriter, deq []float32) (s16, m16 u
 	if c.asym {
 		// Plain comparisons: the min and max builtins also order NaN and
 		// signed zeros, which costs a lot here and is not needed (NaN was
-		// refused). A zero minimum is normalised to +0 so its float16 bits
-		// do not depend on the order of the elements.
+		// refused). A zero minimum or maximum is normalised to +0, so the
+		// float16 bits do not depend on the order of the elements, and a
+		// group of zeros gets scale +0, never −0 (which decoders refuse).
 		mn, mx := v[0], v[0]
 		for _, x := range v[1:] {
 			if x < mn {
@@ -91,6 +92,7 @@ func (c groupCodec) encode(v []float32, w *bitWriter, deq []float32) (s16, m16 u
 			}
 		}
 		mn += 0
+		mx += 0
 		s16, m16 = safetensors.F32ToF16((mx-mn)/c.div), safetensors.F32ToF16(mn)
 		if s16&0x7c00 == 0x7c00 || m16&0x7c00 == 0x7c00 {
 			return 0, 0, fmt.Errorf("%w (group min %g, max %g)", ErrScaleOverflow, mn, mx)

@@ -307,3 +307,55 @@ func FuzzRowDecoder(f *testing.F) {
 		}
 	})
 }
+
+// TestSignedZeroGroupsDecode: a group of zeros that starts with −0 once got
+// the asymmetric scale −0, which every decoder refuses as corrupt. Each
+// scheme must write scale +0 and restore the zeros.
+func TestSignedZeroGroupsDecode(t *testing.T) {
+	for _, cfg := range []Config{
+		{GroupSize: 64, Scheme: SchemeAsym},
+		{GroupSize: 32, Scheme: SchemeAsym, KeyAxis: KeyAxisChannel},
+		{GroupSize: 64},
+		DefaultConfig(),
+	} {
+		t.Run(cfg.scheme()+"-"+cfg.keyAxis()+"-"+cfg.rotate(), func(t *testing.T) {
+			negZero := float32(math.Copysign(0, -1))
+			vals := make([]float32, 2*64*64)
+			for i := range vals {
+				vals[i] = float32(i%7) - 3
+				if i/64 == 5 || i%64 == 9 { // a zero row and a zero channel
+					vals[i] = 0
+					if i%2 == 0 {
+						vals[i] = negZero
+					}
+				}
+			}
+			data := f32Bytes(vals)
+			f := &safetensors.File{Tensors: []safetensors.Tensor{
+				{Name: "layer_0_key", DType: safetensors.F32, Shape: []int64{1, 2, 64, 64}, Data: data},
+				{Name: "layer_0_value", DType: safetensors.F32, Shape: []int64{1, 2, 64, 64}, Data: data},
+			}}
+			res, err := Compress(f, cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			restored, err := Decompress(asContainer(t, res), 1)
+			if err != nil {
+				t.Fatalf("the container does not decode: %v", err)
+			}
+			for _, rt := range restored.Tensors {
+				got := decode(t, &rt)
+				for i := range 64 {
+					// Groups run along the row, or along the channel for per-channel keys.
+					at := 5*64 + i
+					if rt.Name == "layer_0_key" && cfg.KeyAxis == KeyAxisChannel {
+						at = i*64 + 9
+					}
+					if v := got[at]; v != 0 {
+						t.Fatalf("%s: zero group restored as %g at element %d", rt.Name, v, at)
+					}
+				}
+			}
+		})
+	}
+}
