@@ -87,6 +87,7 @@ fuzz:
 	$(GOX) test -run '^$$' -fuzz FuzzDecompressIndex -fuzztime $(FUZZTIME) ./pkg/compression
 	$(GOX) test -run '^$$' -fuzz FuzzRowEncoder -fuzztime $(FUZZTIME) -fuzzminimizetime 200x ./pkg/compression
 	$(GOX) test -run '^$$' -fuzz FuzzRowDecoder -fuzztime $(FUZZTIME) -fuzzminimizetime 200x ./pkg/compression
+	$(GOX) test -run '^$$' -fuzz FuzzRoundTrip -fuzztime $(FUZZTIME) -fuzzminimizetime 200x ./pkg/compression
 
 # The codec frontier: every configuration of the sweep grid on the same windows.
 sweep: build-compress venv assets

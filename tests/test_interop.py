@@ -178,6 +178,16 @@ def test_signed_zero_groups_bit_exact(codec, tmp_path: Path, kv_compress_bin: st
         assert torch.all(zero_group == 0)  # keys: the zero channel (after the sink) or the zero row
 
 
+@pytest.mark.parametrize("codec", [SCHEMES["asym"], SCHEMES["all"]], ids=["asym", "all"])
+def test_cache_shorter_than_the_sink(codec, tmp_path: Path, kv_compress_bin: str) -> None:
+    # Every position is kept exact, so there are no groups: the container must still decode
+    # (an asym one once carried an empty minimums payload that the decoder refused).
+    cache = layers_to_cache(random_layers(2, 2, 1, 64, torch.float32, seed=3))
+    rebuilt, metrics = cb.roundtrip_kv_cache(cache, str(tmp_path), group_size=32, **{**codec, "sink": 2})
+    for (k, v), (k2, v2) in zip(cache_to_layers(cache), cache_to_layers(rebuilt)):
+        assert torch.equal(k, k2) and torch.equal(v, v2)
+
+
 def test_schemes_on_a_model_cache(tiny_llama, tiny_tokenizer, tmp_path: Path, kv_compress_bin: str) -> None:
     codec = dict(scheme="asym", rotate="hadamard", key_axis="channel", sink=1)
     cache, _ = extract_kv_cache(tiny_llama, tiny_tokenizer, "Valkyria Chronicles III is a tactical role-playing game.", device="cpu")

@@ -193,7 +193,7 @@ func compressGeneral(t *safetensors.Tensor, plan tensorPlan, cfg Config, ws *wor
 	}
 	e.Codes = add(SuffixCodes, enc.codes)
 	e.Scales = add(SuffixScales, enc.scales)
-	if enc.mins != nil {
+	if len(enc.mins) > 0 { // no groups (every position in the sink): no minimums, as the index rules say
 		e.Mins = add(SuffixMins, enc.mins)
 	}
 	if enc.sink != nil {
