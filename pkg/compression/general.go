@@ -262,7 +262,7 @@ type generalEncoding struct {
 
 // encodeGeneral quantizes t with plan p and measures the reconstruction.
 func encodeGeneral(t *safetensors.Tensor, p tensorPlan, sparsity float64, ws *generalScratch) (generalEncoding, error) {
-	if p.Scheme == SchemeSym && p.Bits == 4 && p.Axis == AxisLast && sparsity == 0 {
+	if p.Scheme == SchemeSym && p.Bits == 4 && sparsity == 0 {
 		if enc, ok := encodeSym4Rows(t, p, ws); ok {
 			return enc, nil
 		}
@@ -372,9 +372,10 @@ func encodeGeneral(t *safetensors.Tensor, p tensorPlan, sparsity float64, ws *ge
 // range: finite inputs near 3.4e38 can sum to Inf, and Inf − Inf gives NaN.
 var errRotationOverflow = fmt.Errorf("%w: the Hadamard rotation of a row leaves float32's range; use --rotate none", ErrScaleOverflow)
 
-// encodeSym4Rows is encodeGeneral for symmetric 4-bit groups along the last
-// axis (the default codec) through the vector row encoder. It returns false,
-// having written nothing the caller keeps, when that encoder declines.
+// encodeSym4Rows is encodeGeneral for symmetric 4-bit groups (the default
+// codec) through the vector encoders: rows for groups along the last axis,
+// channels for per-channel keys. It returns false, having written nothing the
+// caller keeps, when the vector encoder declines.
 func encodeSym4Rows(t *safetensors.Tensor, p tensorPlan, ws *generalScratch) (generalEncoding, bool) {
 	var enc generalEncoding
 	l := p.layout(t.Shape)
@@ -382,12 +383,16 @@ func encodeSym4Rows(t *safetensors.Tensor, p tensorPlan, ws *generalScratch) (ge
 	if p.Rotate == RotateHadamard {
 		rot = rotationFor(l.dim)
 	}
-	if !rowsSupported(t.DType, l.dim, p.Group, rot) {
+	group := p.Group
+	if p.Axis == AxisSeq {
+		group = 8 // groups run along the sequence; rows only need vectors of 8 channels
+	}
+	if !rowsSupported(t.DType, l.dim, group, rot) {
 		return enc, false
 	}
 	width := t.DType.Bits() / 8
 	seqBytes, sinkBytes := l.seq*l.dim*width, p.Sink*l.dim*width
-	codesPer, scalesPer := l.keep*l.dim/2, 2*l.keep*(l.dim/p.Group)
+	codesPer, scalesPer := l.keep*l.dim/2, 2*l.groups()/l.outer
 	enc.codes = make([]byte, l.outer*codesPer)
 	enc.scales = make([]byte, l.outer*scalesPer)
 	if p.Sink > 0 {
@@ -416,11 +421,15 @@ func encodeSym4Rows(t *safetensors.Tensor, p tensorPlan, ws *generalScratch) (ge
 			}
 			enc.stats.addGroup(&gs, len(ws.x))
 		}
-		job := rowJob{
-			src: t.Data[base+sinkBytes : base+seqBytes], dt: t.DType, dim: l.dim, group: p.Group, rot: rot,
-			codes: enc.codes[o*codesPer : (o+1)*codesPer], scales: enc.scales[o*scalesPer : (o+1)*scalesPer],
+		src := t.Data[base+sinkBytes : base+seqBytes]
+		codes, scales := enc.codes[o*codesPer:(o+1)*codesPer], enc.scales[o*scalesPer:(o+1)*scalesPer]
+		var ok bool
+		if p.Axis == AxisSeq {
+			ok = encodeChannels(channelJob{src: src, dt: t.DType, dim: l.dim, keep: l.keep, group: p.Group, rot: rot, codes: codes, scales: scales}, &enc.stats)
+		} else {
+			ok = encodeRows(rowJob{src: src, dt: t.DType, dim: l.dim, group: p.Group, rot: rot, codes: codes, scales: scales}, &enc.stats)
 		}
-		if !encodeRows(job, &enc.stats) {
+		if !ok {
 			return enc, false
 		}
 	}

@@ -70,6 +70,54 @@ func encodeRows(job rowJob, st *tensorStats) bool {
 	return true
 }
 
+// channelJob is one outer block of a tensor grouped along the sequence axis
+// (per-channel keys): keep rows of dim elements of dtype dt in src, rotated
+// along each row first when rot is not nil, then cut per channel into groups
+// of group consecutive positions (the last one shorter). codes receives the
+// keep·dim/2 bytes of the block, channel d's codes at nibbles [d·keep,
+// (d+1)·keep); scales the dim·⌈keep/group⌉ float16 scales, channel-major.
+type channelJob struct {
+	src    []byte
+	dt     safetensors.DType
+	dim    int
+	keep   int
+	group  int
+	rot    *rotation
+	codes  []byte
+	scales []byte
+}
+
+// encodeChannels is encodeRows for a channelJob (symmetric 4-bit only).
+func encodeChannels(job channelJob, st *tensorStats) bool {
+	if !rowsSupported(job.dt, job.dim, 8, job.rot) || job.group < 1 {
+		return false
+	}
+	var local tensorStats
+	if !encodeChannelsSIMD(&job, &local) {
+		return false
+	}
+	st.merge(local)
+	return true
+}
+
+// packNibbles writes 4-bit codes into dst from nibble index at on, low nibble
+// first; dst's bytes there must be zero.
+func packNibbles(dst []byte, at int, codes []byte) {
+	i := 0
+	if at%2 == 1 && len(codes) > 0 {
+		dst[at/2] |= codes[0] << 4
+		i, at = 1, at+1
+	}
+	out := dst[at/2:]
+	for ; i+1 < len(codes); i += 2 {
+		out[0] = codes[i] | codes[i+1]<<4
+		out = out[1:]
+	}
+	if i < len(codes) {
+		out[0] |= codes[i]
+	}
+}
+
 // rowDecodeJob is the inverse of a rowJob: it rebuilds rows·dim elements of
 // dtype dt into dst from codes and little-endian float16 scales.
 type rowDecodeJob struct {

@@ -9,3 +9,5 @@ const haveSIMD = false
 func encodeRowsSIMD(*rowJob, *tensorStats) bool { return false }
 
 func decodeRowsSIMD(*rowDecodeJob) bool { return false }
+
+func encodeChannelsSIMD(*channelJob, *tensorStats) bool { return false }

@@ -477,3 +477,88 @@ func decodeRowsSIMD(job *rowDecodeJob) bool {
 	}
 	return true
 }
+
+func encodeChannelsSIMD(job *channelJob, st *tensorStats) bool {
+	dim, keep, g := job.dim, job.keep, job.group
+	width := job.dt.Bits() / 8
+	x := make([]float32, keep*dim) // the block as read
+	w := make([]float32, keep*dim) // rotated, then the reconstruction
+	for t := range keep {
+		if !decodeRow(job.src[t*dim*width:(t+1)*dim*width], job.dt, x[t*dim:(t+1)*dim]) {
+			return false
+		}
+	}
+	copy(w, x)
+	var bf butterflies
+	if job.rot != nil {
+		bf = newButterflies()
+		for t := range keep {
+			row := w[t*dim : (t+1)*dim]
+			rotateForward(job.rot, &bf, row)
+			if groupMax(row) >= 0x7f800000 {
+				return false // the rotation overflowed: the scalar path reports it
+			}
+		}
+	}
+	groupsRow := (keep + g - 1) / g
+	clear(job.codes)
+	col := make([]byte, 8*keep) // the codes of 8 channels, one channel after another
+	absMask := archsimd.BroadcastUint32x8(0x7fffffff)
+	lo := archsimd.BroadcastFloat32x8(qmin)
+	hi := archsimd.BroadcastFloat32x8(qmax)
+	var mx [8]uint32
+	var div, live [8]float32
+	var q32 [8]int32
+	for cb := 0; cb < dim; cb += 8 {
+		for k := range groupsRow {
+			t0, t1 := k*g, min((k+1)*g, keep)
+			var m archsimd.Uint32x8
+			for t := t0; t < t1; t++ {
+				m = m.Max(archsimd.LoadFloat32x8Slice(w[t*dim+cb : t*dim+cb+8]).AsUint32x8().And(absMask))
+			}
+			m.Store(&mx)
+			for l := range 8 {
+				s16 := groupScale(math.Float32frombits(mx[l]))
+				if s16 == 0x7c00 {
+					return false // the scalar path reports the overflow
+				}
+				gi := (cb+l)*groupsRow + k
+				job.scales[2*gi], job.scales[2*gi+1] = byte(s16), byte(s16>>8)
+				// A zero scale gives code 0: divide by 1, then zero the lane.
+				div[l], live[l] = safetensors.F16ToF32(s16), 1
+				if s16 == 0 {
+					div[l], live[l] = 1, 0
+				}
+			}
+			sv, lv := archsimd.LoadFloat32x8(&div), archsimd.LoadFloat32x8(&live)
+			for t := t0; t < t1; t++ {
+				v := w[t*dim+cb : t*dim+cb+8]
+				q := archsimd.LoadFloat32x8Slice(v).Div(sv).RoundToEven().Max(lo).Min(hi).Mul(lv)
+				q.Mul(sv).StoreSlice(v)
+				q.ConvertToInt32().Store(&q32)
+				for l, c := range q32 {
+					col[l*keep+t] = byte(c) & 0xf
+				}
+			}
+		}
+		for l := range 8 {
+			packNibbles(job.codes, (cb+l)*keep, col[l*keep:(l+1)*keep])
+		}
+	}
+	var sums errorSums
+	for t := range keep {
+		y := w[t*dim : (t+1)*dim]
+		if job.rot != nil {
+			rotateInverse(job.rot, &bf, y)
+		}
+		if !roundToDType(y, job.dt) {
+			return false
+		}
+		sums.add(x[t*dim:(t+1)*dim], y)
+		if sums.pending >= vectorFlushEvery {
+			sums.flush(st)
+		}
+	}
+	sums.flush(st)
+	return true
+}

@@ -123,6 +123,9 @@ func TestRowEncoderMatchesScalar(t *testing.T) {
 				{"hadamard-G32-sink3", Config{GroupSize: 32, Rotate: RotateHadamard, Sink: 3}},
 				{"hadamard-G128", Config{GroupSize: 128, Rotate: RotateHadamard}},
 				{"sym-sink2", Config{GroupSize: 64, Sink: 2}},
+				{"channel-keys-default", Config{GroupSize: 64, Rotate: RotateHadamard, KeyAxis: KeyAxisChannel, Sink: 1}},
+				{"channel-keys-G32", Config{GroupSize: 32, KeyAxis: KeyAxisChannel}},
+				{"channel-keys-G128-sink3", Config{GroupSize: 128, Rotate: RotateHadamard, KeyAxis: KeyAxisChannel, Sink: 3}},
 			} {
 				if dim%c.cfg.GroupSize != 0 {
 					continue
@@ -233,6 +236,7 @@ func FuzzRowEncoder(f *testing.F) {
 	configs := []Config{
 		{GroupSize: 32}, {GroupSize: 64}, DefaultConfig(),
 		{GroupSize: 32, Rotate: RotateHadamard, Sink: 1}, {GroupSize: 64, Sink: 2},
+		{GroupSize: 64, Rotate: RotateHadamard, KeyAxis: KeyAxisChannel, Sink: 1}, {GroupSize: 32, KeyAxis: KeyAxisChannel},
 	}
 	dims := []int{8, 16, 32, 64}
 	f.Fuzz(func(t *testing.T, sel uint8, data []byte) {
