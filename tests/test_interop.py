@@ -143,6 +143,7 @@ SCHEMES = {
     "hadamard": dict(rotate="hadamard"),
     "asym": dict(scheme="asym"),
     "channel-keys-sink": dict(scheme="asym", key_axis="channel", sink=1),
+    "sym-channel-keys-rotated": dict(rotate="hadamard", key_axis="channel", sink=1),
     "all": dict(scheme="asym", rotate="hadamard", key_axis="channel", sink=2, key_bits=8, value_bits=3),
     "int2": dict(bits=2),
 }

@@ -89,7 +89,7 @@ type channelJob struct {
 
 // encodeChannels is encodeRows for a channelJob (symmetric 4-bit only).
 func encodeChannels(job channelJob, st *tensorStats) bool {
-	if !rowsSupported(job.dt, job.dim, 8, job.rot) || job.group < 1 {
+	if !rowsSupported(job.dt, job.dim, 8, job.rot) || job.group < 8 || job.group%8 != 0 {
 		return false
 	}
 	var local tensorStats
@@ -100,21 +100,29 @@ func encodeChannels(job channelJob, st *tensorStats) bool {
 	return true
 }
 
-// packNibbles writes 4-bit codes into dst from nibble index at on, low nibble
-// first; dst's bytes there must be zero.
-func packNibbles(dst []byte, at int, codes []byte) {
-	i := 0
-	if at%2 == 1 && len(codes) > 0 {
-		dst[at/2] |= codes[0] << 4
-		i, at = 1, at+1
+// packNibbles copies the first n 4-bit codes of src (packed two to a byte,
+// low nibble first) into dst from nibble index at on; dst's bytes there must
+// be zero.
+func packNibbles(dst []byte, at int, src []byte, n int) {
+	if n == 0 {
+		return
 	}
-	out := dst[at/2:]
-	for ; i+1 < len(codes); i += 2 {
-		out[0] = codes[i] | codes[i+1]<<4
-		out = out[1:]
+	if at%2 == 0 {
+		copy(dst[at/2:], src[:n/2])
+		if n%2 == 1 {
+			dst[at/2+n/2] |= src[n/2] & 0xf
+		}
+		return
 	}
-	if i < len(codes) {
-		out[0] |= codes[i]
+	// Odd start: every code moves up by one nibble.
+	out := dst[at/2 : (at+n+1)/2]
+	out[0] |= src[0] << 4
+	for i := 1; i < len(out); i++ {
+		b := src[i-1] >> 4
+		if 2*i < n {
+			b |= src[i] << 4
+		}
+		out[i] |= b
 	}
 }
 

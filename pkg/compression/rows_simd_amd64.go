@@ -502,14 +502,19 @@ func encodeChannelsSIMD(job *channelJob, st *tensorStats) bool {
 	}
 	groupsRow := (keep + g - 1) / g
 	clear(job.codes)
-	col := make([]byte, 8*keep) // the codes of 8 channels, one channel after another
+	// Each lane packs its channel's codes, 8 positions to a 32-bit word, low
+	// nibble first; col then holds the 8 channels' packed streams one after
+	// another, (keep+7)/8 words each.
+	wordsPer := (keep + 7) / 8
+	col := make([]byte, 8*4*wordsPer)
 	absMask := archsimd.BroadcastUint32x8(0x7fffffff)
+	nib := archsimd.BroadcastUint32x8(0xf)
 	lo := archsimd.BroadcastFloat32x8(qmin)
 	hi := archsimd.BroadcastFloat32x8(qmax)
-	var mx [8]uint32
+	var mx, words [8]uint32
 	var div, live [8]float32
-	var q32 [8]int32
 	for cb := 0; cb < dim; cb += 8 {
+		var acc archsimd.Uint32x8
 		for k := range groupsRow {
 			t0, t1 := k*g, min((k+1)*g, keep)
 			var m archsimd.Uint32x8
@@ -535,14 +540,19 @@ func encodeChannelsSIMD(job *channelJob, st *tensorStats) bool {
 				v := w[t*dim+cb : t*dim+cb+8]
 				q := archsimd.LoadFloat32x8Slice(v).Div(sv).RoundToEven().Max(lo).Min(hi).Mul(lv)
 				q.Mul(sv).StoreSlice(v)
-				q.ConvertToInt32().Store(&q32)
-				for l, c := range q32 {
-					col[l*keep+t] = byte(c) & 0xf
+				acc = acc.Or(q.ConvertToInt32().AsUint32x8().And(nib).ShiftAllLeft(uint64(4 * (t % 8))))
+				if t%8 == 7 || t == keep-1 {
+					acc.Store(&words)
+					for l, wd := range words {
+						o := 4 * (l*wordsPer + t/8)
+						col[o], col[o+1], col[o+2], col[o+3] = byte(wd), byte(wd>>8), byte(wd>>16), byte(wd>>24)
+					}
+					acc = archsimd.Uint32x8{}
 				}
 			}
 		}
 		for l := range 8 {
-			packNibbles(job.codes, (cb+l)*keep, col[l*keep:(l+1)*keep])
+			packNibbles(job.codes, (cb+l)*keep, col[4*l*wordsPer:], keep)
 		}
 	}
 	var sums errorSums
