@@ -175,7 +175,7 @@ def test_signed_zero_groups_bit_exact(codec, tmp_path: Path, kv_compress_bin: st
     assert_bit_exact(cache, rebuilt, metrics)
     for k2, v2 in cache_to_layers(rebuilt):
         assert torch.all(v2[:, :, 7, :] == 0)  # values: the zero row is a group
-        zero_group = k2[:, :, 1:, 5] if codec.get("key_axis") == "channel" else k2[:, :, 7, :]
+        zero_group = k2[:, :, 1:, 5] if metrics.codec["key_axis"] == "channel" else k2[:, :, 7, :]
         assert torch.all(zero_group == 0)  # keys: the zero channel (after the sink) or the zero row
 
 

@@ -601,3 +601,17 @@ def test_load_model_and_tokenizer_embedded_alias(embedded_ready, offline_hub, kv
     with torch.no_grad():
         logits = model(ids, past_key_values=restored, use_cache=True).logits
     assert torch.isfinite(logits).all() and metrics.compressed_size_bytes < metrics.original_size_bytes
+
+
+@pytest.mark.parametrize(
+    ("argv", "want"),
+    [
+        ([], {}),
+        (["--seed-scheme"], {"scheme": "sym", "rotate": "none", "key_axis": "token", "sink": 0}),
+        (["--seed-scheme", "--sink", "2", "--bits", "8"], {"scheme": "sym", "rotate": "none", "key_axis": "token", "sink": 2, "bits": 8}),
+        (["--key-axis", "token"], {"key_axis": "token"}),
+    ],
+    ids=["binary-defaults", "seed", "seed-with-explicit-flags", "one-flag"],
+)
+def test_codec_from_args(argv, want) -> None:
+    assert vp.codec_from_args(vp.build_parser().parse_args(argv)) == want

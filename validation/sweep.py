@@ -92,6 +92,7 @@ DEFAULT_GRID: List[SweepConfig] = [
     SweepConfig("asym-had-g64", _codec("asym", "hadamard", 64)),
     SweepConfig("asym-g64-kchan-sink1", _codec("asym", "none", 64, key_axis="channel", sink=1)),
     SweepConfig("asym-had-g64-kchan-sink1", _codec("asym", "hadamard", 64, key_axis="channel", sink=1)),
+    SweepConfig("sym-had-g64-kchan-sink1", _codec("sym", "hadamard", 64, key_axis="channel", sink=1)),
     SweepConfig("sym-had-g32", _codec("sym", "hadamard", 32)),
     SweepConfig("k8v4-sym-g64", _codec("sym", "none", 64, key_bits=8, value_bits=4)),
     SweepConfig("asym-had-3bit-g64", _codec("asym", "hadamard", 64, bits=3)),

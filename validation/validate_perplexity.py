@@ -1730,6 +1730,9 @@ def build_parser() -> argparse.ArgumentParser:
     codec.add_argument("--key-axis", choices=ALLOWED_KEY_AXES,
                        help="group keys along head_dim (token) or along the sequence per channel (channel)")
     codec.add_argument("--sink", type=int, metavar="N", help="first N positions of every tensor kept exact")
+    codec.add_argument("--seed-scheme", action="store_true",
+                       help="the seed's scheme: sym, no rotation, key axis token, no sink (explicit codec flags "
+                            "still apply)")
     codec.add_argument("--bits", type=int, choices=ALLOWED_BITS, help="code width of keys and values")
     codec.add_argument("--key-bits", type=int, choices=ALLOWED_BITS, help="code width of keys (overrides --bits)")
     codec.add_argument("--value-bits", type=int, choices=ALLOWED_BITS, help="code width of values (overrides --bits)")
@@ -1745,6 +1748,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def codec_from_args(args: argparse.Namespace) -> Dict[str, Any]:
+    """The codec options given on the command line; ``--seed-scheme`` fills in the seed's
+    scheme, rotation, key axis and sink wherever no flag names them."""
+    codec = {k: getattr(args, k) for k in CODEC_KEYS if getattr(args, k) is not None}
+    if args.seed_scheme:
+        codec = {**{k: SEED_CODEC[k] for k in ("scheme", "rotate", "key_axis", "sink")}, **codec}
+    return codec
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse flags, run, print; return the exit status (0 passed, 1 gate failed, 2 error)."""
     args = build_parser().parse_args(argv)
@@ -1753,7 +1765,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    codec = {k: getattr(args, k) for k in CODEC_KEYS if getattr(args, k) is not None}
+    codec = codec_from_args(args)
     try:
         if args.sweep_grid and not args.sweep:
             raise ValidationError(f"--sweep-grid {args.sweep_grid} needs --sweep")

@@ -81,6 +81,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	fs.IntVar(&o.cfg.Bits, "bits", compression.DefaultBits, "code width: 2, 3, 4 or 8")
 	fs.IntVar(&o.cfg.KeyBits, "key-bits", 0, "code width of key tensors (0: --bits)")
 	fs.IntVar(&o.cfg.ValueBits, "value-bits", 0, "code width of value tensors (0: --bits)")
+	seed := fs.Bool("seed-scheme", false, "the seed's scheme: sym, no rotation, key axis token, no sink (codec flags given explicitly still apply)")
 	fs.IntVar(&o.cfg.Workers, "workers", 0, "tensors processed in parallel (0: one per CPU)")
 	fs.BoolVar(&o.verbose, "verbose", false, "print per-tensor diagnostics to stderr")
 	fs.BoolVar(&o.verbose, "v", false, "same as --verbose")
@@ -94,6 +95,23 @@ func run(args []string, stdout, stderr io.Writer) int {
 			return exitOK
 		}
 		return fail(stdout, stderr, cmd, fmt.Errorf("%w: %v", errUsage, err))
+	}
+	if *seed { // the seed's codec, except where a flag says otherwise
+		set := map[string]bool{}
+		fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+		sc := compression.SeedConfig()
+		if !set["scheme"] {
+			o.cfg.Scheme = sc.Scheme
+		}
+		if !set["rotate"] {
+			o.cfg.Rotate = sc.Rotate
+		}
+		if !set["key-axis"] {
+			o.cfg.KeyAxis = sc.KeyAxis
+		}
+		if !set["sink"] {
+			o.cfg.Sink = sc.Sink
+		}
 	}
 	if fs.NArg() > 0 {
 		return fail(stdout, stderr, cmd, fmt.Errorf("%w: unexpected argument %q", errUsage, fs.Arg(0)))

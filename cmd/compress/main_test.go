@@ -61,7 +61,7 @@ func TestCLI(t *testing.T) {
 		{"inspect container", []string{"inspect", "-i", kvc}, 0, []string{"codec", "tensors", "kind"}, "", ""},
 		{"inspect plain", []string{"inspect", "-i", in}, 0, []string{"tensors", "kind"}, "", ""},
 		{"metrics writes nothing", []string{"metrics", "-i", in, "--group-size", "32"}, 0, []string{"rmse"}, "", ""},
-		{"strict gate", []string{"metrics", "-i", in, "--strict"}, 4, []string{"violations"}, "", "quality gate"},
+		{"strict gate", []string{"metrics", "-i", in, "--strict", "--rotate", "none", "--key-axis", "token", "--sink", "0"}, 4, []string{"violations"}, "", "quality gate"},
 		{"unknown flag", []string{"compress", "--level", "9"}, 2, []string{"error"}, "", "flag provided but not defined"},
 		{"no subcommand", []string{}, 2, []string{"error"}, "", "missing subcommand"},
 		{"unknown subcommand", []string{"squash"}, 2, []string{"error"}, "", "unknown subcommand"},
@@ -128,5 +128,31 @@ func TestCLI(t *testing.T) {
 	f32Data := 4 * 2 * 3 * 64 * 4 // four tensors of [1, 2, 3, 64] float32
 	if got, want := doc32["fp16_size_bytes"].(float64), doc32["original_size_bytes"].(float64)-float64(f32Data)/2; got != want {
 		t.Errorf("F32 input: fp16_size_bytes %v, want %v", got, want)
+	}
+}
+
+func TestSeedSchemeFlag(t *testing.T) {
+	in := filepath.Join("..", "..", "pkg", "compression", "testdata", "golden", "ties_f32.safetensors")
+	for _, c := range []struct {
+		name string
+		args []string
+		want map[string]any
+	}{
+		{"defaults", nil, map[string]any{"scheme": "sym", "rotate": "hadamard", "key_axis": "channel", "sink": 1.0}},
+		{"seed", []string{"--seed-scheme"}, map[string]any{"scheme": "sym", "rotate": "none", "key_axis": "token", "sink": 0.0}},
+		{"seed with an explicit flag", []string{"--seed-scheme", "--sink", "2"}, map[string]any{"rotate": "none", "key_axis": "token", "sink": 2.0}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			code, doc, stderr := runCLI(t, append([]string{"metrics", "-i", in, "--group-size", "32"}, c.args...)...)
+			if code != 0 {
+				t.Fatalf("exit %d: %s %v", code, stderr, doc["error"])
+			}
+			codec, _ := doc["codec"].(map[string]any)
+			for k, v := range c.want {
+				if codec[k] != v {
+					t.Errorf("codec %s = %v, want %v", k, codec[k], v)
+				}
+			}
+		})
 	}
 }

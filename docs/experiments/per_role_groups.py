@@ -9,7 +9,7 @@ same statistics as ``make sweep``) and replaces the binary's round trip by
 different plan and group size for keys and values. Each plan on its own is one the
 binary supports, and the reference matches the binary bit for bit.
 
-The first configuration runs through the real binary (the default codec) as a control.
+The first configuration runs through the real binary (its default codec) as a control.
 The table's size columns come from that call, so they are the same for every row and
 mean nothing for the others.
 
@@ -30,7 +30,8 @@ from validation.reference_codec import TensorPlan, encode_reference  # noqa: E40
 
 VALUES = (TensorPlan("sym", 4, "last", "hadamard", 1), 64)  # the default codec's values
 EXPERIMENTS = [  # name, (key plan, key group size), (value plan, value group size); None: real binary, default codec
-    ("default (binary)", None, None),
+    ("default (binary): per-channel keys", None, None),
+    ("keys sym rotated G64 along head_dim", (TensorPlan("sym", 4, "last", "hadamard", 1), 64), VALUES),
     ("keys asym per-channel G128", (TensorPlan("asym", 4, "seq", "none", 1), 128), VALUES),
     ("keys asym per-channel G128, rotated", (TensorPlan("asym", 4, "seq", "hadamard", 1), 128), VALUES),
     ("keys asym per-channel G256", (TensorPlan("asym", 4, "seq", "none", 1), 256), VALUES),
@@ -57,7 +58,8 @@ def main() -> None:
         return layers_to_cache(layers), control_metrics[0]
 
     sw.roundtrip_kv_cache = roundtrip
-    configs = [sw.SweepConfig(name, sw._codec("sym", "hadamard", 64, sink=1)) for name, _, _ in EXPERIMENTS]
+    # No codec options: the control row runs the binary's default codec.
+    configs = [sw.SweepConfig(name, {}) for name, _, _ in EXPERIMENTS]
     options = vp.ValidationOptions(device="cpu", model="embedded", dataset="embedded")
     console = vp.Console(True)
     inputs = vp.load_run_inputs(options, console, title="Per-role group sizes (reference codec)", steps=4)

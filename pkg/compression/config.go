@@ -60,7 +60,7 @@ const (
 	DefaultBits      = 4
 	DefaultScheme    = SchemeSym
 	DefaultRotate    = RotateHadamard
-	DefaultKeyAxis   = KeyAxisToken
+	DefaultKeyAxis   = KeyAxisChannel
 	DefaultSink      = 1
 )
 
