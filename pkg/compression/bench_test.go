@@ -70,7 +70,7 @@ func BenchmarkCompressScheme(b *testing.B) {
 	}{
 		{"default", DefaultConfig()},
 		{"hadamard", Config{GroupSize: 64, Rotate: RotateHadamard}},
-		{"hadamard-channel-keys-sink1", Config{GroupSize: 64, Rotate: RotateHadamard, KeyAxis: KeyAxisChannel, Sink: 1}},
+		{"hadamard-token-keys-sink1", Config{GroupSize: 64, Rotate: RotateHadamard, KeyAxis: KeyAxisToken, Sink: 1}},
 		{"asym", Config{GroupSize: 64, Scheme: SchemeAsym}},
 		{"hadamard-asym-channel-sink1", Config{GroupSize: 64, Rotate: RotateHadamard, Scheme: SchemeAsym, KeyAxis: KeyAxisChannel, Sink: 1}},
 	} {

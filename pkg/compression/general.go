@@ -425,7 +425,9 @@ func encodeSym4Rows(t *safetensors.Tensor, p tensorPlan, ws *generalScratch) (ge
 		codes, scales := enc.codes[o*codesPer:(o+1)*codesPer], enc.scales[o*scalesPer:(o+1)*scalesPer]
 		var ok bool
 		if p.Axis == AxisSeq {
-			ok = encodeChannels(channelJob{src: src, dt: t.DType, dim: l.dim, keep: l.keep, group: p.Group, rot: rot, codes: codes, scales: scales}, &enc.stats)
+			ws.t, ws.deq = grow(ws.t, p.Group*l.dim), grow(ws.deq, p.Group*l.dim)
+			job := channelJob{src: src, dt: t.DType, dim: l.dim, keep: l.keep, group: p.Group, rot: rot, codes: codes, scales: scales, x: ws.t, w: ws.deq}
+			ok = encodeChannels(job, &enc.stats)
 		} else {
 			ok = encodeRows(rowJob{src: src, dt: t.DType, dim: l.dim, group: p.Group, rot: rot, codes: codes, scales: scales}, &enc.stats)
 		}
@@ -438,7 +440,7 @@ func encodeSym4Rows(t *safetensors.Tensor, p tensorPlan, ws *generalScratch) (ge
 
 // decodeGeneral rebuilds a tensor's bytes from its raw payloads.
 func decodeGeneral(e *Entry, p tensorPlan, codes, scales, mins, sink []byte, dst []byte, ws *generalScratch) error {
-	if p.Scheme == SchemeSym && p.Bits == 4 && p.Axis == AxisLast && decodeSym4Rows(e, p, codes, scales, sink, dst) {
+	if p.Scheme == SchemeSym && p.Bits == 4 && decodeSym4Rows(e, p, codes, scales, sink, dst, ws) {
 		return nil
 	}
 	dt := safetensors.DType(e.DType)
@@ -488,22 +490,26 @@ func decodeGeneral(e *Entry, p tensorPlan, codes, scales, mins, sink []byte, dst
 	return nil
 }
 
-// decodeSym4Rows is decodeGeneral for symmetric 4-bit groups along the last
-// axis through the vector row decoder. It returns false when that decoder
+// decodeSym4Rows is decodeGeneral for symmetric 4-bit groups through the
+// vector decoders (rows, or channels for per-channel keys). It returns false when that decoder
 // declines; decodeGeneral then rewrites all of dst.
-func decodeSym4Rows(e *Entry, p tensorPlan, codes, scales, sink, dst []byte) bool {
+func decodeSym4Rows(e *Entry, p tensorPlan, codes, scales, sink, dst []byte, ws *generalScratch) bool {
 	dt := safetensors.DType(e.DType)
 	l := p.layout(e.Shape)
 	var rot *rotation
 	if p.Rotate == RotateHadamard {
 		rot = rotationFor(l.dim)
 	}
-	if !rowsSupported(dt, l.dim, p.Group, rot) {
+	group := p.Group
+	if p.Axis == AxisSeq {
+		group = 8 // as in encodeSym4Rows
+	}
+	if !rowsSupported(dt, l.dim, group, rot) {
 		return false
 	}
 	width := dt.Bits() / 8
 	seqBytes, sinkBytes := l.seq*l.dim*width, p.Sink*l.dim*width
-	codesPer, scalesPer := l.keep*l.dim/2, 2*l.keep*(l.dim/p.Group)
+	codesPer, scalesPer := l.keep*l.dim/2, 2*l.groups()/max(l.outer, 1)
 	if len(codes) != l.outer*codesPer || len(scales) != l.outer*scalesPer || len(sink) != l.outer*sinkBytes || len(dst) != l.outer*seqBytes {
 		return false
 	}
@@ -514,7 +520,14 @@ func decodeSym4Rows(e *Entry, p tensorPlan, codes, scales, sink, dst []byte) boo
 			codes: codes[o*codesPer : (o+1)*codesPer], scales: scales[o*scalesPer : (o+1)*scalesPer],
 			dt: dt, dim: l.dim, group: p.Group, rot: rot, dst: dst[base+sinkBytes : base+seqBytes],
 		}
-		if !decodeRows(job) {
+		ok := false
+		if p.Axis == AxisSeq {
+			ws.deq = grow(ws.deq, l.keep*l.dim)
+			ok = decodeChannels(job, l.keep, ws.deq)
+		} else {
+			ok = decodeRows(job)
+		}
+		if !ok {
 			return false
 		}
 	}

@@ -85,6 +85,8 @@ type channelJob struct {
 	rot    *rotation
 	codes  []byte
 	scales []byte
+	// x and w are working memory of at least group·dim elements each.
+	x, w []float32
 }
 
 // encodeChannels is encodeRows for a channelJob (symmetric 4-bit only).
@@ -146,6 +148,26 @@ func decodeRows(job rowDecodeJob) bool {
 		return false
 	}
 	return decodeRowsSIMD(&job)
+}
+
+// decodeChannels is decodeRows for per-channel groups: job.codes and
+// job.scales are laid out as in a channelJob, over keep positions; y is
+// working memory of at least keep·dim elements.
+func decodeChannels(job rowDecodeJob, keep int, y []float32) bool {
+	if !rowsSupported(job.dt, job.dim, 8, job.rot) || job.group < 8 || job.group%8 != 0 {
+		return false
+	}
+	return decodeChannelsSIMD(&job, keep, y[:keep*job.dim])
+}
+
+// nibbleWord returns the 8 codes (fewer, zero-padded, at the end of src) that
+// start at nibble index at of src, packed low nibble first into a uint32.
+func nibbleWord(src []byte, at int) uint32 {
+	var v uint64
+	for i, b := range src[at/2 : min(at/2+5, len(src))] {
+		v |= uint64(b) << (8 * i)
+	}
+	return uint32(v >> (4 * (at % 2)))
 }
 
 // scalesToBytes writes float16 scales as little-endian bytes.

@@ -10,4 +10,6 @@ func encodeRowsSIMD(*rowJob, *tensorStats) bool { return false }
 
 func decodeRowsSIMD(*rowDecodeJob) bool { return false }
 
+func decodeChannelsSIMD(*rowDecodeJob, int, []float32) bool { return false }
+
 func encodeChannelsSIMD(*channelJob, *tensorStats) bool { return false }

@@ -481,45 +481,51 @@ func decodeRowsSIMD(job *rowDecodeJob) bool {
 func encodeChannelsSIMD(job *channelJob, st *tensorStats) bool {
 	dim, keep, g := job.dim, job.keep, job.group
 	width := job.dt.Bits() / 8
-	x := make([]float32, keep*dim) // the block as read
-	w := make([]float32, keep*dim) // rotated, then the reconstruction
-	for t := range keep {
-		if !decodeRow(job.src[t*dim*width:(t+1)*dim*width], job.dt, x[t*dim:(t+1)*dim]) {
-			return false
-		}
-	}
-	copy(w, x)
+	groupsRow := (keep + g - 1) / g
+	// One group of positions at a time (g rows, a few KiB), so the block
+	// stays in cache: decode and rotate its rows, quantize each channel,
+	// then undo the rotation and measure.
+	x := job.x[:g*dim] // the rows as read
+	w := job.w[:g*dim] // rotated, then the reconstruction
 	var bf butterflies
 	if job.rot != nil {
 		bf = newButterflies()
-		for t := range keep {
-			row := w[t*dim : (t+1)*dim]
-			rotateForward(job.rot, &bf, row)
-			if groupMax(row) >= 0x7f800000 {
-				return false // the rotation overflowed: the scalar path reports it
-			}
-		}
 	}
-	groupsRow := (keep + g - 1) / g
-	clear(job.codes)
 	// Each lane packs its channel's codes, 8 positions to a 32-bit word, low
-	// nibble first; col then holds the 8 channels' packed streams one after
-	// another, (keep+7)/8 words each.
+	// nibble first; col holds every channel's packed stream, (keep+7)/8
+	// words each, until they are copied to their nibble offsets at the end.
 	wordsPer := (keep + 7) / 8
-	col := make([]byte, 8*4*wordsPer)
+	col := make([]byte, 4*dim*wordsPer)
 	absMask := archsimd.BroadcastUint32x8(0x7fffffff)
 	nib := archsimd.BroadcastUint32x8(0xf)
 	lo := archsimd.BroadcastFloat32x8(qmin)
 	hi := archsimd.BroadcastFloat32x8(qmax)
 	var mx, words [8]uint32
 	var div, live [8]float32
-	for cb := 0; cb < dim; cb += 8 {
-		var acc archsimd.Uint32x8
-		for k := range groupsRow {
-			t0, t1 := k*g, min((k+1)*g, keep)
+	var sums errorSums
+	for k := range groupsRow {
+		t0, t1 := k*g, min((k+1)*g, keep)
+		n := (t1 - t0) * dim
+		for t := t0; t < t1; t++ {
+			r := (t - t0) * dim
+			if !decodeRow(job.src[t*dim*width:(t+1)*dim*width], job.dt, x[r:r+dim]) {
+				return false
+			}
+		}
+		copy(w[:n], x[:n])
+		if job.rot != nil {
+			for r := 0; r < n; r += dim {
+				row := w[r : r+dim]
+				rotateForward(job.rot, &bf, row)
+				if groupMax(row) >= 0x7f800000 {
+					return false // the rotation overflowed: the scalar path reports it
+				}
+			}
+		}
+		for cb := 0; cb < dim; cb += 8 {
 			var m archsimd.Uint32x8
-			for t := t0; t < t1; t++ {
-				m = m.Max(archsimd.LoadFloat32x8Slice(w[t*dim+cb : t*dim+cb+8]).AsUint32x8().And(absMask))
+			for r := cb; r < n; r += dim {
+				m = m.Max(archsimd.LoadFloat32x8Slice(w[r : r+8]).AsUint32x8().And(absMask))
 			}
 			m.Store(&mx)
 			for l := range 8 {
@@ -536,39 +542,88 @@ func encodeChannelsSIMD(job *channelJob, st *tensorStats) bool {
 				}
 			}
 			sv, lv := archsimd.LoadFloat32x8(&div), archsimd.LoadFloat32x8(&live)
+			var acc archsimd.Uint32x8
 			for t := t0; t < t1; t++ {
-				v := w[t*dim+cb : t*dim+cb+8]
+				v := w[(t-t0)*dim+cb : (t-t0)*dim+cb+8]
 				q := archsimd.LoadFloat32x8Slice(v).Div(sv).RoundToEven().Max(lo).Min(hi).Mul(lv)
 				q.Mul(sv).StoreSlice(v)
 				acc = acc.Or(q.ConvertToInt32().AsUint32x8().And(nib).ShiftAllLeft(uint64(4 * (t % 8))))
-				if t%8 == 7 || t == keep-1 {
+				if t%8 == 7 || t == t1-1 {
 					acc.Store(&words)
 					for l, wd := range words {
-						o := 4 * (l*wordsPer + t/8)
+						o := 4 * ((cb+l)*wordsPer + t/8)
 						col[o], col[o+1], col[o+2], col[o+3] = byte(wd), byte(wd>>8), byte(wd>>16), byte(wd>>24)
 					}
 					acc = archsimd.Uint32x8{}
 				}
 			}
 		}
-		for l := range 8 {
-			packNibbles(job.codes, (cb+l)*keep, col[4*l*wordsPer:], keep)
-		}
-	}
-	var sums errorSums
-	for t := range keep {
-		y := w[t*dim : (t+1)*dim]
-		if job.rot != nil {
-			rotateInverse(job.rot, &bf, y)
-		}
-		if !roundToDType(y, job.dt) {
-			return false
-		}
-		sums.add(x[t*dim:(t+1)*dim], y)
-		if sums.pending >= vectorFlushEvery {
-			sums.flush(st)
+		for r := 0; r < n; r += dim {
+			y := w[r : r+dim]
+			if job.rot != nil {
+				rotateInverse(job.rot, &bf, y)
+			}
+			if !roundToDType(y, job.dt) {
+				return false
+			}
+			sums.add(x[r:r+dim], y)
+			if sums.pending >= vectorFlushEvery {
+				sums.flush(st)
+			}
 		}
 	}
 	sums.flush(st)
+	clear(job.codes)
+	for d := range dim {
+		packNibbles(job.codes, d*keep, col[4*d*wordsPer:], keep)
+	}
+	return true
+}
+
+func decodeChannelsSIMD(job *rowDecodeJob, keep int, y []float32) bool {
+	dim, g := job.dim, job.group
+	width := job.dt.Bits() / 8
+	groupsRow := (keep + g - 1) / g
+	nib := archsimd.BroadcastUint32x8(0xf)
+	var words [8]uint32
+	var scl [8]float32
+	for cb := 0; cb < dim; cb += 8 {
+		for k := range groupsRow {
+			for l := range 8 {
+				gi := (cb+l)*groupsRow + k
+				s16 := uint16(job.scales[2*gi]) | uint16(job.scales[2*gi+1])<<8
+				if s16&0x7c00 == 0x7c00 || s16&0x8000 != 0 {
+					return false // corrupt: the scalar path names the scale
+				}
+				scl[l] = safetensors.F16ToF32(s16)
+			}
+			sv := archsimd.LoadFloat32x8(&scl)
+			for t0 := k * g; t0 < min((k+1)*g, keep); t0 += 8 {
+				for l := range 8 {
+					words[l] = nibbleWord(job.codes, (cb+l)*keep+t0)
+				}
+				wv := archsimd.LoadUint32x8(&words)
+				for t := t0; t < min(t0+8, keep); t++ {
+					// Lane l takes code t−t0 of its word, sign-extended.
+					q := wv.ShiftAllRight(uint64(4 * (t - t0))).And(nib)
+					qi := q.ShiftAllLeft(28).AsInt32x8().ShiftAllRight(28)
+					qi.ConvertToFloat32().Mul(sv).StoreSlice(y[t*dim+cb : t*dim+cb+8])
+				}
+			}
+		}
+	}
+	var bf butterflies
+	if job.rot != nil {
+		bf = newButterflies()
+	}
+	for t := range keep {
+		row := y[t*dim : (t+1)*dim]
+		if job.rot != nil {
+			rotateInverse(job.rot, &bf, row)
+		}
+		if !encodeRow(row, job.dt, job.dst[t*dim*width:(t+1)*dim*width]) {
+			return false
+		}
+	}
 	return true
 }

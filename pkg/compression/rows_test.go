@@ -283,15 +283,23 @@ func FuzzRowDecoder(f *testing.F) {
 			p.Rotate = RotateNone
 		}
 		dim := 32 << (int(sel/9) % 3)
-		rowBytes := dim/2 + 2*dim/p.Group // codes and scales of one row
+		rowBytes := dim/2 + 2*dim/p.Group // codes and scales of one row (about, per channel)
 		rows := len(data) / rowBytes
 		seq := rows + p.Sink
 		if rows == 0 {
 			return
 		}
-		e := &Entry{Name: "layer_0_value", DType: string(dt), Shape: []int64{1, int64(seq), int64(dim)}}
-		codes := data[:rows*dim/2]
-		scales := data[rows*dim/2 : rows*rowBytes]
+		name := "layer_0_value"
+		if sel&0x40 != 0 { // per-channel keys: groups along the sequence
+			p.Axis, name = AxisSeq, "layer_0_key"
+		}
+		e := &Entry{Name: name, DType: string(dt), Shape: []int64{1, int64(seq), int64(dim)}}
+		nCodes, nScales, _, _ := p.payloadSizes(e.Shape, dt.Bits()/8)
+		if int64(len(data)) < nCodes+nScales {
+			return
+		}
+		codes := data[:nCodes]
+		scales := data[nCodes : nCodes+nScales]
 		sink := make([]byte, p.Sink*dim*dt.Bits()/8)
 		for i := range sink {
 			sink[i] = byte(i * 7)
