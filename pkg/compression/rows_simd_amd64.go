@@ -188,43 +188,6 @@ func maxLane(v archsimd.Uint32x8) uint32 {
 	return max(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7])
 }
 
-// roundToDType rounds each element of y to the precision of dt, as
-// safetensors.RoundTo does, and returns false if some element is too large
-// for that shortcut (|y| ≥ 65504 for float16), leaving y partly rounded.
-func roundToDType(y []float32, dt safetensors.DType) bool {
-	switch dt {
-	case safetensors.F16:
-		// Adding and subtracting C = 1.5·2^(e+13), where 2^e ≤ |y| (e ≥ −14,
-		// float16's smallest normal exponent), rounds y half to even at
-		// float16's spacing for that binade, 2^(e−10), subnormals included.
-		expMask := archsimd.BroadcastUint32x8(0x7f800000)
-		minExp := archsimd.BroadcastUint32x8(113 << 23)
-		offset := archsimd.BroadcastUint32x8(13<<23 | 0x400000)
-		absMask := archsimd.BroadcastUint32x8(0x7fffffff)
-		var mx archsimd.Uint32x8
-		for i := 0; i < len(y); i += 8 {
-			v := archsimd.LoadFloat32x8Slice(y[i : i+8])
-			u := v.AsUint32x8()
-			mx = mx.Max(u.And(absMask))
-			c := u.And(expMask).Max(minExp).Add(offset).AsFloat32x8()
-			v.Add(c).Sub(c).StoreSlice(y[i : i+8])
-		}
-		return maxLane(mx) < 0x477fe000 // below 65504: nothing rounds to Inf
-	case safetensors.BF16:
-		// Round half to even on the bit pattern; a carry into the exponent
-		// is the correct result (up to Inf, which cannot occur here).
-		one := archsimd.BroadcastUint32x8(1)
-		bias := archsimd.BroadcastUint32x8(0x7fff)
-		keep := archsimd.BroadcastUint32x8(0xffff0000)
-		for i := 0; i < len(y); i += 8 {
-			u := archsimd.LoadFloat32x8Slice(y[i : i+8]).AsUint32x8()
-			u = u.Add(bias).Add(u.ShiftAllRight(16).And(one)).And(keep)
-			u.AsFloat32x8().StoreSlice(y[i : i+8])
-		}
-	}
-	return true
-}
-
 // errorSums accumulates the error of a reconstruction in 8 float32 lanes,
 // flushed to the float64 totals every flushEvery elements.
 type errorSums struct {
@@ -235,18 +198,50 @@ type errorSums struct {
 
 const vectorFlushEvery = 1024 // 128 per lane, as often as the scalar paths flush
 
-func (s *errorSums) add(x, y []float32) {
+// add accumulates the error of reconstruction y against x, with each
+// element of y first rounded to the precision of dt, as safetensors.RoundTo
+// does (y itself is left as it is). It returns false if an element of y is
+// too large for that rounding (|y| ≥ 65504 for float16), with nothing added.
+func (s *errorSums) add(x, y []float32, dt safetensors.DType) bool {
 	absMask := archsimd.BroadcastUint32x8(0x7fffffff)
+	// Float16: adding and subtracting C = 1.5·2^(e+13), where 2^e ≤ |y| (e ≥
+	// −14, float16's smallest normal exponent), rounds y half to even at
+	// float16's spacing for that binade, 2^(e−10), subnormals included.
+	expMask := archsimd.BroadcastUint32x8(0x7f800000)
+	minExp := archsimd.BroadcastUint32x8(113 << 23)
+	offset := archsimd.BroadcastUint32x8(13<<23 | 0x400000)
+	// Bfloat16: round half to even on the bit pattern; a carry into the
+	// exponent is the correct result.
+	one := archsimd.BroadcastUint32x8(1)
+	bias := archsimd.BroadcastUint32x8(0x7fff)
+	keep := archsimd.BroadcastUint32x8(0xffff0000)
+	xx, ee, yy, me := s.xx, s.ee, s.yy, s.maxErr
+	var my archsimd.Uint32x8
 	for i := 0; i < len(x); i += 8 {
 		xv := archsimd.LoadFloat32x8Slice(x[i : i+8])
 		yv := archsimd.LoadFloat32x8Slice(y[i : i+8])
+		switch dt {
+		case safetensors.F16:
+			u := yv.AsUint32x8()
+			my = my.Max(u.And(absMask))
+			c := u.And(expMask).Max(minExp).Add(offset).AsFloat32x8()
+			yv = yv.Add(c).Sub(c)
+		case safetensors.BF16:
+			u := yv.AsUint32x8()
+			yv = u.Add(bias).Add(u.ShiftAllRight(16).And(one)).And(keep).AsFloat32x8()
+		}
 		e := xv.Sub(yv)
-		s.xx = s.xx.Add(xv.Mul(xv))
-		s.ee = s.ee.Add(e.Mul(e))
-		s.yy = s.yy.Add(yv.Mul(yv))
-		s.maxErr = s.maxErr.Max(e.AsUint32x8().And(absMask))
+		xx = xx.Add(xv.Mul(xv))
+		ee = ee.Add(e.Mul(e))
+		yy = yy.Add(yv.Mul(yv))
+		me = me.Max(e.AsUint32x8().And(absMask))
 	}
+	if dt == safetensors.F16 && maxLane(my) >= 0x477fe000 { // 65504: the shortcut could round to Inf
+		return false
+	}
+	s.xx, s.ee, s.yy, s.maxErr = xx, ee, yy, me
 	s.pending += len(x)
+	return true
 }
 
 func (s *errorSums) flush(st *tensorStats) {
@@ -350,10 +345,9 @@ func encodeRowsSIMD(job *rowJob, st *tensorStats) bool {
 		if job.rot != nil {
 			rotateInverse(job.rot, &bf, w)
 		}
-		if !roundToDType(w, job.dt) {
+		if !sums.add(x, w, job.dt) {
 			return false
 		}
-		sums.add(x, w)
 		if sums.pending >= vectorFlushEvery {
 			sums.flush(st)
 		}
@@ -515,11 +509,7 @@ func encodeChannelsSIMD(job *channelJob, st *tensorStats) bool {
 		copy(w[:n], x[:n])
 		if job.rot != nil {
 			for r := 0; r < n; r += dim {
-				row := w[r : r+dim]
-				rotateForward(job.rot, &bf, row)
-				if groupMax(row) >= 0x7f800000 {
-					return false // the rotation overflowed: the scalar path reports it
-				}
+				rotateForward(job.rot, &bf, w[r:r+dim])
 			}
 		}
 		for cb := 0; cb < dim; cb += 8 {
@@ -529,6 +519,9 @@ func encodeChannelsSIMD(job *channelJob, st *tensorStats) bool {
 			}
 			m.Store(&mx)
 			for l := range 8 {
+				if mx[l] >= 0x7f800000 {
+					return false // the rotation overflowed: the scalar path reports it
+				}
 				s16 := groupScale(math.Float32frombits(mx[l]))
 				if s16 == 0x7c00 {
 					return false // the scalar path reports the overflow
@@ -563,10 +556,9 @@ func encodeChannelsSIMD(job *channelJob, st *tensorStats) bool {
 			if job.rot != nil {
 				rotateInverse(job.rot, &bf, y)
 			}
-			if !roundToDType(y, job.dt) {
+			if !sums.add(x[r:r+dim], y, job.dt) {
 				return false
 			}
-			sums.add(x[r:r+dim], y)
 			if sums.pending >= vectorFlushEvery {
 				sums.flush(st)
 			}
