@@ -116,10 +116,16 @@ func packNibbles(dst []byte, at int, src []byte, n int) {
 		}
 		return
 	}
-	// Odd start: every code moves up by one nibble.
+	// Odd start: every code moves up by one nibble. Output byte i ≥ 1 is
+	// (src[i−1] >> 4) | (src[i] << 4): eight at a time, a 64-bit shift.
 	out := dst[at/2 : (at+n+1)/2]
 	out[0] |= src[0] << 4
-	for i := 1; i < len(out); i++ {
+	i := 1
+	for ; i+8 < len(out) && i+8 <= n/2; i += 8 {
+		v := binary.LittleEndian.Uint64(src[i-1:]) >> 4
+		binary.LittleEndian.PutUint64(out[i:], v|uint64(src[i+7])<<60)
+	}
+	for ; i < len(out); i++ {
 		b := src[i-1] >> 4
 		if 2*i < n {
 			b |= src[i] << 4

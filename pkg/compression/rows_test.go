@@ -375,3 +375,34 @@ func TestSignedZeroGroupsDecode(t *testing.T) {
 		})
 	}
 }
+
+// TestPackNibbles compares packNibbles with a nibble-at-a-time reference for
+// every start parity and length up to 80 codes, next to other data.
+func TestPackNibbles(t *testing.T) {
+	rng := rand.New(rand.NewPCG(3, 4))
+	for at := range 4 {
+		for n := range 80 {
+			codes := make([]byte, n)
+			for i := range codes {
+				codes[i] = byte(rng.IntN(16))
+			}
+			src := make([]byte, (n+1)/2+8) // packed, zero-padded as the encoder leaves it
+			for i, c := range codes {
+				src[i/2] |= c << (4 * (i % 2))
+			}
+			want := make([]byte, (at+n+9)/2)
+			if at > 0 { // a neighbour's code just before ours
+				want[(at-1)/2] |= 0xf << (4 * ((at - 1) % 2))
+			}
+			got := append([]byte(nil), want...)
+			for i, c := range codes {
+				k := at + i
+				want[k/2] |= c << (4 * (k % 2))
+			}
+			packNibbles(got, at, src, n)
+			if !bytes.Equal(got, want) {
+				t.Fatalf("at %d, n %d: got %x, want %x", at, n, got, want)
+			}
+		}
+	}
+}
