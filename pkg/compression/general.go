@@ -220,6 +220,7 @@ func init() {
 // generalScratch is reusable working memory of the general path.
 type generalScratch struct {
 	x, w, t, deq, mags []float32
+	packed             []byte
 }
 
 // toLayout copies the region w ([outer, keep, dim], row-major) into dst in
@@ -426,7 +427,8 @@ func encodeSym4Rows(t *safetensors.Tensor, p tensorPlan, ws *generalScratch) (ge
 		var ok bool
 		if p.Axis == AxisSeq {
 			ws.t, ws.deq = grow(ws.t, p.Group*l.dim), grow(ws.deq, p.Group*l.dim)
-			job := channelJob{src: src, dt: t.DType, dim: l.dim, keep: l.keep, group: p.Group, rot: rot, codes: codes, scales: scales, x: ws.t, w: ws.deq}
+			ws.packed = grow(ws.packed, 4*l.dim*((l.keep+7)/8))
+			job := channelJob{src: src, dt: t.DType, dim: l.dim, keep: l.keep, group: p.Group, rot: rot, codes: codes, scales: scales, x: ws.t, w: ws.deq, packed: ws.packed}
 			ok = encodeChannels(job, &enc.stats)
 		} else {
 			ok = encodeRows(rowJob{src: src, dt: t.DType, dim: l.dim, group: p.Group, rot: rot, codes: codes, scales: scales}, &enc.stats)

@@ -85,8 +85,10 @@ type channelJob struct {
 	rot    *rotation
 	codes  []byte
 	scales []byte
-	// x and w are working memory of at least group·dim elements each.
-	x, w []float32
+	// x and w are working memory of at least group·dim elements each, packed
+	// of 4·dim·⌈keep/8⌉ bytes.
+	x, w   []float32
+	packed []byte
 }
 
 // encodeChannels is encodeRows for a channelJob (symmetric 4-bit only).

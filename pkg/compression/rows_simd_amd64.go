@@ -489,7 +489,7 @@ func encodeChannelsSIMD(job *channelJob, st *tensorStats) bool {
 	// nibble first; col holds every channel's packed stream, (keep+7)/8
 	// words each, until they are copied to their nibble offsets at the end.
 	wordsPer := (keep + 7) / 8
-	col := make([]byte, 4*dim*wordsPer)
+	col := job.packed[:4*dim*wordsPer]
 	absMask := archsimd.BroadcastUint32x8(0x7fffffff)
 	nib := archsimd.BroadcastUint32x8(0xf)
 	lo := archsimd.BroadcastFloat32x8(qmin)
