@@ -373,13 +373,9 @@ func encodeGeneral(t *safetensors.Tensor, p tensorPlan, sparsity float64, ws *ge
 // range: finite inputs near 3.4e38 can sum to Inf, and Inf − Inf gives NaN.
 var errRotationOverflow = fmt.Errorf("%w: the Hadamard rotation of a row leaves float32's range; use --rotate none", ErrScaleOverflow)
 
-// encodeSym4Rows is encodeGeneral for symmetric 4-bit groups (the default
-// codec) through the vector encoders: rows for groups along the last axis,
-// channels for per-channel keys. It returns false, having written nothing the
-// caller keeps, when the vector encoder declines.
-func encodeSym4Rows(t *safetensors.Tensor, p tensorPlan, ws *generalScratch) (generalEncoding, bool) {
-	var enc generalEncoding
-	l := p.layout(t.Shape)
+// vectorPlan returns the rotation of a symmetric 4-bit plan and whether the
+// vector encoders and decoders take tensors of this dtype and layout.
+func vectorPlan(p tensorPlan, dt safetensors.DType, l layout) (*rotation, bool) {
 	var rot *rotation
 	if p.Rotate == RotateHadamard {
 		rot = rotationFor(l.dim)
@@ -388,7 +384,18 @@ func encodeSym4Rows(t *safetensors.Tensor, p tensorPlan, ws *generalScratch) (ge
 	if p.Axis == AxisSeq {
 		group = 8 // groups run along the sequence; rows only need vectors of 8 channels
 	}
-	if !rowsSupported(t.DType, l.dim, group, rot) {
+	return rot, rowsSupported(dt, l.dim, group, rot)
+}
+
+// encodeSym4Rows is encodeGeneral for symmetric 4-bit groups (the default
+// codec) through the vector encoders: rows for groups along the last axis,
+// channels for per-channel keys. It returns false, having written nothing the
+// caller keeps, when the vector encoder declines.
+func encodeSym4Rows(t *safetensors.Tensor, p tensorPlan, ws *generalScratch) (generalEncoding, bool) {
+	var enc generalEncoding
+	l := p.layout(t.Shape)
+	rot, ok := vectorPlan(p, t.DType, l)
+	if !ok {
 		return enc, false
 	}
 	width := t.DType.Bits() / 8
@@ -424,7 +431,6 @@ func encodeSym4Rows(t *safetensors.Tensor, p tensorPlan, ws *generalScratch) (ge
 		}
 		src := t.Data[base+sinkBytes : base+seqBytes]
 		codes, scales := enc.codes[o*codesPer:(o+1)*codesPer], enc.scales[o*scalesPer:(o+1)*scalesPer]
-		var ok bool
 		if p.Axis == AxisSeq {
 			ws.t, ws.deq = grow(ws.t, p.Group*l.dim), grow(ws.deq, p.Group*l.dim)
 			ws.packed = grow(ws.packed, 4*l.dim*((l.keep+7)/8))
@@ -493,20 +499,13 @@ func decodeGeneral(e *Entry, p tensorPlan, codes, scales, mins, sink []byte, dst
 }
 
 // decodeSym4Rows is decodeGeneral for symmetric 4-bit groups through the
-// vector decoders (rows, or channels for per-channel keys). It returns false when that decoder
-// declines; decodeGeneral then rewrites all of dst.
+// vector decoders (rows, or channels for per-channel keys). It returns false
+// when they decline; decodeGeneral then rewrites all of dst.
 func decodeSym4Rows(e *Entry, p tensorPlan, codes, scales, sink, dst []byte, ws *generalScratch) bool {
 	dt := safetensors.DType(e.DType)
 	l := p.layout(e.Shape)
-	var rot *rotation
-	if p.Rotate == RotateHadamard {
-		rot = rotationFor(l.dim)
-	}
-	group := p.Group
-	if p.Axis == AxisSeq {
-		group = 8 // as in encodeSym4Rows
-	}
-	if !rowsSupported(dt, l.dim, group, rot) {
+	rot, ok := vectorPlan(p, dt, l)
+	if !ok {
 		return false
 	}
 	width := dt.Bits() / 8
@@ -522,7 +521,6 @@ func decodeSym4Rows(e *Entry, p tensorPlan, codes, scales, sink, dst []byte, ws 
 			codes: codes[o*codesPer : (o+1)*codesPer], scales: scales[o*scalesPer : (o+1)*scalesPer],
 			dt: dt, dim: l.dim, group: p.Group, rot: rot, dst: dst[base+sinkBytes : base+seqBytes],
 		}
-		ok := false
 		if p.Axis == AxisSeq {
 			ws.deq = grow(ws.deq, l.keep*l.dim)
 			ok = decodeChannels(job, l.keep, ws.deq)
