@@ -400,7 +400,7 @@ func encodeSym4Rows(t *safetensors.Tensor, p tensorPlan, ws *generalScratch) (ge
 	}
 	width := t.DType.Bits() / 8
 	seqBytes, sinkBytes := l.seq*l.dim*width, p.Sink*l.dim*width
-	codesPer, scalesPer := l.keep*l.dim/2, 2*l.groups()/l.outer
+	codesPer, scalesPer := l.perOuter()
 	enc.codes = make([]byte, l.outer*codesPer)
 	enc.scales = make([]byte, l.outer*scalesPer)
 	if p.Sink > 0 {
@@ -510,7 +510,7 @@ func decodeSym4Rows(e *Entry, p tensorPlan, codes, scales, sink, dst []byte, ws 
 	}
 	width := dt.Bits() / 8
 	seqBytes, sinkBytes := l.seq*l.dim*width, p.Sink*l.dim*width
-	codesPer, scalesPer := l.keep*l.dim/2, 2*l.groups()/max(l.outer, 1)
+	codesPer, scalesPer := l.perOuter()
 	if len(codes) != l.outer*codesPer || len(scales) != l.outer*scalesPer || len(sink) != l.outer*sinkBytes || len(dst) != l.outer*seqBytes {
 		return false
 	}

@@ -6,9 +6,10 @@ import (
 	"github.com/kv-cache-p2p/validation/pkg/safetensors"
 )
 
-// This file holds the entry point of the vectorised row encoder: symmetric
-// 4-bit groups along the last axis, optionally after the Hadamard rotation.
-// That covers both the version-1 scheme and the default codec. The vector
+// This file holds the entry points of the vectorised encoders and decoders:
+// symmetric 4-bit groups along the last axis (rows) or, for per-channel keys,
+// along the sequence (channels), optionally after the Hadamard rotation. That
+// covers both the version-1 scheme and the default codec. The vector
 // code (rows_simd_amd64.go) exists only in builds with GOEXPERIMENT=simd on
 // amd64, runs only on CPUs with AVX2, and must produce the same bytes as the
 // scalar encoders; anything it does not handle, it declines, and the caller

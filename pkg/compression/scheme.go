@@ -143,6 +143,12 @@ func (p tensorPlan) layout(shape []int64) layout {
 func (l layout) quantized() int { return l.outer * l.keep * l.dim }
 func (l layout) groups() int    { return l.rows * l.groupsRow }
 
+// perOuter returns the bytes of 4-bit codes and of float16 scales that one
+// outer index ([seq, dim] block) takes.
+func (l layout) perOuter() (codes, scales int) {
+	return l.keep * l.dim / 2, 2 * l.groups() / max(l.outer, 1)
+}
+
 // payloadSizes returns the raw byte sizes of a plan's payloads for a tensor
 // of the given shape whose elements are width bytes wide.
 func (p tensorPlan) payloadSizes(shape []int64, width int) (codes, scales, mins, sink int64) {
