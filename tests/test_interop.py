@@ -13,6 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import make_tiny_llama
+from validation.compat import forward, output_cache
 from validation import compression_bridge as cb
 from validation.kv_cache_utils import cache_to_layers, extract_kv_cache, layers_to_cache, save_kv_cache
 from validation.reference_codec import encode_reference, plan_for
@@ -76,7 +77,7 @@ def test_model_cache_bit_exact_and_usable(group_size: int, tiny_llama, tiny_toke
     # The model continues from the reconstructed cache.
     next_ids = torch.tensor([[5, 6, 7]])
     with torch.no_grad():
-        out = tiny_llama(next_ids, past_key_values=rebuilt, use_cache=True)
+        out = forward(tiny_llama, rebuilt, input_ids=next_ids, use_cache=True)
     assert torch.isfinite(out.logits).all() and out.logits.shape == (1, 3, tiny_llama.config.vocab_size)
 
 

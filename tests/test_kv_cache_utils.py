@@ -17,6 +17,8 @@ import torch
 from safetensors.torch import save_file
 from transformers import DynamicCache
 
+from validation import compat
+from validation.compat import forward, output_cache
 from validation import kv_cache_utils as kvu
 from validation.kv_cache_utils import (
     KVCacheMetadata,
@@ -176,7 +178,7 @@ def test_layers_to_cache_uses_from_legacy_cache_when_present(monkeypatch):
             made.value_cache = [v for _, v in past]
             return made
 
-    monkeypatch.setattr(kvu, "DynamicCache", LegacyDynamicCache)
+    monkeypatch.setattr(compat, "DynamicCache", LegacyDynamicCache)
     layers = random_layers()
     cache = layers_to_cache(layers)
     assert isinstance(cache, LegacyDynamicCache)
@@ -193,10 +195,10 @@ def test_model_continues_from_rebuilt_cache(tiny_llama, tiny_tokenizer):
     ids = tiny_tokenizer(PROMPT, return_tensors="pt")["input_ids"]
     prefix, rest = ids[:, :-3], ids[:, -3:]
     with torch.no_grad():
-        original = tiny_llama(prefix, use_cache=True).past_key_values
+        original = output_cache(tiny_llama(prefix, use_cache=True))
         rebuilt = layers_to_cache([(k.clone(), v.clone()) for k, v in cache_to_layers(original)])
-        reference = tiny_llama(rest, past_key_values=copy.deepcopy(original), use_cache=True).logits
-        continued = tiny_llama(rest, past_key_values=rebuilt, use_cache=True).logits
+        reference = forward(tiny_llama, copy.deepcopy(original), input_ids=rest, use_cache=True).logits
+        continued = forward(tiny_llama, rebuilt, input_ids=rest, use_cache=True).logits
         full = tiny_llama(ids).logits
     torch.testing.assert_close(continued, reference, rtol=0, atol=1e-5)
     torch.testing.assert_close(continued, full[:, -3:], rtol=1e-4, atol=1e-4)
@@ -220,7 +222,7 @@ def test_extract_matches_direct_forward(extracted, tiny_llama, tiny_tokenizer):
     cache, _ = extracted
     ids = tiny_tokenizer(PROMPT, return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        direct = tiny_llama(ids, use_cache=True).past_key_values
+        direct = output_cache(tiny_llama(ids, use_cache=True))
     assert_layers_identical(cache_to_layers(cache), cache_to_layers(direct))
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from validation.compat import forward, output_cache
 from validation import validate_perplexity as vp
 from validation.compression_bridge import CompressionMetrics
 
@@ -599,7 +600,7 @@ def test_load_model_and_tokenizer_embedded_alias(embedded_ready, offline_hub, kv
     restored, metrics = roundtrip_kv_cache(cache, str(tmp_path))
     ids = tokenizer(" It", return_tensors="pt", add_special_tokens=False).input_ids
     with torch.no_grad():
-        logits = model(ids, past_key_values=restored, use_cache=True).logits
+        logits = forward(model, restored, input_ids=ids, use_cache=True).logits
     assert torch.isfinite(logits).all() and metrics.compressed_size_bytes < metrics.original_size_bytes
 
 

@@ -453,16 +453,18 @@ def dequantize_gguf(gguf: AssetFile, target: Path, verbose: bool = False) -> Emb
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from validation.compat import dtype_kwargs
+
     start = time.perf_counter()
     src_dir, name = os.path.dirname(gguf.path), os.path.basename(gguf.path)
     _log(verbose, f"    dequantizing {name} with transformers (one time, ~20 s)...")
     tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, **dtype_kwargs(torch.float32))
     config = loaded.config
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
     config._name_or_path = "SmolLM2-135M-Instruct"
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, **dtype_kwargs(torch.float32))
     model.load_state_dict(loaded.state_dict(), strict=True)
     model.eval()
     del loaded

@@ -13,11 +13,8 @@ float32 (exact: every bfloat16 value is a float32 value) and cast back on load, 
 save/load round trip is bit-identical for float16, float32 and bfloat16. The ``kv-compress``
 Go tool reads and writes the same layout (F16, BF16 or F32 tensors).
 
-``cache_to_layers`` and ``layers_to_cache`` are the only functions in the project that touch
-the internals of a transformers cache. They support both the 5.x API (``cache.layers[i].keys``
-/ ``.values``, built with ``DynamicCache()`` + ``cache.update``) and the 4.36-4.55 API
-(``cache.key_cache[i]`` / ``cache.value_cache[i]``, ``DynamicCache.from_legacy_cache``), plus
-legacy tuples of ``(key, value)`` pairs.
+Everything that touches a transformers cache's internals or the model's cache keyword lives in
+:mod:`validation.compat`; ``cache_to_layers`` and ``layers_to_cache`` are re-exported here.
 """
 
 from __future__ import annotations
@@ -32,7 +29,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import DynamicCache
+
+from validation.compat import KVLayers, cache_to_layers, forward, layers_to_cache, output_cache
 
 # TinyLlama-1.1B-Chat geometry: the default expectations of validate_kv_cache_shape.
 TINYLLAMA_NUM_LAYERS = 22
@@ -58,7 +57,6 @@ _TENSOR_NAME = re.compile(r"^layer_(0|[1-9][0-9]*)_(key|value)$")
 # Elements per chunk when computing statistics (32 MiB of float64 at a time).
 _STATS_CHUNK = 1 << 22
 
-KVLayers = List[Tuple[torch.Tensor, torch.Tensor]]
 
 
 # -----------------------------------------------------------------------------
@@ -127,83 +125,6 @@ def dtype_name(dtype: torch.dtype) -> str:
         return _DTYPE_NAMES[dtype]
     except KeyError:
         raise ValueError(f"KV cache dtype must be one of {sorted(DTYPES)}, got {dtype}") from None
-
-
-# -----------------------------------------------------------------------------
-# the compatibility layer: the only code that knows how a transformers cache stores tensors
-
-
-def cache_to_layers(cache: Any) -> KVLayers:
-    """Return the cache as ``[(key, value), ...]``, one pair per layer, each [batch, kv_heads, seq_len, head_dim].
-
-    Accepts a transformers ``DynamicCache`` of the 5.x API (``cache.layers[i].keys`` /
-    ``.values``) or of the 4.36-4.55 API (``cache.key_cache[i]`` / ``cache.value_cache[i]``),
-    or a legacy tuple/list of ``(key, value)`` pairs. The tensors are the cache's own, not
-    copies. Raises TypeError for anything else (including non-dynamic transformers caches,
-    whose tensors are padded) and ValueError for a layer without 4-D key and value tensors.
-    """
-    if isinstance(cache, Cache) and not isinstance(cache, DynamicCache):
-        raise TypeError(f"expected a DynamicCache or a tuple of (key, value) pairs, got {type(cache).__name__}")
-
-    if hasattr(cache, "layers") and not isinstance(cache, (tuple, list)):  # transformers >= 4.56 (5.x)
-        pairs = [(getattr(layer, "keys", None), getattr(layer, "values", None)) for layer in cache.layers]
-    elif hasattr(cache, "key_cache") and hasattr(cache, "value_cache"):  # transformers 4.36-4.55
-        if len(cache.key_cache) != len(cache.value_cache):
-            raise ValueError(
-                f"cache has {len(cache.key_cache)} key layers but {len(cache.value_cache)} value layers"
-            )
-        pairs = list(zip(cache.key_cache, cache.value_cache))
-    elif isinstance(cache, (tuple, list)):  # legacy format: ((k0, v0), (k1, v1), ...)
-        pairs = []
-        for i, item in enumerate(cache):
-            if not isinstance(item, (tuple, list)) or len(item) < 2:
-                raise TypeError(f"layer {i}: expected a (key, value) pair, got {type(item).__name__}")
-            pairs.append((item[0], item[1]))
-    else:
-        raise TypeError(f"expected a DynamicCache or a tuple of (key, value) pairs, got {type(cache).__name__}")
-
-    layers: KVLayers = []
-    for i, (k, v) in enumerate(pairs):
-        for kind, t in (("key", k), ("value", v)):
-            if not isinstance(t, torch.Tensor):
-                raise ValueError(f"layer {i} holds no {kind} tensor (got {type(t).__name__}); is the cache filled?")
-            if t.dim() != 4:
-                raise ValueError(
-                    f"layer {i} {kind} must be 4-D [batch, kv_heads, seq_len, head_dim], got shape {tuple(t.shape)}"
-                )
-        layers.append((k, v))
-    return layers
-
-
-def layers_to_cache(layers: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-    """Build a ``DynamicCache`` for the installed transformers from ``[(key, value), ...]``.
-
-    Each tensor is [batch, kv_heads, seq_len, head_dim]. transformers 4.x: built with
-    ``DynamicCache.from_legacy_cache``. transformers 5.x (which has no ``from_legacy_cache``):
-    ``DynamicCache()`` followed by ``cache.update(key, value, layer_idx)`` per layer, which
-    concatenates onto an empty tensor, so the cache holds copies. The result can be passed
-    to a model as ``past_key_values``.
-    """
-    pairs: KVLayers = []
-    for i, pair in enumerate(layers):
-        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-            raise ValueError(f"layer {i}: expected a (key, value) pair, got {type(pair).__name__}")
-        k, v = pair
-        for kind, t in (("key", k), ("value", v)):
-            if not isinstance(t, torch.Tensor) or t.dim() != 4:
-                shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ValueError(
-                    f"layer {i} {kind} must be a 4-D tensor [batch, kv_heads, seq_len, head_dim], got {shape}"
-                )
-        pairs.append((k, v))
-
-    from_legacy = getattr(DynamicCache, "from_legacy_cache", None)
-    if from_legacy is not None:  # transformers 4.x
-        return from_legacy(tuple(pairs))
-    cache = DynamicCache()  # transformers 5.x: layers are appended lazily by update()
-    for i, (k, v) in enumerate(pairs):
-        cache.update(k, v, i)
-    return cache
 
 
 # -----------------------------------------------------------------------------
@@ -426,9 +347,9 @@ def extract_kv_cache(
     if attention_mask is not None:
         kwargs["attention_mask"] = attention_mask.to(target)
     with torch.no_grad():
-        outputs = model(**kwargs)
+        outputs = forward(model, **kwargs)
 
-    cache = getattr(outputs, "past_key_values", None)
+    cache = output_cache(outputs)
     if cache is None or not cache_to_layers(cache):
         raise ValueError("model returned an empty KV cache; does it support use_cache=True?")
     if not isinstance(cache, DynamicCache):  # e.g. a legacy tuple from an old model implementation

@@ -45,7 +45,7 @@ import torch
 from validation import validate_perplexity as vp
 from validation.compression_bridge import codec_args, roundtrip_kv_cache
 from validation.diagnostics import SNRAccumulator, plot_snr_heatmap, pyplot_agg, save_figure
-from validation.kv_cache_utils import layers_to_cache
+from validation.compat import forward, layers_to_cache
 
 SWEEP_SCHEMA = "kv-cache-p2p/codec-sweep/v1"
 DEFAULT_OUT_DIR = "sweep-results"
@@ -226,7 +226,7 @@ def run_sweep_protocol(
 
                 t = time.perf_counter()
                 if scored_in.shape[1] > 0:  # baseline logits [batch, stride - 1, vocab], attending to a copy
-                    logits_b = model(input_ids=scored_in, past_key_values=layers_to_cache(layers), use_cache=True).logits
+                    logits_b = forward(model, layers_to_cache(layers), input_ids=scored_in, use_cache=True).logits
                 else:
                     logits_b = first_logits.new_empty(bsz, 0, first_logits.shape[-1])
                 shared["baseline_scoring"] += time.perf_counter() - t
@@ -245,7 +245,7 @@ def run_sweep_protocol(
 
                     t = time.perf_counter()
                     if scored_in.shape[1] > 0:
-                        logits_c = model(input_ids=scored_in, past_key_values=recon_cache, use_cache=True).logits
+                        logits_c = forward(model, recon_cache, input_ids=scored_in, use_cache=True).logits
                     else:
                         logits_c = logits_b
                     del recon_cache

@@ -63,7 +63,7 @@ from validation.compression_bridge import (
     codec_args,
 )
 from validation.diagnostics import HEATMAP_FILENAME, CacheDiagnostics, SNRAccumulator, plot_snr_heatmap
-from validation.kv_cache_utils import cache_to_layers, layers_to_cache
+from validation.compat import cache_to_layers, dtype_kwargs, forward, layers_to_cache, output_cache
 
 # -----------------------------------------------------------------------------
 # defaults
@@ -585,7 +585,7 @@ def load_model_and_tokenizer(
     dtype = dtype or default_dtype(dev)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_name, local_files_only=local_files_only)
-        model = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype, local_files_only=local_files_only)
+        model = AutoModelForCausalLM.from_pretrained(model_name, local_files_only=local_files_only, **dtype_kwargs(dtype))
     except (OSError, ValueError, EnvironmentError) as e:
         raise ValidationError(f"cannot load model {model_name!r}: {str(e).splitlines()[0]}") from e
     model.to(dev)
@@ -877,7 +877,7 @@ def prefill_contexts(model: Any, contexts: torch.Tensor, keep_arg: Optional[str]
     """Run the model over ``contexts`` ``[batch, context]`` with a cache, keeping only the last logits."""
     out = model(input_ids=contexts, use_cache=True, **({keep_arg: 1} if keep_arg else {}))
     first_logits = out.logits[:, -1, :]
-    cache = out.past_key_values
+    cache = output_cache(out)
     del out
     layers = cache_to_layers(cache)
     k0 = layers[0][0]
@@ -1003,9 +1003,9 @@ def run_protocol(
                 del prefill_cache, layers
                 scored_in = batch[:, context:max_length - 1]  # [batch, stride - 1]
                 if scored_in.shape[1] > 0:
-                    logits_b = model(input_ids=scored_in, past_key_values=baseline_cache, use_cache=True).logits
+                    logits_b = forward(model, baseline_cache, input_ids=scored_in, use_cache=True).logits
                     del baseline_cache
-                    logits_c = model(input_ids=scored_in, past_key_values=recon_cache, use_cache=True).logits
+                    logits_c = forward(model, recon_cache, input_ids=scored_in, use_cache=True).logits
                     del recon_cache
                 else:
                     vocab = first_logits.shape[-1]

@@ -1,0 +1,178 @@
+"""The one place that knows how the installed transformers release spells caches and keywords.
+
+transformers changed three things this package depends on, and each changed at a different
+release:
+
+* **The forward keyword for the cache.** Up to 5.2x a model takes ``past_key_values=``; 5.24+
+  takes ``cache=`` and warns (FutureWarning) on the old name, which 5.40 removes. 4.46-4.57
+  accept ``cache=`` through ``**kwargs`` and silently ignore it, so the model would attend to
+  no cache at all. :func:`cache_keyword` therefore decides from the model's forward
+  *signature*: ``cache`` must be a named parameter, not something swallowed by ``**kwargs``.
+* **The output attribute.** 5.24+ returns ``outputs.cache`` (``outputs.past_key_values`` is a
+  deprecated alias that logs a warning); older releases return ``outputs.past_key_values``.
+  :func:`output_cache` reads whichever the output class declares.
+* **The cache object.** 4.56+/5.x: ``cache.layers[i].keys`` / ``.values``, built with
+  ``DynamicCache()`` + ``cache.update``; 4.46-4.55: ``cache.key_cache[i]`` /
+  ``cache.value_cache[i]`` and ``DynamicCache.from_legacy_cache``. :func:`cache_to_layers`
+  and :func:`layers_to_cache` convert between either and plain ``[(key, value), ...]`` lists.
+* **The dtype keyword of ``from_pretrained``/``from_config``.** ``dtype=`` from 4.56, before
+  that ``torch_dtype=`` (older releases pass an unknown ``dtype`` on to the model's
+  constructor, which fails). :func:`dtype_kwargs` picks by release.
+
+Nothing else in ``validation/`` passes a cache to a model or reads one back except through
+these functions (``tests/test_compat.py`` checks it by grepping the package).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from functools import lru_cache
+from typing import Any, Dict, List, Sequence, Tuple
+
+import torch
+import transformers
+from transformers.cache_utils import Cache, DynamicCache
+
+# Oldest transformers release whose real runs this package supports (CI proves it: make test-compat).
+MIN_TRANSFORMERS = (4, 46)
+
+KVLayers = List[Tuple[torch.Tensor, torch.Tensor]]
+
+
+def transformers_version() -> Tuple[int, int]:
+    """The installed transformers release as ``(major, minor)``."""
+    parts = transformers.__version__.split(".")
+    return int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)
+
+
+def dtype_kwargs(dtype: Any) -> Dict[str, Any]:
+    """Keyword arguments that give ``from_pretrained``/``from_config`` the weights' dtype.
+
+    ``{"dtype": dtype}`` from transformers 4.56 on, ``{"torch_dtype": dtype}`` before.
+    """
+    return {"dtype": dtype} if transformers_version() >= (4, 56) else {"torch_dtype": dtype}
+
+
+@lru_cache(maxsize=64)
+def _forward_keyword(forward: Any) -> str:
+    try:
+        params = inspect.signature(forward).parameters
+    except (TypeError, ValueError):  # a builtin or C-implemented callable: assume the long-lived name
+        return "past_key_values"
+    named = {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    if "cache" in named:
+        return "cache"
+    return "past_key_values"
+
+
+def cache_keyword(model: Any) -> str:
+    """``"cache"`` when ``model.forward`` names a ``cache`` parameter, else ``"past_key_values"``.
+
+    Decided by signature, never by release number: 4.46-4.57 accept ``cache=`` through
+    ``**kwargs`` and ignore it, so only a named parameter counts.
+    """
+    forward = getattr(type(model), "forward", None) or getattr(model, "forward")
+    return _forward_keyword(forward)
+
+
+def cache_kwargs(model: Any, cache: Any) -> Dict[str, Any]:
+    """``{keyword: cache}`` for a call of ``model(...)`` or ``model.generate(...)``."""
+    return {cache_keyword(model): cache}
+
+
+def forward(model: Any, cache: Any = None, **kwargs: Any) -> Any:
+    """``model(**kwargs)`` with ``cache`` passed under the keyword this model takes (none if ``cache`` is None)."""
+    if cache is not None:
+        kwargs.update(cache_kwargs(model, cache))
+    return model(**kwargs)
+
+
+def output_cache(outputs: Any) -> Any:
+    """The cache a forward pass returned, read without touching deprecated aliases (None if it has none).
+
+    5.24+ output classes declare ``cache``; older ones ``past_key_values``. A plain tuple
+    output (``return_dict=False``) is not supported: its layout differs per model.
+    """
+    field_names = {f.name for f in dataclasses.fields(outputs)} if dataclasses.is_dataclass(outputs) else set()
+    for name in ("cache", "past_key_values"):
+        if name in field_names:
+            return outputs[name] if name in outputs.keys() else None
+    # Not a dataclass output (a custom model): fall back on what it holds, preferring the new name.
+    for name in ("cache", "past_key_values"):
+        if hasattr(outputs, "keys") and name in outputs.keys():
+            return outputs[name]
+    return getattr(outputs, "past_key_values", None)
+
+
+def cache_to_layers(cache: Any) -> KVLayers:
+    """Return the cache as ``[(key, value), ...]``, one pair per layer, each [batch, kv_heads, seq_len, head_dim].
+
+    Accepts a transformers ``DynamicCache`` of the 5.x API (``cache.layers[i].keys`` /
+    ``.values``) or of the 4.46-4.55 API (``cache.key_cache[i]`` / ``cache.value_cache[i]``),
+    or a legacy tuple/list of ``(key, value)`` pairs. The tensors are the cache's own, not
+    copies. Raises TypeError for anything else (including non-dynamic transformers caches,
+    whose tensors are padded) and ValueError for a layer without 4-D key and value tensors.
+    """
+    if isinstance(cache, Cache) and not isinstance(cache, DynamicCache):
+        raise TypeError(f"expected a DynamicCache or a tuple of (key, value) pairs, got {type(cache).__name__}")
+
+    if hasattr(cache, "layers") and not isinstance(cache, (tuple, list)):  # transformers >= 4.56 and 5.x
+        pairs = [(getattr(layer, "keys", None), getattr(layer, "values", None)) for layer in cache.layers]
+    elif hasattr(cache, "key_cache") and hasattr(cache, "value_cache"):  # transformers 4.46-4.55
+        if len(cache.key_cache) != len(cache.value_cache):
+            raise ValueError(
+                f"cache has {len(cache.key_cache)} key layers but {len(cache.value_cache)} value layers"
+            )
+        pairs = list(zip(cache.key_cache, cache.value_cache))
+    elif isinstance(cache, (tuple, list)):  # legacy format: ((k0, v0), (k1, v1), ...)
+        pairs = []
+        for i, item in enumerate(cache):
+            if not isinstance(item, (tuple, list)) or len(item) < 2:
+                raise TypeError(f"layer {i}: expected a (key, value) pair, got {type(item).__name__}")
+            pairs.append((item[0], item[1]))
+    else:
+        raise TypeError(f"expected a DynamicCache or a tuple of (key, value) pairs, got {type(cache).__name__}")
+
+    layers: KVLayers = []
+    for i, (k, v) in enumerate(pairs):
+        for kind, t in (("key", k), ("value", v)):
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"layer {i} holds no {kind} tensor (got {type(t).__name__}); is the cache filled?")
+            if t.dim() != 4:
+                raise ValueError(
+                    f"layer {i} {kind} must be 4-D [batch, kv_heads, seq_len, head_dim], got shape {tuple(t.shape)}"
+                )
+        layers.append((k, v))
+    return layers
+
+
+def layers_to_cache(layers: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    """Build a ``DynamicCache`` for the installed transformers from ``[(key, value), ...]``.
+
+    Each tensor is [batch, kv_heads, seq_len, head_dim]. transformers 4.x: built with
+    ``DynamicCache.from_legacy_cache``. transformers 5.x (which has no ``from_legacy_cache``):
+    ``DynamicCache()`` followed by ``cache.update(key, value, layer_idx)`` per layer, which
+    concatenates onto an empty tensor, so the cache holds copies. The result can be passed
+    to a model through :func:`forward` or :func:`cache_kwargs`.
+    """
+    pairs: KVLayers = []
+    for i, pair in enumerate(layers):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ValueError(f"layer {i}: expected a (key, value) pair, got {type(pair).__name__}")
+        k, v = pair
+        for kind, t in (("key", k), ("value", v)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4:
+                shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(
+                    f"layer {i} {kind} must be a 4-D tensor [batch, kv_heads, seq_len, head_dim], got {shape}"
+                )
+        pairs.append((k, v))
+
+    from_legacy = getattr(DynamicCache, "from_legacy_cache", None)
+    if from_legacy is not None:  # transformers 4.x
+        return from_legacy(tuple(pairs))
+    cache = DynamicCache()  # transformers 5.x: layers are appended lazily by update()
+    for i, (k, v) in enumerate(pairs):
+        cache.update(k, v, i)
+    return cache
