@@ -178,9 +178,9 @@ def test_cli_version(kv_compress_bin: str) -> None:
 
 def test_bench_labels_the_encoder(kv_compress_bin: str) -> None:
     from validation import bench
-    from validation import validate_perplexity as vp
+    from validation import reports
 
-    info = vp.kv_compress_version()
+    info = reports.kv_compress_version()
     label = bench._kv_compress_label(info)
     assert label.startswith(str(info["version"])) and f"({info['encoder']} encoder)" in label
     assert bench._kv_compress_label({"version": "abc"}) == "abc"  # binaries before the field

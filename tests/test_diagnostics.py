@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from validation import validate_perplexity as vp
+from validation import protocol
+from validation import quick_test
+from validation import stats
 from validation.diagnostics import (
     SNR_CAP_DB,
     CacheDiagnostics,
@@ -133,22 +135,22 @@ def test_heatmap_png_is_written(tmp_path: Path) -> None:
 
 
 def _windows(max_length: int = 96, stride: int = 32, count: int = 4) -> tuple[torch.Tensor, list[int]]:
-    ids = vp.synthetic_token_ids((count - 1) * stride + max_length, 512, 0)
-    return vp.make_windows(ids, max_length, stride, count)
+    ids = quick_test.synthetic_token_ids((count - 1) * stride + max_length, 512, 0)
+    return protocol.make_windows(ids, max_length, stride, count)
 
 
 @pytest.fixture(scope="module")
-def two_widths(kv_compress_bin: str, tiny_llama) -> dict[int, vp.ProtocolOutcome]:
+def two_widths(kv_compress_bin: str, tiny_llama) -> dict[int, protocol.ProtocolOutcome]:
     """The protocol on the tiny Llama with 8-bit and with 2-bit codes (otherwise the same explicit codec)."""
     windows, starts = _windows()
     out = {}
     for bits in (8, 2):
-        out[bits] = vp.run_protocol(tiny_llama, windows, 32, starts=starts, batch_windows=2, scheme="sym",
+        out[bits] = protocol.run_protocol(tiny_llama, windows, 32, starts=starts, batch_windows=2, scheme="sym",
                                     rotate="none", key_axis="token", sink=0, bits=bits, key_bits=bits, value_bits=bits)
     return out
 
 
-def test_protocol_reports_snr_per_layer_and_head(two_widths: dict[int, vp.ProtocolOutcome]) -> None:
+def test_protocol_reports_snr_per_layer_and_head(two_widths: dict[int, protocol.ProtocolOutcome]) -> None:
     diag = two_widths[8].diagnostics
     assert isinstance(diag, CacheDiagnostics)
     assert diag.key_snr_db.shape == (22, 4) and diag.value_snr_db.shape == (22, 4)  # conftest geometry
@@ -156,21 +158,21 @@ def test_protocol_reports_snr_per_layer_and_head(two_widths: dict[int, vp.Protoc
     assert np.isfinite(diag.key_snr_db).all() and np.isfinite(diag.value_snr_db).all()
 
 
-def test_eight_bit_codes_beat_two_bit_codes_on_every_layer_and_head(two_widths: dict[int, vp.ProtocolOutcome]) -> None:
+def test_eight_bit_codes_beat_two_bit_codes_on_every_layer_and_head(two_widths: dict[int, protocol.ProtocolOutcome]) -> None:
     hi, lo = two_widths[8].diagnostics, two_widths[2].diagnostics
     assert (hi.key_snr_db > lo.key_snr_db + 20).all()
     assert (hi.value_snr_db > lo.value_snr_db + 20).all()
 
 
-def test_overall_snr_agrees_with_the_binary(two_widths: dict[int, vp.ProtocolOutcome]) -> None:
+def test_overall_snr_agrees_with_the_binary(two_widths: dict[int, protocol.ProtocolOutcome]) -> None:
     """Our per-head sums, added up, give the SNR kv-compress reports over the same tensors."""
     for outcome in two_widths.values():
         ours = outcome.diagnostics.overall_snr_db
-        theirs = vp.aggregate_metrics(outcome.metrics)["snr_db"]
+        theirs = stats.aggregate_metrics(outcome.metrics)["snr_db"]
         assert ours == pytest.approx(theirs, abs=0.05)
 
 
 def test_diagnostics_can_be_switched_off(kv_compress_bin: str, tiny_llama) -> None:
     windows, starts = _windows(count=2)
-    outcome = vp.run_protocol(tiny_llama, windows, 32, starts=starts, snr_diagnostics=False)
+    outcome = protocol.run_protocol(tiny_llama, windows, 32, starts=starts, snr_diagnostics=False)
     assert outcome.diagnostics is None and math.isfinite(outcome.compressed_perplexity)

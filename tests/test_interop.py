@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import make_tiny_llama
-from validation.compat import forward, output_cache
+from validation.compat import forward
 from validation import compression_bridge as cb
 from validation.kv_cache_utils import cache_to_layers, extract_kv_cache, layers_to_cache, save_kv_cache
 from validation.reference_codec import encode_reference, plan_for

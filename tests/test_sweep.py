@@ -16,6 +16,12 @@ import pytest
 
 from validation import sweep
 from validation import validate_perplexity as vp
+from validation import models
+from validation import options as run_options
+from validation import protocol
+from validation import quick_test
+from validation import reports
+from validation import results
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ALL_KEYS = {"scheme", "rotate", "key_axis", "sink", "bits", "key_bits", "value_bits", "group_size", "sparsity"}
@@ -36,10 +42,10 @@ GRID = [
 ]
 
 
-def tiny_options(**over) -> vp.ValidationOptions:
+def tiny_options(**over) -> run_options.ValidationOptions:
     base = dict(max_length=96, stride=32, max_samples=4, batch_windows=2, cpu=True, threshold=0.5)
     base.update(over)
-    return vp.ValidationOptions(**base)
+    return run_options.ValidationOptions(**base)
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +53,10 @@ def tiny_sweep(kv_compress_bin: str, tiny_llama, tmp_path_factory: pytest.TempPa
     """The three-configuration GRID swept on the tiny Llama: (SweepOutcome, report, output folder)."""
     out = tmp_path_factory.mktemp("sweep")
     options = tiny_options()
-    ids = vp.synthetic_token_ids(3 * 32 + 96, 512, 0)
-    choice = vp.ModelChoice(None, "synthetic", "tiny", "tiny Llama", "test")
+    ids = quick_test.synthetic_token_ids(3 * 32 + 96, 512, 0)
+    choice = models.ModelChoice(None, "synthetic", "tiny", "tiny Llama", "test")
     outcome, report = sweep.run_sweep(
-        tiny_llama, ids, options, GRID, vp.Console(False), model_choice=choice,
+        tiny_llama, ids, options, GRID, reports.Console(False), model_choice=choice,
         corpus_info={"name": "synthetic ids", "source": "synthetic", "reason": "test"}, out_dir=str(out),
         progress=False, command="pytest",
     )
@@ -72,13 +78,13 @@ def test_every_config_shares_the_baseline(tiny_sweep) -> None:
 
 def test_shared_baseline_equals_a_single_run(kv_compress_bin: str, tiny_llama, tiny_sweep) -> None:
     outcome, report, _ = tiny_sweep
-    windows, starts = vp.make_windows(vp.synthetic_token_ids(3 * 32 + 96, 512, 0), 96, 32)
-    single = vp.run_protocol(tiny_llama, windows, 32, starts=starts, batch_windows=2, **{
+    windows, starts = protocol.make_windows(quick_test.synthetic_token_ids(3 * 32 + 96, 512, 0), 96, 32)
+    single = protocol.run_protocol(tiny_llama, windows, 32, starts=starts, batch_windows=2, **{
         k: v for k, v in GRID[0].codec.items() if k not in ("group_size", "sparsity")})
     assert outcome.baseline_perplexity == pytest.approx(single.baseline_perplexity, rel=1e-9)
     row = outcome.row("sym-8bit")
     assert row.compressed_perplexity == pytest.approx(single.compressed_perplexity, rel=1e-9)
-    assert row.disk_ratio_vs_fp16 == pytest.approx(vp.build_result(single).disk_ratio_vs_fp16, rel=1e-12)
+    assert row.disk_ratio_vs_fp16 == pytest.approx(results.build_result(single).disk_ratio_vs_fp16, rel=1e-12)
 
 
 def test_more_bits_hurt_less(tiny_sweep) -> None:
@@ -306,7 +312,7 @@ def test_embedded_model_sweep(kv_compress_bin: str, tmp_path: Path, monkeypatch:
     except assets.AssetUnavailableError as e:
         pytest.skip(f"embedded assets unavailable and cannot be fetched: {e}")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    options = vp.ValidationOptions(model="embedded", dataset="embedded", max_length=160, stride=32, max_samples=2,
+    options = run_options.ValidationOptions(model="embedded", dataset="embedded", max_length=160, stride=32, max_samples=2,
                                    batch_windows=2, cpu=True, plots=str(tmp_path))
     grid = [sweep.SweepConfig("sym-8bit", codec(bits=8)), sweep.SweepConfig("sym-2bit", codec(bits=2, group_size=32))]
     grid_file = tmp_path / "grid.json"

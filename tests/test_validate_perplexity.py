@@ -19,8 +19,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from validation.compat import forward, output_cache
+from validation.compat import forward
 from validation import validate_perplexity as vp
+from validation import cli
+from validation import corpora
+from validation import models
+from validation import options as run_options
+from validation import protocol
+from validation import quick_test
+from validation import results
+from validation import stats
 from validation.compression_bridge import CompressionMetrics
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -30,12 +38,12 @@ TINY_VOCAB = 512
 
 def token_ids(n: int, seed: int = 0) -> torch.Tensor:
     """Deterministic synthetic ids [n] for the conftest tiny Llama (vocab 512)."""
-    return vp.synthetic_token_ids(n, TINY_VOCAB, seed)
+    return quick_test.synthetic_token_ids(n, TINY_VOCAB, seed)
 
 
 def windows_for(max_length: int, stride: int, count: int, seed: int = 0) -> tuple[torch.Tensor, list[int]]:
     ids = token_ids((count - 1) * stride + max_length, seed)
-    return vp.make_windows(ids, max_length, stride, count)
+    return protocol.make_windows(ids, max_length, stride, count)
 
 
 @pytest.fixture(scope="module")
@@ -76,12 +84,12 @@ def offline_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     ids=["exactly-one", "too-short", "all-full-windows", "capped", "zero-means-all-tail-dropped", "odd-sizes"],
 )
 def test_plan_windows(num_tokens: int, max_length: int, stride: int, max_windows, expected: list[int]) -> None:
-    assert vp.plan_windows(num_tokens, max_length, stride, max_windows) == expected
+    assert protocol.plan_windows(num_tokens, max_length, stride, max_windows) == expected
 
 
 def test_make_windows_stacks_overlapping_slices() -> None:
     ids = torch.arange(20)
-    windows, starts = vp.make_windows(ids, 8, 4)
+    windows, starts = protocol.make_windows(ids, 8, 4)
     assert starts == [0, 4, 8, 12]
     assert windows.shape == (4, 8)
     assert torch.equal(windows[1], torch.arange(4, 12))
@@ -89,17 +97,17 @@ def test_make_windows_stacks_overlapping_slices() -> None:
 
 def test_make_windows_on_too_short_corpus_names_the_sizes() -> None:
     with pytest.raises(vp.ValidationError, match="7 tokens, fewer than one window of --max-length 8"):
-        vp.make_windows(torch.arange(7), 8, 4)
+        protocol.make_windows(torch.arange(7), 8, 4)
 
 
 def test_tokenize_prefix_matches_whole_text(tiny_tokenizer) -> None:
     text = "\n\n".join(f"Robert Boulter had a guest role in The Bill, part {i}." for i in range(300))
     full = torch.tensor(tiny_tokenizer(text)["input_ids"])
-    ids, chars = vp.tokenize_corpus(tiny_tokenizer, text, needed_tokens=200)
+    ids, chars = corpora.tokenize_corpus(tiny_tokenizer, text, needed_tokens=200)
     assert chars < len(text)
     assert ids.numel() >= 200
     assert torch.equal(ids[:200], full[:200])
-    whole, chars = vp.tokenize_corpus(tiny_tokenizer, text)
+    whole, chars = corpora.tokenize_corpus(tiny_tokenizer, text)
     assert chars == len(text) and torch.equal(whole, full)
 
 
@@ -117,8 +125,8 @@ def test_baseline_through_cache_equals_plain_forward(
 ) -> None:
     """Self-check: prefill + cached scoring gives the plain no-cache pass's NLL within 1e-4 relative (float32)."""
     windows, starts = windows_for(max_length, stride, count)
-    outcome = vp.run_protocol(tiny_llama, windows, stride, starts=starts, batch_windows=batch_windows)
-    plain = vp.plain_window_nlls(tiny_llama, windows, stride)
+    outcome = protocol.run_protocol(tiny_llama, windows, stride, starts=starts, batch_windows=batch_windows)
+    plain = protocol.plain_window_nlls(tiny_llama, windows, stride)
 
     assert [w.start for w in outcome.windows] == starts
     assert all(w.tokens == stride for w in outcome.windows)
@@ -133,14 +141,14 @@ def test_compute_perplexity_is_the_plain_pass(kv_compress_bin: str, tiny_llama) 
     windows, starts = windows_for(96, 32, 4)
     ids = token_ids(3 * 32 + 96)
     ppl = vp.compute_perplexity(tiny_llama, None, stride=32, max_samples=4, verbose=False, max_length=96, token_ids=ids)
-    outcome = vp.run_protocol(tiny_llama, windows, 32, starts=starts, batch_windows=4)
+    outcome = protocol.run_protocol(tiny_llama, windows, 32, starts=starts, batch_windows=4)
     assert ppl == pytest.approx(outcome.baseline_perplexity, rel=1e-4)
 
 
 def test_compressed_cache_changes_predictions_a_little(kv_compress_bin: str, tiny_llama) -> None:
     windows, starts = windows_for(96, 32, 4)
-    outcome = vp.run_protocol(tiny_llama, windows, 32, starts=starts, batch_windows=2)
-    result = vp.build_result(outcome, threshold=0.5)
+    outcome = protocol.run_protocol(tiny_llama, windows, 32, starts=starts, batch_windows=2)
+    result = results.build_result(outcome, threshold=0.5)
 
     assert outcome.kl_divergence > 0.0
     assert 0.5 < outcome.top1_agreement <= 1.0
@@ -154,8 +162,8 @@ def test_compressed_cache_changes_predictions_a_little(kv_compress_bin: str, tin
 
 def test_more_sparsity_hurts_more(kv_compress_bin: str, tiny_llama) -> None:
     windows, starts = windows_for(96, 32, 2)
-    dense = vp.run_protocol(tiny_llama, windows, 32, starts=starts, sparsity=0.0)
-    sparse = vp.run_protocol(tiny_llama, windows, 32, starts=starts, sparsity=0.5)
+    dense = protocol.run_protocol(tiny_llama, windows, 32, starts=starts, sparsity=0.0)
+    sparse = protocol.run_protocol(tiny_llama, windows, 32, starts=starts, sparsity=0.5)
     assert sparse.kl_divergence > dense.kl_divergence
     assert [w.nll_baseline for w in sparse.windows] == [w.nll_baseline for w in dense.windows]
 
@@ -163,7 +171,7 @@ def test_more_sparsity_hurts_more(kv_compress_bin: str, tiny_llama) -> None:
 def test_stride_one_scores_only_the_prefill_token(kv_compress_bin: str, tiny_llama) -> None:
     """With stride 1 the single scored token comes from the prefill, so both caches agree exactly."""
     windows, starts = windows_for(48, 1, 3)
-    outcome = vp.run_protocol(tiny_llama, windows, 1, starts=starts, batch_windows=3)
+    outcome = protocol.run_protocol(tiny_llama, windows, 1, starts=starts, batch_windows=3)
     assert outcome.scored_tokens == 3
     assert outcome.baseline_perplexity == outcome.compressed_perplexity
     assert outcome.kl_divergence == 0.0 and outcome.top1_agreement == 1.0
@@ -175,8 +183,8 @@ def test_protocol_on_cuda_half_precision(kv_compress_bin: str) -> None:
 
     model = make_tiny_llama(dtype=torch.float16).to("cuda")
     windows, starts = windows_for(96, 32, 4)
-    outcome = vp.run_protocol(model, windows, 32, starts=starts, batch_windows=2)
-    plain = vp.plain_window_nlls(model, windows, 32)
+    outcome = protocol.run_protocol(model, windows, 32, starts=starts, batch_windows=2)
+    plain = protocol.plain_window_nlls(model, windows, 32)
     assert outcome.cache_dtype == "float16"
     for w, reference in zip(outcome.windows, plain.tolist()):
         assert w.nll_baseline == pytest.approx(reference, rel=1e-2)
@@ -187,17 +195,17 @@ def test_protocol_on_cuda_half_precision(kv_compress_bin: str) -> None:
 # statistics
 
 
-def outcome_from(pairs: list[tuple[float, float]], tokens: int = 10) -> vp.ProtocolOutcome:
+def outcome_from(pairs: list[tuple[float, float]], tokens: int = 10) -> protocol.ProtocolOutcome:
     """A ProtocolOutcome with the given per-window (baseline, compressed) NLL sums."""
-    windows = [vp.WindowScore(i * tokens, tokens, b, c, 0.0, tokens) for i, (b, c) in enumerate(pairs)]
-    return vp.ProtocolOutcome(windows, [], {}, 4 * tokens, tokens, 1, 0, "float32", 1, 1, 1)
+    windows = [protocol.WindowScore(i * tokens, tokens, b, c, 0.0, tokens) for i, (b, c) in enumerate(pairs)]
+    return protocol.ProtocolOutcome(windows, [], {}, 4 * tokens, tokens, 1, 0, "float32", 1, 1, 1)
 
 
 def test_bootstrap_is_seeded_and_brackets_the_estimate() -> None:
     outcome = outcome_from([(20.0, 20.5), (25.0, 25.1), (22.0, 22.9), (18.0, 18.2), (30.0, 30.6)])
-    first = vp.paired_bootstrap_interval(outcome, resamples=500, seed=7)
-    assert first == vp.paired_bootstrap_interval(outcome, resamples=500, seed=7)
-    assert first != vp.paired_bootstrap_interval(outcome, resamples=500, seed=8)
+    first = stats.paired_bootstrap_interval(outcome, resamples=500, seed=7)
+    assert first == stats.paired_bootstrap_interval(outcome, resamples=500, seed=7)
+    assert first != stats.paired_bootstrap_interval(outcome, resamples=500, seed=8)
     delta = outcome.compressed_perplexity - outcome.baseline_perplexity
     assert first[0] <= delta <= first[1]
     assert first[0] > 0  # every window got worse
@@ -205,7 +213,7 @@ def test_bootstrap_is_seeded_and_brackets_the_estimate() -> None:
 
 def test_bootstrap_of_identical_windows_is_a_point() -> None:
     outcome = outcome_from([(20.0, 21.0)] * 4)
-    lo, hi = vp.paired_bootstrap_interval(outcome, resamples=200)
+    lo, hi = stats.paired_bootstrap_interval(outcome, resamples=200)
     delta = math.exp(2.1) - math.exp(2.0)
     assert lo == pytest.approx(delta) and hi == pytest.approx(delta)
 
@@ -218,7 +226,7 @@ def test_bootstrap_of_identical_windows_is_a_point() -> None:
 def test_passed_means_delta_strictly_below_threshold(compressed_nll: float, threshold: float, passed: bool) -> None:
     # 10 tokens per window: baseline PPL exp(2.0) = 7.389; compressed NLL 21 -> PPL exp(2.1) = 8.166 (delta 0.78)
     outcome = outcome_from([(20.0, compressed_nll)] * 3)
-    result = vp.build_result(outcome, threshold=threshold)
+    result = results.build_result(outcome, threshold=threshold)
     assert result.passed is passed
     assert result.threshold == threshold
     assert result.num_windows == 3 and result.scored_tokens == 30
@@ -242,7 +250,7 @@ def test_aggregate_metrics_weights_by_size() -> None:
     b = CompressionMetrics(compression_ratio=2.0, original_size_bytes=200, compressed_size_bytes=100, rmse=0.2,
                            snr_db=10.0, cosine_similarity=0.98, max_error=0.9, quality_level="POOR",
                            processing_time_ms=3.0, passed=False, violations=["snr_db 10 <= 18"], ratio_vs_fp16=1.0)
-    agg = vp.aggregate_metrics([a, b])
+    agg = stats.aggregate_metrics([a, b])
     assert agg["compression_ratio"] == pytest.approx(3.0)
     assert agg["ratio_vs_fp16"] == pytest.approx(1.5)  # (200 + 100 fp16-equivalent bytes) / 200 compressed
     assert agg["rmse"] == pytest.approx(math.sqrt((2 / 3) * 0.01 + (1 / 3) * 0.04))
@@ -258,14 +266,14 @@ def test_aggregate_metrics_weights_by_size() -> None:
 
 def test_hub_probe_respects_offline_mode(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert vp.hub_reachable("TinyLlama/TinyLlama-1.1B-Chat-v1.0") == (False, "HF_HUB_OFFLINE is set")
+    assert models.hub_reachable("TinyLlama/TinyLlama-1.1B-Chat-v1.0") == (False, "HF_HUB_OFFLINE is set")
 
 
 def test_hub_probe_gives_up_quickly_on_a_dead_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: connection refused
-    ok, why = vp.hub_reachable("owner/model", timeout=1.0)
+    ok, why = models.hub_reachable("owner/model", timeout=1.0)
     assert not ok and "127.0.0.1:9" in why
 
 
@@ -279,16 +287,16 @@ def test_hub_probe_gives_up_quickly_on_a_dead_endpoint(monkeypatch: pytest.Monke
 )
 def test_explicit_model_that_cannot_load_is_an_error(offline_hub, requested: str, message: str) -> None:
     with pytest.raises(vp.ValidationError, match=message):
-        vp.resolve_model(requested, hub_timeout=0.5)
+        models.resolve_model(requested, hub_timeout=0.5)
 
 
 def test_local_folder_without_config_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(vp.ValidationError, match="no config.json"):
-        vp.resolve_model(str(tmp_path))
+        models.resolve_model(str(tmp_path))
 
 
 def test_text_file_is_used_as_is(corpus_file: Path) -> None:
-    corpus = vp.load_corpus(text_file=str(corpus_file))
+    corpus = corpora.load_corpus(text_file=str(corpus_file))
     assert corpus.text == corpus_file.read_text(encoding="utf-8")
     assert corpus.source == "file" and corpus.name == "notes.txt"
     assert corpus.details["file_sha256"] == corpus.sha256  # the bytes are the text
@@ -308,7 +316,7 @@ def test_corpus_errors(offline_hub, tmp_path: Path, kwargs: dict, message: str) 
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     kwargs = {k: v.format(tmp=tmp_path) for k, v in kwargs.items()}
     with pytest.raises(vp.ValidationError, match=message):
-        vp.load_corpus(**kwargs, hub_timeout=0.5)
+        corpora.load_corpus(**kwargs, hub_timeout=0.5)
 
 
 # -----------------------------------------------------------------------------
@@ -381,7 +389,7 @@ def test_cli_local_model_and_text_file(
     assert "model.safetensors" in report["model"]["files"]
     assert report["model"]["dtype"] == "float32" and report["model"]["device"] == "cpu"
     assert report["tokenizer"]["class"] and report["corpus"]["source"] == "file"
-    assert report["corpus"]["sha256"] == vp.load_corpus(text_file=str(corpus_file)).sha256
+    assert report["corpus"]["sha256"] == corpora.load_corpus(text_file=str(corpus_file)).sha256
     assert report["protocol"]["windows"] == 5 and report["protocol"]["scored_tokens"] == 80
     assert report["protocol"]["window_starts"] == [0, 16, 32, 48, 64]
     assert report["codec"]["group_size"] == 64 and report["codec"]["aggregate"]["calls"] == 3
@@ -441,9 +449,9 @@ def embedded_ready() -> None:
 
 @pytest.mark.slow
 def test_default_model_offline_is_the_embedded_one(embedded_ready, offline_hub) -> None:
-    if vp.hf_cache_snapshot(vp.DEFAULT_MODEL) is not None:
+    if models.hf_cache_snapshot(run_options.DEFAULT_MODEL) is not None:
         pytest.skip("TinyLlama is in the local Hugging Face cache, so it is the default here")
-    choice = vp.resolve_model(None, hub_timeout=0.5)
+    choice = models.resolve_model(None, hub_timeout=0.5)
     assert choice.source == "embedded" and choice.requested is None
     assert "HF_HUB_OFFLINE" in choice.reason and "embedded" in choice.reason
     assert choice.revision and "sha256:" in choice.revision
@@ -451,7 +459,7 @@ def test_default_model_offline_is_the_embedded_one(embedded_ready, offline_hub) 
 
 @pytest.mark.slow
 def test_default_corpus_offline_is_the_embedded_one(embedded_ready, offline_hub) -> None:
-    corpus = vp.load_corpus(hub_timeout=0.5)
+    corpus = corpora.load_corpus(hub_timeout=0.5)
     assert corpus.source == "embedded" and "embedded" in corpus.reason
     assert "<doc" not in corpus.text[:10000]
 
@@ -504,7 +512,7 @@ def test_codec_flags_reach_the_binary(
     result = report["result"]
     assert result["bits_per_element"] > 0 and result["disk_ratio_vs_fp16"] > 1.0
     assert result["bits_per_element"] == pytest.approx(report["codec"]["bits_per_element"])
-    assert "Codec:" in stdout and "Ratio vs float16:" in stdout and vp.describe_codec(resolved) in stdout
+    assert "Codec:" in stdout and "Ratio vs float16:" in stdout and run_options.describe_codec(resolved) in stdout
 
 
 def test_default_run_leaves_the_codec_to_the_binary_and_reports_snr(
@@ -565,11 +573,11 @@ def test_aggregate_metrics_disk_ratio_and_bits_per_element() -> None:
                            rmse=0.1, snr_db=20.0, cosine_similarity=0.99, max_error=0.1, quality_level="GOOD")
     b = CompressionMetrics(original_size_bytes=400, compressed_size_bytes=100, fp16_size_bytes=200, bits_per_element=7.0,
                            rmse=0.1, snr_db=20.0, cosine_similarity=0.99, max_error=0.1, quality_level="GOOD")
-    agg = vp.aggregate_metrics([a, b])
+    agg = stats.aggregate_metrics([a, b])
     assert agg["disk_ratio_vs_fp16"] == pytest.approx(600 / 200)
     assert agg["fp16_size_bytes"] == 600
     assert agg["bits_per_element"] == pytest.approx((4.0 * 400 + 7.0 * 200) / 600)
-    missing = vp.aggregate_metrics([CompressionMetrics(original_size_bytes=8, compressed_size_bytes=2)])
+    missing = stats.aggregate_metrics([CompressionMetrics(original_size_bytes=8, compressed_size_bytes=2)])
     assert math.isnan(missing["disk_ratio_vs_fp16"]) and math.isnan(missing["bits_per_element"])
 
 
@@ -585,7 +593,7 @@ def test_aggregate_metrics_disk_ratio_and_bits_per_element() -> None:
     ids=["full", "mixed-bits-old-fields-missing", "none"],
 )
 def test_describe_codec(codec, text: str) -> None:
-    assert vp.describe_codec(codec).startswith(text)
+    assert run_options.describe_codec(codec).startswith(text)
 
 
 @pytest.mark.slow
@@ -615,4 +623,4 @@ def test_load_model_and_tokenizer_embedded_alias(embedded_ready, offline_hub, kv
     ids=["binary-defaults", "seed", "seed-with-explicit-flags", "one-flag"],
 )
 def test_codec_from_args(argv, want) -> None:
-    assert vp.codec_from_args(vp.build_parser().parse_args(argv)) == want
+    assert cli.codec_from_args(cli.build_parser().parse_args(argv)) == want

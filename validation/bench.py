@@ -34,7 +34,14 @@ if __package__ in (None, ""):
 
 import torch
 
-from validation import validate_perplexity as vp
+from validation import corpora
+from validation import jsonio
+from validation import models
+from validation import options as run_options
+from validation import protocol
+from validation import reports
+from validation import results
+from validation import stats
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RATIO_TARGET = 1.5
@@ -63,7 +70,7 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def run_cli(options: vp.ValidationOptions, out_dir: str) -> Dict[str, Any]:
+def run_cli(options: run_options.ValidationOptions, out_dir: str) -> Dict[str, Any]:
     """Run the validation command in a fresh process; return its wall time, exit code and JSON report."""
     report_path = os.path.join(out_dir, "cli.json")
     cmd = [sys.executable, "validation/validate_perplexity.py", "--model", "embedded", "--dataset", "embedded",
@@ -82,41 +89,41 @@ def run_cli(options: vp.ValidationOptions, out_dir: str) -> Dict[str, Any]:
             "verdict": proc.stdout.strip(), "report": report}
 
 
-def measure_in_process(options: vp.ValidationOptions, repeats: int) -> Dict[str, Any]:
+def measure_in_process(options: run_options.ValidationOptions, repeats: int) -> Dict[str, Any]:
     """Load the embedded model once; time the protocol and the plain pass over the same windows."""
-    dev = vp.select_device(options.device, options.cpu)
-    choice = vp.resolve_model("embedded")
+    dev = models.select_device(options.device, options.cpu)
+    choice = models.resolve_model("embedded")
     t = time.perf_counter()
-    model, tokenizer = vp.load_model_and_tokenizer(choice.name_or_path, str(dev), local_files_only=True)
+    model, tokenizer = models.load_model_and_tokenizer(choice.name_or_path, str(dev), local_files_only=True)
     load_s = time.perf_counter() - t
-    corpus = vp.load_corpus("embedded")
+    corpus = corpora.load_corpus("embedded")
     needed = (options.max_samples - 1) * options.stride + options.max_length
-    ids, _ = vp.tokenize_corpus(tokenizer, corpus.text, needed)
-    windows, starts = vp.make_windows(ids, options.max_length, options.stride, options.max_samples)
+    ids, _ = corpora.tokenize_corpus(tokenizer, corpus.text, needed)
+    windows, starts = protocol.make_windows(ids, options.max_length, options.stride, options.max_samples)
     with torch.inference_mode():  # warm-up: first-call allocations and kernel selection
         model(input_ids=windows[:1, :128].to(dev))
 
     plain_s: List[float] = []
     protocol_s: List[float] = []
-    outcomes: List[vp.ProtocolOutcome] = []
+    outcomes: List[protocol.ProtocolOutcome] = []
     plain_ppl = None
     for r in range(repeats):
         order = ("plain", "protocol") if r % 2 == 0 else ("protocol", "plain")
         for what in order:
             t = time.perf_counter()
             if what == "plain":
-                nll = vp.plain_window_nlls(model, windows, options.stride)
+                nll = protocol.plain_window_nlls(model, windows, options.stride)
                 plain_s.append(time.perf_counter() - t)
                 plain_ppl = float(torch.exp(nll.sum() / (windows.shape[0] * options.stride)))
             else:
-                outcomes.append(vp.run_protocol(
+                outcomes.append(protocol.run_protocol(
                     model, windows, options.stride, starts=starts, group_size=options.group_size,
                     sparsity=options.sparsity, batch_windows=options.batch_windows,
                 ))
                 protocol_s.append(time.perf_counter() - t)
     best = min(range(len(outcomes)), key=lambda i: protocol_s[i])
     outcome = outcomes[best]
-    result = vp.build_result(outcome, options.threshold, options.seed, options.bootstrap_resamples,
+    result = results.build_result(outcome, options.threshold, options.seed, options.bootstrap_resamples,
                              model_name=choice.display_name, corpus_name=corpus.name)
     return {
         "model_load_s": load_s,
@@ -125,7 +132,7 @@ def measure_in_process(options: vp.ValidationOptions, repeats: int) -> Dict[str,
         "protocol_timings": [o.timings for o in outcomes],
         "plain_ppl": plain_ppl,
         "result": result.to_dict(),
-        "ratio_vs_fp16": vp.aggregate_metrics(outcome.metrics).get("ratio_vs_fp16", float("nan")),
+        "ratio_vs_fp16": stats.aggregate_metrics(outcome.metrics).get("ratio_vs_fp16", float("nan")),
         "windows": len(starts),
         "scored_tokens": outcome.scored_tokens,
         "cache_bytes": outcome.cache_bytes,
@@ -133,7 +140,7 @@ def measure_in_process(options: vp.ValidationOptions, repeats: int) -> Dict[str,
     }
 
 
-def summarize(cli: Optional[Dict[str, Any]], inproc: Dict[str, Any], options: vp.ValidationOptions) -> Dict[str, Any]:
+def summarize(cli: Optional[Dict[str, Any]], inproc: Dict[str, Any], options: run_options.ValidationOptions) -> Dict[str, Any]:
     """Medians and ratios from the raw measurements."""
     plain = statistics.median(inproc["plain_s"])
     protocol = statistics.median(inproc["protocol_s"])
@@ -166,7 +173,7 @@ def summarize(cli: Optional[Dict[str, Any]], inproc: Dict[str, Any], options: vp
     return summary
 
 
-def markdown(summary: Dict[str, Any], cli: Optional[Dict[str, Any]], inproc: Dict[str, Any], options: vp.ValidationOptions,
+def markdown(summary: Dict[str, Any], cli: Optional[Dict[str, Any]], inproc: Dict[str, Any], options: run_options.ValidationOptions,
              env: Dict[str, Any]) -> str:
     """The table for docs/benchmarks.md."""
     r = inproc["result"]
@@ -224,23 +231,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--repeats", type=int, default=2, help="protocol and plain-pass repetitions (default 2)")
     p.add_argument("--skip-cli", action="store_true", help="skip the end-to-end command run")
     p.add_argument("--device", default="cpu", help="torch device to measure on (default cpu: the targets are CPU targets)")
-    p.add_argument("--max-samples", type=int, default=vp.DEFAULT_WINDOWS, help="windows (default: the CLI default)")
+    p.add_argument("--max-samples", type=int, default=run_options.DEFAULT_WINDOWS, help="windows (default: the CLI default)")
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error(f"--repeats must be >= 1, got {args.repeats}")
 
-    threads = vp.configure_threads()
+    threads = models.configure_threads()
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    options = vp.ValidationOptions(device=args.device, max_samples=args.max_samples)
+    options = run_options.ValidationOptions(device=args.device, max_samples=args.max_samples)
     import transformers
 
     env = {
         "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "cpu_model": _cpu_model(), "threads": threads, "torch": torch.__version__,
         "transformers": transformers.__version__, "python": platform.python_version(),
-        "kv_compress": _kv_compress_label(vp.kv_compress_version()),
+        "kv_compress": _kv_compress_label(reports.kv_compress_version()),
     }
     try:
         cli = None
@@ -250,14 +257,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 cli = run_cli(options, tmp)
         print("timing the protocol and the plain pass in one process...", file=sys.stderr, flush=True)
         inproc = measure_in_process(options, args.repeats)
-    except (vp.ValidationError, RuntimeError, OSError) as e:
+    except (run_options.ValidationError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     summary = summarize(cli, inproc, options)
     table = markdown(summary, cli, inproc, options, env)
     print(table)
     if args.output:
-        vp.write_json_atomic(args.output, {
+        jsonio.write_json_atomic(args.output, {
             "environment": env, "options": vars(args), "summary": summary, "in_process": inproc,
             "cli": {k: v for k, v in (cli or {}).items() if k != "report"},
             "cli_report": (cli or {}).get("report"), "markdown": table,

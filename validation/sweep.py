@@ -42,7 +42,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from validation import validate_perplexity as vp
+from validation import jsonio
+from validation import models
+from validation import options as run_options
+from validation import protocol
+from validation import reports
+from validation import results
+from validation import runner
+from validation import stats
 from validation.compression_bridge import codec_args, roundtrip_kv_cache
 from validation.diagnostics import SNRAccumulator, plot_snr_heatmap, pyplot_agg, save_figure
 from validation.compat import forward, layers_to_cache
@@ -50,7 +57,7 @@ from validation.compat import forward, layers_to_cache
 SWEEP_SCHEMA = "kv-cache-p2p/codec-sweep/v1"
 DEFAULT_OUT_DIR = "sweep-results"
 MIN_RATIO = 3.7  # the recommendation needs at least this ratio on disk against float16
-GRID_CODEC_KEYS = ("group_size", "sparsity") + vp.CODEC_KEYS
+GRID_CODEC_KEYS = ("group_size", "sparsity") + run_options.CODEC_KEYS
 
 
 def _codec(scheme: str, rotate: str, group_size: int, *, key_axis: str = "token", sink: int = 0, bits: int = 4,
@@ -111,25 +118,25 @@ def check_grid(configs: Sequence[SweepConfig], where: str = "sweep grid") -> Non
     Messages name the entry (1-based), the allowed values and the value received.
     """
     if not configs:
-        raise vp.ValidationError(f"{where}: expected at least one configuration, got none")
+        raise run_options.ValidationError(f"{where}: expected at least one configuration, got none")
     seen: Dict[str, int] = {}
     for i, cfg in enumerate(configs, 1):
         if not isinstance(cfg.name, str) or not cfg.name.strip():
-            raise vp.ValidationError(f"{where}: entry {i}: \"name\" must be a non-empty string, got {cfg.name!r}")
+            raise run_options.ValidationError(f"{where}: entry {i}: \"name\" must be a non-empty string, got {cfg.name!r}")
         if cfg.name in seen:
-            raise vp.ValidationError(f"{where}: entry {i}: name {cfg.name!r} is already used by entry {seen[cfg.name]}")
+            raise run_options.ValidationError(f"{where}: entry {i}: name {cfg.name!r} is already used by entry {seen[cfg.name]}")
         seen[cfg.name] = i
         if not isinstance(cfg.codec, dict):
-            raise vp.ValidationError(f"{where}: entry {i} ({cfg.name}): \"codec\" must be an object, "
+            raise run_options.ValidationError(f"{where}: entry {i} ({cfg.name}): \"codec\" must be an object, "
                                      f"got {type(cfg.codec).__name__}")
         unknown = sorted(set(cfg.codec) - set(GRID_CODEC_KEYS))
         if unknown:
-            raise vp.ValidationError(f"{where}: entry {i} ({cfg.name}): unknown codec key(s) {unknown}; "
+            raise run_options.ValidationError(f"{where}: entry {i} ({cfg.name}): unknown codec key(s) {unknown}; "
                                      f"allowed: {list(GRID_CODEC_KEYS)}")
         try:
-            codec_args(**cfg.bridge_kwargs(vp.DEFAULT_GROUP_SIZE, 0.0))
+            codec_args(**cfg.bridge_kwargs(run_options.DEFAULT_GROUP_SIZE, 0.0))
         except ValueError as e:
-            raise vp.ValidationError(f"{where}: entry {i} ({cfg.name}): {e}") from None
+            raise run_options.ValidationError(f"{where}: entry {i} ({cfg.name}): {e}") from None
 
 
 def load_grid(path: str) -> List[SweepConfig]:
@@ -138,19 +145,19 @@ def load_grid(path: str) -> List[SweepConfig]:
     try:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise vp.ValidationError(f"{where}: no such file") from None
+        raise run_options.ValidationError(f"{where}: no such file") from None
     except json.JSONDecodeError as e:
-        raise vp.ValidationError(f"{where}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        raise run_options.ValidationError(f"{where}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise vp.ValidationError(f"{where}: cannot be read ({e})") from None
+        raise run_options.ValidationError(f"{where}: cannot be read ({e})") from None
     if not isinstance(doc, list) or not doc:
         got = "an empty list" if isinstance(doc, list) else f"a JSON {type(doc).__name__}"
-        raise vp.ValidationError(f"{where}: expected a non-empty JSON list of {{\"name\", \"codec\"}} objects, got {got}")
+        raise run_options.ValidationError(f"{where}: expected a non-empty JSON list of {{\"name\", \"codec\"}} objects, got {got}")
     configs = []
     for i, entry in enumerate(doc, 1):
         if not isinstance(entry, dict) or set(entry) != {"name", "codec"}:
             got = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
-            raise vp.ValidationError(f"{where}: entry {i}: expected an object with exactly the keys "
+            raise run_options.ValidationError(f"{where}: entry {i}: expected an object with exactly the keys "
                                      f"['codec', 'name'], got {got}")
         configs.append(SweepConfig(entry["name"], entry["codec"]))
     check_grid(configs, where)
@@ -172,12 +179,12 @@ def run_sweep_protocol(
     configs: Sequence[SweepConfig],
     *,
     starts: Optional[Sequence[int]] = None,
-    group_size: int = vp.DEFAULT_GROUP_SIZE,
+    group_size: int = run_options.DEFAULT_GROUP_SIZE,
     sparsity: float = 0.0,
-    batch_windows: int = vp.DEFAULT_BATCH_WINDOWS,
+    batch_windows: int = run_options.DEFAULT_BATCH_WINDOWS,
     work_dir: Optional[str] = None,
     progress: bool = False,
-) -> Tuple[List[vp.ProtocolOutcome], Dict[str, float]]:
+) -> Tuple[List[protocol.ProtocolOutcome], Dict[str, float]]:
     """Score ``windows`` [num_windows, max_length] once with the original cache and once per configuration.
 
     Returns one ProtocolOutcome per configuration (same order as ``configs``; every outcome has
@@ -191,13 +198,13 @@ def run_sweep_protocol(
     num_windows, max_length = windows.shape
     context = max_length - stride
     if context < 1:
-        raise vp.ValidationError(f"stride must be < max_length ({max_length}) to leave context, got {stride}")
+        raise run_options.ValidationError(f"stride must be < max_length ({max_length}) to leave context, got {stride}")
     starts = list(starts) if starts is not None else list(range(0, num_windows * stride, stride))
-    device = vp._model_device(model)
-    keep_arg = vp._supports_logits_to_keep(model)
+    device = models._model_device(model)
+    keep_arg = protocol._supports_logits_to_keep(model)
     shared = {"prefill": 0.0, "baseline_scoring": 0.0}
     per_cfg = [{"bridge": 0.0, "scoring": 0.0, "metrics": 0.0, "diagnostics": 0.0} for _ in configs]
-    scores: List[List[vp.WindowScore]] = [[] for _ in configs]
+    scores: List[List[protocol.WindowScore]] = [[] for _ in configs]
     metrics: List[List[Any]] = [[] for _ in configs]
     snr = [SNRAccumulator() for _ in configs]
     kwargs = [cfg.bridge_kwargs(group_size, sparsity) for cfg in configs]
@@ -206,7 +213,7 @@ def run_sweep_protocol(
 
     owned_tmp = None
     if work_dir is None:
-        owned_tmp = work_dir = vp.make_work_dir(model, batch_windows, num_windows, context, "kv-sweep-")
+        owned_tmp = work_dir = protocol.make_work_dir(model, batch_windows, num_windows, context, "kv-sweep-")
     wall = time.perf_counter()
     bar = tqdm(total=num_windows * len(configs), desc="windows x configs", unit="window", disable=not progress,
                file=sys.stderr)
@@ -218,7 +225,7 @@ def run_sweep_protocol(
             scored_in = batch[:, context:max_length - 1]  # [batch, stride - 1]
             with torch.inference_mode():
                 t = time.perf_counter()
-                pre = vp.prefill_contexts(model, batch[:, :context], keep_arg)
+                pre = protocol.prefill_contexts(model, batch[:, :context], keep_arg)
                 first_logits, prefill_cache, layers = pre.first_logits, pre.cache, pre.layers
                 shared["prefill"] += time.perf_counter() - t
                 geometry = pre.geometry
@@ -237,7 +244,7 @@ def run_sweep_protocol(
                     recon_cache, m = roundtrip_kv_cache(prefill_cache, work_dir, device=str(device), **kwargs[c])
                     timing["bridge"] += time.perf_counter() - t
                     metrics[c].append(m)
-                    recon_layers = vp.check_reconstruction(layers, recon_cache, what=f"config {cfg.name}: ")
+                    recon_layers = protocol.check_reconstruction(layers, recon_cache, what=f"config {cfg.name}: ")
                     t = time.perf_counter()
                     snr[c].update(layers, recon_layers)
                     timing["diagnostics"] += time.perf_counter() - t
@@ -253,8 +260,8 @@ def run_sweep_protocol(
 
                     t = time.perf_counter()
                     for j in range(bsz):
-                        nll_b, nll_c, kl, top1 = vp._window_stats(first_logits[j], logits_b[j], logits_c[j], labels[j])
-                        scores[c].append(vp.WindowScore(starts[b0 + j], stride, nll_b, nll_c, kl, top1))
+                        nll_b, nll_c, kl, top1 = protocol._window_stats(first_logits[j], logits_b[j], logits_c[j], labels[j])
+                        scores[c].append(protocol.WindowScore(starts[b0 + j], stride, nll_b, nll_c, kl, top1))
                     del logits_c
                     timing["metrics"] += time.perf_counter() - t
                     bar.update(bsz)
@@ -269,7 +276,7 @@ def run_sweep_protocol(
     for c in range(len(configs)):
         timing = dict(per_cfg[c])
         timing["total"] = sum(timing.values())
-        outcomes.append(vp.ProtocolOutcome(
+        outcomes.append(protocol.ProtocolOutcome(
             windows=scores[c], metrics=metrics[c], timings=timing, max_length=max_length, stride=stride,
             batch_windows=batch_windows, cache_bytes=cache_bytes, cache_dtype=geometry.get("dtype", ""),
             num_layers=geometry.get("num_layers", 0), num_kv_heads=geometry.get("num_kv_heads", 0),
@@ -336,14 +343,14 @@ def recommend(rows: Sequence[SweepRow], min_ratio: float = MIN_RATIO) -> Optiona
     return min(eligible, key=lambda r: (r.delta, -r.disk_ratio_vs_fp16))
 
 
-def build_rows(configs: Sequence[SweepConfig], outcomes: Sequence[vp.ProtocolOutcome], threshold: float,
-               seed: int = vp.DEFAULT_SEED, resamples: int = vp.BOOTSTRAP_RESAMPLES,
+def build_rows(configs: Sequence[SweepConfig], outcomes: Sequence[protocol.ProtocolOutcome], threshold: float,
+               seed: int = run_options.DEFAULT_SEED, resamples: int = run_options.BOOTSTRAP_RESAMPLES,
                min_ratio: float = MIN_RATIO) -> List[SweepRow]:
     """One SweepRow per configuration (grid order), with Pareto and recommendation flags set."""
     rows = []
     for i, (cfg, outcome) in enumerate(zip(configs, outcomes), 1):
-        result = vp.build_result(outcome, threshold, seed, resamples)
-        agg = vp.aggregate_metrics(outcome.metrics)
+        result = results.build_result(outcome, threshold, seed, resamples)
+        agg = stats.aggregate_metrics(outcome.metrics)
         rows.append(SweepRow(
             index=i, name=cfg.name, codec=dict(cfg.codec), resolved_codec=agg.get("codec"),
             bits_per_element=result.bits_per_element, disk_ratio_vs_fp16=result.disk_ratio_vs_fp16,
@@ -554,11 +561,11 @@ class SweepOutcome:
 def run_sweep(
     model: Any,
     token_ids: torch.Tensor,
-    options: vp.ValidationOptions,
+    options: run_options.ValidationOptions,
     configs: Sequence[SweepConfig],
-    console: vp.Console,
+    console: reports.Console,
     *,
-    model_choice: vp.ModelChoice,
+    model_choice: models.ModelChoice,
     corpus_info: Dict[str, Any],
     tokenizer: Any = None,
     out_dir: str = DEFAULT_OUT_DIR,
@@ -575,8 +582,8 @@ def run_sweep(
     Returns the outcome and the JSON document written to ``out_dir/sweep.json``.
     """
     check_grid(configs)
-    layers, kv_heads, head_dim = vp._geometry(model.config)
-    windows, starts = vp.make_windows(token_ids, options.max_length, options.stride, options.max_samples or None)
+    layers, kv_heads, head_dim = models._geometry(model.config)
+    windows, starts = protocol.make_windows(token_ids, options.max_length, options.stride, options.max_samples or None)
     context = options.max_length - options.stride
     console.step(2, 4, f"Prefill and baseline once per batch, then {len(configs)} configurations through kv-compress...")
     console.info(f"Corpus: {corpus_info['name']} ({corpus_info['source']}: {corpus_info['reason']})")
@@ -612,7 +619,7 @@ def run_sweep(
                 files[f"heatmap:{r.name}"] = plot_snr_heatmap(
                     outcome.diagnostics, str(out / "heatmaps" / f"{_file_stem(r.name)}.png"),
                     title=f"{model_choice.display_name}, {r.name}: SNR per layer and KV head\n"
-                          f"{vp.describe_codec(r.resolved_codec)}",
+                          f"{run_options.describe_codec(r.resolved_codec)}",
                 )
     plot_seconds = time.perf_counter() - t
     sweep.files = files
@@ -638,8 +645,8 @@ def run_sweep(
                   "reason": model_choice.reason, "revision": model_choice.revision, "files": model_choice.files,
                   "num_layers": layers, "num_kv_heads": kv_heads, "head_dim": head_dim,
                   "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-                  "device": str(vp._model_device(model))},
-        "tokenizer": vp._tokenizer_info(tokenizer),
+                  "device": str(models._model_device(model))},
+        "tokenizer": reports._tokenizer_info(tokenizer),
         "corpus": {**corpus_info, "tokens": int(token_ids.numel())},
         "protocol": {"max_length": options.max_length, "stride": options.stride, "context_length": context,
                      "windows": sweep.num_windows, "window_starts": starts, "scored_tokens": sweep.scored_tokens,
@@ -650,12 +657,12 @@ def run_sweep(
         "cache": {"bytes": base.cache_bytes, "dtype": base.cache_dtype},
         "files": files,
         "timings": sweep.timings,
-        "versions": vp._versions(),
+        "versions": reports._versions(),
     }
-    vp.write_json_atomic(files["json"], report)
+    jsonio.write_json_atomic(files["json"], report)
     _write_text_atomic(files["markdown"], _markdown_document(sweep, rows, title, command))
     if options.output_json:
-        vp.write_json_atomic(options.output_json, report)
+        jsonio.write_json_atomic(options.output_json, report)
 
     _print_summary(console, sweep)
     return sweep, report
@@ -664,7 +671,7 @@ def run_sweep(
 def _markdown_document(sweep: SweepOutcome, rows: Sequence[SweepRow], title: str, command: str) -> str:
     best = sweep.row(sweep.recommended) if sweep.recommended else None
     if best is not None:
-        verdict = (f"**Recommended: `{best.name}`** ({vp.describe_codec(best.resolved_codec)}): ΔPPL "
+        verdict = (f"**Recommended: `{best.name}`** ({run_options.describe_codec(best.resolved_codec)}): ΔPPL "
                    f"{best.delta:+.3f} [{best.delta_ci_low:+.3f}, {best.delta_ci_high:+.3f}] at "
                    f"{best.disk_ratio_vs_fp16:.2f}x on disk ({best.bits_per_element:.3f} bits/element), "
                    f"{'passes' if best.passed else 'fails'} the {sweep.threshold:g} gate.")
@@ -705,7 +712,7 @@ def _write_text_atomic(path: str, text: str) -> None:
         raise
 
 
-def _print_summary(console: vp.Console, sweep: SweepOutcome) -> None:
+def _print_summary(console: reports.Console, sweep: SweepOutcome) -> None:
     console.banner(f"SWEEP RESULTS (baseline PPL {sweep.baseline_perplexity:.4f}, {sweep.scored_tokens:,} tokens)")
     console.line(f"  {'#':>2} {'config':<26}{'bits':>7}{'ratio':>8}{'dPPL':>9}  {'95% CI':<18}{'KL':>8}{'top-1':>8}"
                  f"{'SNR':>7}  gate")
@@ -714,21 +721,21 @@ def _print_summary(console: vp.Console, sweep: SweepOutcome) -> None:
         console.line(f"  {r.index:>2} {r.name:<26}{r.bits_per_element:>7.3f}{r.disk_ratio_vs_fp16:>7.2f}x"
                      f"{r.delta:>+9.3f}  [{r.delta_ci_low:+.3f}, {r.delta_ci_high:+.3f}] {r.kl_divergence:>8.4f}"
                      f"{100 * r.top1_agreement:>7.2f}%{r.snr_db:>7.2f}  {'pass' if r.passed else 'FAIL'}{mark}")
-    console.line(vp.THIN_RULE)
+    console.line(reports.THIN_RULE)
     console.line("  * recommended (lowest dPPL at >= %gx on disk), P Pareto-optimal" % sweep.min_ratio)
     if sweep.recommended:
         r = sweep.row(sweep.recommended)
-        console.line(f"  Recommended: {r.name} ({vp.describe_codec(r.resolved_codec)})")
+        console.line(f"  Recommended: {r.name} ({run_options.describe_codec(r.resolved_codec)})")
         console.line(f"  dPPL {r.delta:+.4f} [{r.delta_ci_low:+.4f}, {r.delta_ci_high:+.4f}] at "
                      f"{r.disk_ratio_vs_fp16:.2f}x vs fp16 on disk")
     else:
         console.line(f"  No configuration reaches {sweep.min_ratio:g}x on disk")
     for key in ("markdown", "json", "frontier"):
         console.line(f"  {key}: {sweep.files[key]}")
-    console.line(vp.RULE)
+    console.line(reports.RULE)
 
 
-def run_sweep_cli(options: vp.ValidationOptions, grid_file: Optional[str] = None, verbose: bool = True,
+def run_sweep_cli(options: run_options.ValidationOptions, grid_file: Optional[str] = None, verbose: bool = True,
                   command: str = "") -> SweepOutcome:
     """``validate_perplexity.py --sweep``: load the model and corpus as a normal run does, then sweep.
 
@@ -738,8 +745,8 @@ def run_sweep_cli(options: vp.ValidationOptions, grid_file: Optional[str] = None
     """
     configs = load_grid(grid_file) if grid_file else list(DEFAULT_GRID)
     check_grid(configs)
-    console = vp.Console(verbose)
-    inputs = vp.load_run_inputs(options, console, title="KV Cache Codec Sweep", steps=4)
+    console = reports.Console(verbose)
+    inputs = runner.load_run_inputs(options, console, title="KV Cache Codec Sweep", steps=4)
     sweep, _ = run_sweep(
         inputs.model, inputs.token_ids, options, configs, console, model_choice=inputs.choice,
         corpus_info=inputs.corpus_info, tokenizer=inputs.tokenizer, out_dir=options.plots or DEFAULT_OUT_DIR,

@@ -1,0 +1,163 @@
+"""The command line of ``validate_perplexity.py``: flags, the run they ask for, the exit status.
+
+Exit status: 0 passed, 1 quality gate failed, 2 any error (bad flags, an unavailable model or
+corpus, a bridge failure, or an uncaught exception).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import subprocess
+import sys
+from typing import Any, Dict, Optional, Sequence
+
+from validation.compression_bridge import ALLOWED_BITS, ALLOWED_KEY_AXES, ALLOWED_ROTATIONS, ALLOWED_SCHEMES
+from validation.jsonio import write_json_atomic
+from validation.models import configure_threads
+from validation.options import (
+    CODEC_KEYS,
+    DATASET_CHOICES,
+    DEFAULT_BATCH_WINDOWS,
+    DEFAULT_GROUP_SIZE,
+    DEFAULT_HUB_TIMEOUT,
+    DEFAULT_MAX_LENGTH,
+    DEFAULT_MODEL,
+    DEFAULT_SEED,
+    DEFAULT_STRIDE,
+    DEFAULT_THRESHOLD,
+    DEFAULT_WINDOWS,
+    GROUP_SIZES,
+    SEED_CODEC,
+    ValidationError,
+    ValidationOptions,
+)
+from validation.quick_test import run_quick_test
+from validation.reports import _quiet_line
+from validation.runner import run_validation
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line on stderr and exits 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface (seed flags plus model, corpus, protocol and codec options)."""
+    p = _Parser(
+        prog="validate_perplexity.py",
+        description="Perplexity of a model attending to its original KV cache vs the kv-compress reconstruction.",
+        epilog="Exit status: 0 passed, 1 quality gate failed (delta >= threshold), 2 error.",
+    )
+    p.add_argument("--quick-test", action="store_true", help="synthetic cache + random Llama, no download, < 1 min")
+    p.add_argument("--cpu", action="store_true", help="force the CPU even when CUDA is available")
+    p.add_argument("--device", help="torch device (cpu, cuda, cuda:1); default: cuda if available, else cpu")
+    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="maximum acceptable perplexity delta (default 0.5)")
+    p.add_argument("--quiet", action="store_true", help="print only the verdict line")
+    p.add_argument("--model", help=f"Hugging Face id, local folder, or 'embedded' (default: {DEFAULT_MODEL} if cached "
+                                   "or reachable, else the embedded SmolLM2-135M)")
+    p.add_argument("--dataset", choices=DATASET_CHOICES, help="wikitext (WikiText-2 raw test) or embedded "
+                   "(Wikipedia text from exllamav2); default: wikitext if cached or reachable, else embedded")
+    p.add_argument("--text-file", help="evaluate this UTF-8 text file as is")
+    p.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH, help=f"window length in tokens (default {DEFAULT_MAX_LENGTH})")
+    p.add_argument("--stride", type=int, default=DEFAULT_STRIDE, help=f"window step = scored tokens per window (default {DEFAULT_STRIDE})")
+    p.add_argument("--max-samples", type=int, default=DEFAULT_WINDOWS, help=f"number of windows, 0 = all (default {DEFAULT_WINDOWS})")
+    p.add_argument("--batch-windows", type=int, default=DEFAULT_BATCH_WINDOWS,
+                   help=f"windows per prefill and per kv-compress call (default {DEFAULT_BATCH_WINDOWS})")
+    p.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=DEFAULT_GROUP_SIZE, help="INT4 group size (default 64)")
+    p.add_argument("--sparsity", type=float, default=0.0, help="fraction of smallest elements zeroed, [0, 1) (default 0)")
+    codec = p.add_argument_group("codec", "kv-compress codec options; each one omitted takes the binary's default "
+                                          "(see docs/cli.md)")
+    codec.add_argument("--scheme", choices=ALLOWED_SCHEMES, help="sym (scale per group) or asym (scale and minimum)")
+    codec.add_argument("--rotate", choices=ALLOWED_ROTATIONS, help="none, or a random-sign Hadamard rotation along head_dim")
+    codec.add_argument("--key-axis", choices=ALLOWED_KEY_AXES,
+                       help="group keys along head_dim (token) or along the sequence per channel (channel)")
+    codec.add_argument("--sink", type=int, metavar="N", help="first N positions of every tensor kept exact")
+    codec.add_argument("--seed-scheme", action="store_true",
+                       help="the seed's scheme: sym, no rotation, key axis token, no sink (explicit codec flags "
+                            "still apply)")
+    codec.add_argument("--bits", type=int, choices=ALLOWED_BITS, help="code width of keys and values")
+    codec.add_argument("--key-bits", type=int, choices=ALLOWED_BITS, help="code width of keys (overrides --bits)")
+    codec.add_argument("--value-bits", type=int, choices=ALLOWED_BITS, help="code width of values (overrides --bits)")
+    p.add_argument("--plots", metavar="DIR", help="write PNG plots here (the per-layer SNR heatmap; with --sweep, "
+                                                 "also the tables and the frontier; default for --sweep: sweep-results)")
+    p.add_argument("--sweep", action="store_true", help="score a grid of codec configurations against one shared "
+                                                        "baseline and write sweep.json, sweep.md and frontier.png")
+    p.add_argument("--sweep-grid", metavar="FILE", help="JSON list of {\"name\": ..., \"codec\": {...}} for --sweep "
+                                                       "(default: the built-in grid of validation/sweep.py)")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed for the bootstrap and the quick test (default 0)")
+    p.add_argument("--output-json", metavar="PATH", help="write the full report as JSON (atomically)")
+    p.add_argument("--hub-timeout", type=float, default=DEFAULT_HUB_TIMEOUT, help="seconds to wait for the Hugging Face hub (default 2)")
+    return p
+
+
+def codec_from_args(args: argparse.Namespace) -> Dict[str, Any]:
+    """The codec options given on the command line; ``--seed-scheme`` fills in the seed's
+    scheme, rotation, key axis and sink wherever no flag names them."""
+    codec = {k: getattr(args, k) for k in CODEC_KEYS if getattr(args, k) is not None}
+    if args.seed_scheme:
+        codec = {**{k: SEED_CODEC[k] for k in ("scheme", "rotate", "key_axis", "sink")}, **codec}
+    return codec
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Parse flags, run, print; return the exit status (0 passed, 1 gate failed, 2 error)."""
+    args = build_parser().parse_args(argv)
+    configure_threads()
+    with contextlib.suppress(Exception):  # our own progress bar and step lines replace transformers' bars
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    codec = codec_from_args(args)
+    try:
+        if args.sweep_grid and not args.sweep:
+            raise ValidationError(f"--sweep-grid {args.sweep_grid} needs --sweep")
+        if args.sweep and args.quick_test:
+            raise ValidationError("use either --sweep or --quick-test, not both")
+        if args.sweep:
+            if codec:
+                raise ValidationError(f"--sweep takes its codecs from the grid; drop the codec flags "
+                                      f"{['--' + k.replace('_', '-') for k in codec]} or use --sweep-grid")
+            from validation import sweep
+
+            options = ValidationOptions(
+                model=args.model, dataset=args.dataset, text_file=args.text_file, max_length=args.max_length,
+                stride=args.stride, max_samples=args.max_samples, batch_windows=args.batch_windows,
+                group_size=args.group_size, sparsity=args.sparsity, device=args.device, cpu=args.cpu,
+                threshold=args.threshold, seed=args.seed, output_json=args.output_json, hub_timeout=args.hub_timeout,
+                plots=args.plots,
+            )
+            argv_used = list(argv) if argv is not None else sys.argv[1:]
+            command = " ".join(["python validation/validate_perplexity.py", *argv_used])
+            outcome = sweep.run_sweep_cli(options, grid_file=args.sweep_grid, verbose=not args.quiet, command=command)
+            if args.quiet:
+                print(outcome.verdict_line())
+            return 0
+        if args.quick_test:
+            result = run_quick_test(verbose=not args.quiet, threshold=args.threshold, output_json=args.output_json,
+                                    seed=args.seed, plots=args.plots, group_size=args.group_size,
+                                    sparsity=args.sparsity, **codec)
+        else:
+            options = ValidationOptions(
+                model=args.model, dataset=args.dataset, text_file=args.text_file, max_length=args.max_length,
+                stride=args.stride, max_samples=args.max_samples, batch_windows=args.batch_windows,
+                group_size=args.group_size, sparsity=args.sparsity, device=args.device, cpu=args.cpu,
+                threshold=args.threshold, seed=args.seed, output_json=args.output_json, hub_timeout=args.hub_timeout,
+                plots=args.plots, **codec,
+            )
+            result, report = run_validation(options, verbose=not args.quiet)
+            if options.output_json:
+                write_json_atomic(options.output_json, report)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 2
+    except (ValidationError, OSError, ValueError, RuntimeError, subprocess.CalledProcessError) as e:
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    if args.quiet:
+        print(_quiet_line(result))
+    return 0 if result.passed else 1
+

@@ -1,0 +1,96 @@
+"""Statistics over scored tokens and bridge calls: the paired bootstrap, the KL summary, combined codec metrics."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Sequence, Tuple
+
+import numpy as np
+
+from validation.options import BOOTSTRAP_RESAMPLES, DEFAULT_SEED
+from validation.protocol import ProtocolOutcome
+
+
+def paired_bootstrap_interval(
+    outcome: ProtocolOutcome, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = DEFAULT_SEED, level: float = 0.95
+) -> Tuple[float, float]:
+    """Percentile interval for delta = PPL_compressed − PPL_baseline, resampling windows with replacement.
+
+    Both perplexities of a resample use the same windows (paired). Seeded, so reproducible.
+    """
+    nb = np.array([w.nll_baseline for w in outcome.windows])
+    nc = np.array([w.nll_compressed for w in outcome.windows])
+    nt = np.array([w.tokens for w in outcome.windows], dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(nb), size=(resamples, len(nb)))
+    tokens = nt[idx].sum(axis=1)
+    delta = np.exp(nc[idx].sum(axis=1) / tokens) - np.exp(nb[idx].sum(axis=1) / tokens)
+    alpha = (1.0 - level) / 2.0
+    lo, hi = np.quantile(delta, [alpha, 1.0 - alpha])
+    return float(lo), float(hi)
+
+
+_QUALITY_ORDER = ("POOR", "ACCEPTABLE", "GOOD", "EXCELLENT")
+
+
+def aggregate_metrics(metrics: Sequence[Any]) -> Dict[str, Any]:
+    """Combine per-call CompressionMetrics into one set for the whole run.
+
+    Sizes add up (ratio = total original / total compressed; ``ratio_vs_fp16``, the ratio
+    against the same tensors stored as float16, is combined the same way); RMSE is the element-weighted
+    root mean square; ``disk_ratio_vs_fp16`` is the summed float16-equivalent file sizes over the
+    summed container sizes and ``bits_per_element`` the element-weighted mean (elements counted
+    through ``fp16_size_bytes``); SNR uses the summed signal and noise power; cosine similarity is the
+    minimum; max error the maximum; quality the worst level; passed all; violations the union.
+    """
+    if not metrics:
+        return {}
+    orig = sum(m.original_size_bytes for m in metrics)
+    comp = sum(m.compressed_size_bytes for m in metrics)
+    weights = [m.original_size_bytes / orig if orig else 1.0 / len(metrics) for m in metrics]
+    mse = sum(w * m.rmse ** 2 for w, m in zip(weights, metrics))
+    signal = sum(w * (m.rmse ** 2) * 10 ** (m.snr_db / 10) for w, m in zip(weights, metrics) if math.isfinite(m.snr_db))
+    if mse == 0:
+        snr = math.inf
+    elif signal > 0:
+        snr = 10 * math.log10(signal / mse)
+    else:
+        snr = min(m.snr_db for m in metrics)
+    levels = [m.quality_level for m in metrics]
+    ranked = [lv for lv in levels if lv in _QUALITY_ORDER]
+    quality = min(ranked, key=_QUALITY_ORDER.index) if ranked else (levels[0] if levels else "")
+    violations: List[Any] = []
+    for m in metrics:
+        for v in m.violations or []:
+            if v not in violations:
+                violations.append(v)
+    fp16 = [(getattr(m, "ratio_vs_fp16", math.nan), m.compressed_size_bytes) for m in metrics]
+    vs_fp16 = (sum(r * c for r, c in fp16) / comp) if comp and all(math.isfinite(r) for r, _ in fp16) else math.nan
+    # on-disk ratio against the same tensors as a float16 safetensors file, and bits per quantized
+    # element weighted by each call's element count (proportional to its float16 size)
+    fp16_bytes = [int(getattr(m, "fp16_size_bytes", 0) or 0) for m in metrics]
+    fp16_total = sum(fp16_bytes)
+    disk_vs_fp16 = fp16_total / comp if comp and all(fp16_bytes) else math.nan
+    bpe = [float(getattr(m, "bits_per_element", math.nan)) for m in metrics]
+    bits_per_element = (sum(b * f for b, f in zip(bpe, fp16_bytes)) / fp16_total
+                        if fp16_total and all(fp16_bytes) and all(math.isfinite(b) for b in bpe) else math.nan)
+    return {
+        "compression_ratio": orig / comp if comp else math.nan,
+        "ratio_vs_fp16": vs_fp16,
+        "disk_ratio_vs_fp16": disk_vs_fp16,
+        "fp16_size_bytes": fp16_total,
+        "bits_per_element": bits_per_element,
+        "original_size_bytes": orig,
+        "compressed_size_bytes": comp,
+        "rmse": math.sqrt(mse),
+        "snr_db": snr,
+        "cosine_similarity": min(m.cosine_similarity for m in metrics),
+        "max_error": max(m.max_error for m in metrics),
+        "quality_level": quality,
+        "passed": all(m.passed for m in metrics),
+        "violations": violations,
+        "processing_time_ms": sum(m.processing_time_ms for m in metrics),
+        "calls": len(metrics),
+        "codec": getattr(metrics[0], "codec", None),
+    }
+
