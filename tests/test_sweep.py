@@ -16,6 +16,7 @@ import pytest
 
 from validation import sweep
 from validation import validate_perplexity as vp
+from validation import frontier
 from validation import models
 from validation import options as run_options
 from validation import protocol
@@ -110,10 +111,10 @@ def test_codecs_reach_the_binary(tiny_sweep) -> None:
 
 def test_recommendation_follows_the_ratio_rule(tiny_sweep) -> None:
     outcome, _, _ = tiny_sweep
-    eligible = [r for r in outcome.rows if r.disk_ratio_vs_fp16 >= sweep.MIN_RATIO]
+    eligible = [r for r in outcome.rows if r.disk_ratio_vs_fp16 >= frontier.MIN_RATIO]
     assert eligible, "the 2-bit point is always above 3.7x"
     best = outcome.row(outcome.recommended)
-    assert best.recommended and best.disk_ratio_vs_fp16 >= sweep.MIN_RATIO
+    assert best.recommended and best.disk_ratio_vs_fp16 >= frontier.MIN_RATIO
     assert best.delta == min(r.delta for r in eligible)
     assert sum(r.recommended for r in outcome.rows) == 1
 
@@ -164,12 +165,12 @@ def test_markdown_table_is_sorted_by_ratio_and_marks_rows(tiny_sweep) -> None:
     ids=["monotone-tradeoff", "one-dominates", "ties-both-kept", "single-point"],
 )
 def test_pareto_flags(ratios: list[float], deltas: list[float], expected: list[bool]) -> None:
-    assert sweep.pareto_flags(ratios, deltas) == expected
+    assert frontier.pareto_flags(ratios, deltas) == expected
 
 
-def _row(name: str, ratio: float, delta: float) -> sweep.SweepRow:
+def _row(name: str, ratio: float, delta: float) -> frontier.SweepRow:
     nan = math.nan
-    return sweep.SweepRow(0, name, {}, None, nan, ratio, nan, 10.0, 10.0 + delta, delta, nan, nan, nan, nan, nan,
+    return frontier.SweepRow(0, name, {}, None, nan, ratio, nan, 10.0, 10.0 + delta, delta, nan, nan, nan, nan, nan,
                           delta < 0.5, nan, nan, nan)
 
 
@@ -184,7 +185,7 @@ def _row(name: str, ratio: float, delta: float) -> sweep.SweepRow:
     ids=["lowest-delta-above-ratio", "none-eligible", "tie-prefers-higher-ratio", "rule-is-lowest-delta"],
 )
 def test_recommend(points: list[tuple[str, float, float]], expected) -> None:
-    best = sweep.recommend([_row(*p) for p in points])
+    best = frontier.recommend([_row(*p) for p in points])
     assert (best.name if best else None) == expected
 
 
@@ -193,9 +194,9 @@ def test_frontier_png_with_a_wide_range(tmp_path: Path) -> None:
     for r in rows:
         r.delta_ci_low, r.delta_ci_high = r.delta - 0.05, r.delta + 0.05
     rows[1].recommended = True
-    for r, flag in zip(rows, sweep.pareto_flags([1.9, 3.76, 6.5], [0.01, 0.2, 40.0])):
+    for r, flag in zip(rows, frontier.pareto_flags([1.9, 3.76, 6.5], [0.01, 0.2, 40.0])):
         r.pareto = flag
-    path = sweep.plot_frontier(rows, str(tmp_path / "f" / "frontier.png"), threshold=0.5)
+    path = frontier.plot_frontier(rows, str(tmp_path / "f" / "frontier.png"), threshold=0.5)
     data = Path(path).read_bytes()
     assert data.startswith(PNG_MAGIC) and len(data) > 10_000
 
