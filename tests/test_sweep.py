@@ -288,7 +288,7 @@ def test_cli_sweep_end_to_end(kv_compress_bin: str, tiny_model_dir: Path, tmp_pa
     out = tmp_path / "results"
     status = exit_status(["--sweep", "--sweep-grid", str(grid), "--plots", str(out), "--model", str(tiny_model_dir),
                           "--text-file", str(text), "--cpu", "--max-length", "64", "--stride", "16",
-                          "--max-samples", "3", "--batch-windows", "3", "--threshold=-1e9", "--quiet"])
+                          "--max-samples", "3", "--batch-windows", "3", "--threshold=1e-9", "--quiet"])
     assert status == 0  # the sweep reports, it does not gate
     line = capsys.readouterr().out.strip()
     assert line.startswith("SWEEP: 2 configs, 48 scored tokens")

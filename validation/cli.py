@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import subprocess
 import sys
+import traceback
 from typing import Any, Dict, Optional, Sequence
 
 from validation.compression_bridge import ALLOWED_BITS, ALLOWED_KEY_AXES, ALLOWED_ROTATIONS, ALLOWED_SCHEMES
@@ -19,6 +21,7 @@ from validation.options import (
     CODEC_KEYS,
     DATASET_CHOICES,
     DEFAULT_BATCH_WINDOWS,
+    DEFAULT_GATE,
     DEFAULT_GROUP_SIZE,
     DEFAULT_HUB_TIMEOUT,
     DEFAULT_MAX_LENGTH,
@@ -27,6 +30,7 @@ from validation.options import (
     DEFAULT_STRIDE,
     DEFAULT_THRESHOLD,
     DEFAULT_WINDOWS,
+    GATES,
     GROUP_SIZES,
     SEED_CODEC,
     ValidationError,
@@ -49,12 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="validate_perplexity.py",
         description="Perplexity of a model attending to its original KV cache vs the kv-compress reconstruction.",
-        epilog="Exit status: 0 passed, 1 quality gate failed (delta >= threshold), 2 error.",
+        epilog="Exit status: 0 passed, 1 quality gate failed (delta >= threshold), 2 any error.",
     )
     p.add_argument("--quick-test", action="store_true", help="synthetic cache + random Llama, no download, < 1 min")
     p.add_argument("--cpu", action="store_true", help="force the CPU even when CUDA is available")
     p.add_argument("--device", help="torch device (cpu, cuda, cuda:1); default: cuda if available, else cpu")
-    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="maximum acceptable perplexity delta (default 0.5)")
+    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="maximum acceptable perplexity delta, > 0 (default 0.5)")
+    p.add_argument("--gate", choices=GATES, default=DEFAULT_GATE,
+                   help="what must be below --threshold: the delta's point estimate (point, default) or the upper "
+                        "end of its 95%% bootstrap interval (upper)")
     p.add_argument("--quiet", action="store_true", help="print only the verdict line")
     p.add_argument("--model", help=f"Hugging Face id, local folder, or 'embedded' (default: {DEFAULT_MODEL} if cached "
                                    "or reachable, else the embedded SmolLM2-135M)")
@@ -102,54 +109,70 @@ def codec_from_args(args: argparse.Namespace) -> Dict[str, Any]:
     return codec
 
 
+def options_from_args(args: argparse.Namespace, codec: Dict[str, Any]) -> ValidationOptions:
+    """The ValidationOptions the flags ask for (codec options included), not yet checked."""
+    return ValidationOptions(
+        model=args.model, dataset=args.dataset, text_file=args.text_file, max_length=args.max_length,
+        stride=args.stride, max_samples=args.max_samples, batch_windows=args.batch_windows,
+        group_size=args.group_size, sparsity=args.sparsity, device=args.device, cpu=args.cpu,
+        threshold=args.threshold, gate=args.gate, seed=args.seed, output_json=args.output_json,
+        hub_timeout=args.hub_timeout, plots=args.plots, **codec,
+    )
+
+
+def _check_args(args: argparse.Namespace, codec: Dict[str, Any]) -> ValidationOptions:
+    """Every argument error, raised before any work (no model load, no binary call)."""
+    if args.sweep_grid and not args.sweep:
+        raise ValidationError(f"--sweep-grid {args.sweep_grid} needs --sweep")
+    if args.sweep and args.quick_test:
+        raise ValidationError("use either --sweep or --quick-test, not both")
+    if args.sweep and codec:
+        raise ValidationError(f"--sweep takes its codecs from the grid; drop the codec flags "
+                              f"{['--' + k.replace('_', '-') for k in codec]} or use --sweep-grid")
+    options = options_from_args(args, codec)
+    options.check()
+    return options
+
+
+def _run(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> int:
+    codec = codec_from_args(args)
+    options = _check_args(args, codec)
+    if args.sweep:
+        from validation import sweep
+
+        argv_used = list(argv) if argv is not None else sys.argv[1:]
+        command = " ".join(["python validation/validate_perplexity.py", *argv_used])
+        outcome = sweep.run_sweep_cli(options, grid_file=args.sweep_grid, verbose=not args.quiet, command=command)
+        if args.quiet:
+            print(outcome.verdict_line())
+        return 0
+    if args.quick_test:
+        result = run_quick_test(verbose=not args.quiet, threshold=args.threshold, output_json=args.output_json,
+                                seed=args.seed, plots=args.plots, group_size=args.group_size,
+                                sparsity=args.sparsity, device=args.device, cpu=args.cpu, gate=args.gate, **codec)
+    else:
+        result, report = run_validation(options, verbose=not args.quiet)
+        if options.output_json:
+            write_json_atomic(options.output_json, report)
+    if args.quiet:
+        print(_quiet_line(result))
+    return 0 if result.passed else 1
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Parse flags, run, print; return the exit status (0 passed, 1 gate failed, 2 error)."""
+    """Parse flags, run, print; return the exit status (0 passed, 1 gate failed, 2 any error).
+
+    Errors are one line on stderr. An unexpected exception is an error too (exit 2, not
+    Python's 1, which means a failed gate); ``KV_VALIDATE_DEBUG=1`` adds its traceback.
+    """
     args = build_parser().parse_args(argv)
     configure_threads()
     with contextlib.suppress(Exception):  # our own progress bar and step lines replace transformers' bars
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    codec = codec_from_args(args)
     try:
-        if args.sweep_grid and not args.sweep:
-            raise ValidationError(f"--sweep-grid {args.sweep_grid} needs --sweep")
-        if args.sweep and args.quick_test:
-            raise ValidationError("use either --sweep or --quick-test, not both")
-        if args.sweep:
-            if codec:
-                raise ValidationError(f"--sweep takes its codecs from the grid; drop the codec flags "
-                                      f"{['--' + k.replace('_', '-') for k in codec]} or use --sweep-grid")
-            from validation import sweep
-
-            options = ValidationOptions(
-                model=args.model, dataset=args.dataset, text_file=args.text_file, max_length=args.max_length,
-                stride=args.stride, max_samples=args.max_samples, batch_windows=args.batch_windows,
-                group_size=args.group_size, sparsity=args.sparsity, device=args.device, cpu=args.cpu,
-                threshold=args.threshold, seed=args.seed, output_json=args.output_json, hub_timeout=args.hub_timeout,
-                plots=args.plots,
-            )
-            argv_used = list(argv) if argv is not None else sys.argv[1:]
-            command = " ".join(["python validation/validate_perplexity.py", *argv_used])
-            outcome = sweep.run_sweep_cli(options, grid_file=args.sweep_grid, verbose=not args.quiet, command=command)
-            if args.quiet:
-                print(outcome.verdict_line())
-            return 0
-        if args.quick_test:
-            result = run_quick_test(verbose=not args.quiet, threshold=args.threshold, output_json=args.output_json,
-                                    seed=args.seed, plots=args.plots, group_size=args.group_size,
-                                    sparsity=args.sparsity, **codec)
-        else:
-            options = ValidationOptions(
-                model=args.model, dataset=args.dataset, text_file=args.text_file, max_length=args.max_length,
-                stride=args.stride, max_samples=args.max_samples, batch_windows=args.batch_windows,
-                group_size=args.group_size, sparsity=args.sparsity, device=args.device, cpu=args.cpu,
-                threshold=args.threshold, seed=args.seed, output_json=args.output_json, hub_timeout=args.hub_timeout,
-                plots=args.plots, **codec,
-            )
-            result, report = run_validation(options, verbose=not args.quiet)
-            if options.output_json:
-                write_json_atomic(options.output_json, report)
+        return _run(args, argv)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 2
@@ -157,7 +180,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"error: {message}", file=sys.stderr)
         return 2
-    if args.quiet:
-        print(_quiet_line(result))
-    return 0 if result.passed else 1
-
+    except Exception as e:  # noqa: BLE001 - any other failure is still an error, not a failed gate
+        if os.environ.get("KV_VALIDATE_DEBUG"):
+            traceback.print_exc()
+        message = " ".join(str(e).split())
+        print(f"error: unexpected {type(e).__name__}: {message} (set KV_VALIDATE_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 2

@@ -65,6 +65,7 @@ class ValidationOptions:
     device: Optional[str] = None
     cpu: bool = False
     threshold: float = DEFAULT_THRESHOLD
+    gate: str = DEFAULT_GATE
     seed: int = DEFAULT_SEED
     output_json: Optional[str] = None
     hub_timeout: float = DEFAULT_HUB_TIMEOUT
@@ -99,8 +100,10 @@ class ValidationOptions:
             raise ValidationError(f"--group-size must be one of {list(GROUP_SIZES)}, got {self.group_size}")
         if not 0.0 <= self.sparsity < 1.0:
             raise ValidationError(f"--sparsity must be in [0, 1), got {self.sparsity}")
-        if not math.isfinite(self.threshold):
-            raise ValidationError(f"--threshold must be a finite number, got {self.threshold}")
+        if not (math.isfinite(self.threshold) and self.threshold > 0):
+            raise ValidationError(f"--threshold must be a positive finite number, got {self.threshold}")
+        if self.gate not in GATES:
+            raise ValidationError(f"--gate must be one of {list(GATES)}, got {self.gate!r}")
         if self.dataset is not None and self.dataset not in DATASET_CHOICES:
             raise ValidationError(f"--dataset must be one of {list(DATASET_CHOICES)}, got {self.dataset!r}")
         if self.dataset is not None and self.text_file is not None:

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from validation.compat import cache_to_layers, forward, layers_to_cache, output_cache
@@ -72,6 +73,8 @@ class ProtocolOutcome:
     num_kv_heads: int
     head_dim: int
     diagnostics: Optional[CacheDiagnostics] = None
+    token_kl: Optional[np.ndarray] = None  # [scored_tokens] KL per scored token, window order (None: not kept)
+    token_dp: Optional[np.ndarray] = None  # [scored_tokens] p_compressed(label) - p_baseline(label)
 
     @property
     def context_length(self) -> int:
@@ -263,28 +266,54 @@ def check_reconstruction(layers: Sequence[Tuple[torch.Tensor, torch.Tensor]], re
     return recon_layers
 
 
+@dataclass
+class WindowStats:
+    """One window's comparison of the two caches.
+
+    ``token_kl`` and ``token_dp`` are [stride] float64 arrays: per scored token, KL(baseline ‖
+    compressed) in nats and p_compressed(label) − p_baseline(label). The first scored token's
+    entries are 0 (its logits come from the prefill, shared by both caches).
+    """
+
+    nll_baseline: float
+    nll_compressed: float
+    kl_sum: float
+    top1_matches: int
+    token_kl: np.ndarray
+    token_dp: np.ndarray
+
+    def score(self, start: int, tokens: int) -> WindowScore:
+        """The WindowScore of these statistics for the window starting at ``start``."""
+        return WindowScore(start, tokens, self.nll_baseline, self.nll_compressed, self.kl_sum, self.top1_matches)
+
+
 def _window_stats(
     first_logits: torch.Tensor, logits_b: torch.Tensor, logits_c: torch.Tensor, labels: torch.Tensor
-) -> Tuple[float, float, float, int]:
-    """NLL sums, KL sum and top-1 matches for one window.
+) -> WindowStats:
+    """NLL sums, KL sum, top-1 matches and per-token KL and Δp for one window.
 
     ``first_logits`` [vocab] predicts ``labels[0]`` and is shared by both caches (it comes from
     the prefill), so it adds the same NLL to both, zero KL and one top-1 match. ``logits_b`` and
     ``logits_c`` [stride - 1, vocab] predict ``labels[1:]``; ``labels`` is [stride].
     """
     first_nll = -torch.log_softmax(first_logits.float(), dim=-1)[labels[0]].double().item()
+    zero = np.zeros(1)
     if logits_b.shape[0] == 0:
-        return first_nll, first_nll, 0.0, 1
+        return WindowStats(first_nll, first_nll, 0.0, 1, zero, zero)
     idx = labels[1:, None]
     top1 = 1 + int((logits_b.argmax(-1) == logits_c.argmax(-1)).sum().item())
     lb = torch.log_softmax(logits_b.float(), dim=-1)
     lc = torch.log_softmax(logits_c.float(), dim=-1)
-    nll_b = first_nll - lb.gather(-1, idx).double().sum().item()
-    nll_c = first_nll - lc.gather(-1, idx).double().sum().item()
-    # KL(baseline || compressed) = sum_v p_b (log p_b - log p_c), summed over positions
+    tok_b = lb.gather(-1, idx).squeeze(-1)  # log p_baseline(label), [stride - 1]
+    tok_c = lc.gather(-1, idx).squeeze(-1)
+    nll_b = first_nll - tok_b.double().sum().item()
+    nll_c = first_nll - tok_c.double().sum().item()
+    # KL(baseline || compressed) = sum_v p_b (log p_b - log p_c), per position
     kl_terms = lb.exp().mul_(lb - lc)  # p_b * (log p_b - log p_c), [stride - 1, vocab]
-    kl = kl_terms.sum(-1).clamp_min(0).double().sum().item()
-    return nll_b, nll_c, kl, top1
+    kl_tok = kl_terms.sum(-1).clamp_min(0).double()
+    dp_tok = (tok_c.double().exp() - tok_b.double().exp())
+    return WindowStats(nll_b, nll_c, kl_tok.sum().item(), top1,
+                       np.concatenate([zero, kl_tok.cpu().numpy()]), np.concatenate([zero, dp_tok.cpu().numpy()]))
 
 
 def run_protocol(
@@ -327,6 +356,8 @@ def run_protocol(
     keep_arg = _supports_logits_to_keep(model)
     timings = {"prefill": 0.0, "bridge": 0.0, "scoring": 0.0, "metrics": 0.0}
     scores: List[WindowScore] = []
+    token_kl: List[np.ndarray] = []
+    token_dp: List[np.ndarray] = []
     metrics_list: List[Any] = []
     cache_bytes = 0
     geometry: Dict[str, Any] = {}
@@ -381,8 +412,10 @@ def run_protocol(
                 t = time.perf_counter()
                 labels = batch[:, context:]  # [batch, stride]
                 for j in range(bsz):
-                    nll_b, nll_c, kl, top1 = _window_stats(first_logits[j], logits_b[j], logits_c[j], labels[j])
-                    scores.append(WindowScore(starts[b0 + j], stride, nll_b, nll_c, kl, top1))
+                    ws = _window_stats(first_logits[j], logits_b[j], logits_c[j], labels[j])
+                    scores.append(ws.score(starts[b0 + j], stride))
+                    token_kl.append(ws.token_kl)
+                    token_dp.append(ws.token_dp)
                 del logits_b, logits_c
                 timings["metrics"] += time.perf_counter() - t
             bar.update(bsz)
@@ -400,5 +433,6 @@ def run_protocol(
         batch_windows=batch_windows, cache_bytes=cache_bytes, cache_dtype=geometry.get("dtype", ""),
         num_layers=geometry.get("num_layers", 0), num_kv_heads=geometry.get("num_kv_heads", 0),
         head_dim=geometry.get("head_dim", 0), diagnostics=snr.result() if snr is not None and snr.batches else None,
+        token_kl=np.concatenate(token_kl) if token_kl else None, token_dp=np.concatenate(token_dp) if token_dp else None,
     )
 

@@ -12,8 +12,15 @@ import torch
 
 from validation.compat import cache_to_layers, layers_to_cache
 from validation.jsonio import write_json_atomic
-from validation.models import ModelChoice, _geometry
-from validation.options import DEFAULT_GROUP_SIZE, DEFAULT_SEED, DEFAULT_THRESHOLD, SEED_CODEC, ValidationOptions
+from validation.models import ModelChoice, _geometry, select_device
+from validation.options import (
+    DEFAULT_GATE,
+    DEFAULT_GROUP_SIZE,
+    DEFAULT_SEED,
+    DEFAULT_THRESHOLD,
+    SEED_CODEC,
+    ValidationOptions,
+)
 from validation.reports import Console, _fmt_mb, _metrics_dict
 from validation.results import ValidationResult
 from validation.runner import evaluate
@@ -130,7 +137,8 @@ def check_synthetic_roundtrip(console: Console, work_dir: Optional[str] = None) 
 
 def run_quick_test(verbose: bool = True, *, threshold: float = DEFAULT_THRESHOLD, output_json: Optional[str] = None,
                    seed: int = DEFAULT_SEED, plots: Optional[str] = None, group_size: int = DEFAULT_GROUP_SIZE,
-                   sparsity: float = 0.0, **codec: Any) -> ValidationResult:
+                   sparsity: float = 0.0, device: Optional[str] = None, cpu: bool = False,
+                   gate: str = DEFAULT_GATE, **codec: Any) -> ValidationResult:
     """Run a quick test with synthetic data (no model download required).
 
     Part A sends a synthetic TinyLlama-shaped cache (22 layers x 4 KV heads x 256 tokens x
@@ -140,24 +148,28 @@ def run_quick_test(verbose: bool = True, *, threshold: float = DEFAULT_THRESHOLD
     network. ``passed`` is delta < threshold and every part-A check holding. Part A always runs
     the seed scheme (its error bound is that scheme's); part B runs ``group_size``,
     ``sparsity`` and ``codec`` (omitted options: the binary's defaults). ``plots``: folder for
-    part B's SNR heatmap.
+    part B's SNR heatmap. ``device``/``cpu`` choose where part B's model runs (default: the
+    CPU, so the quick test is the same everywhere; ``device="cuda"`` runs it on the GPU).
+    Every option is checked before any work starts.
     """
+    options = ValidationOptions(max_length=128, stride=32, max_samples=8, batch_windows=4, threshold=threshold,
+                                seed=seed, device=device, cpu=cpu, plots=plots, group_size=group_size,
+                                sparsity=sparsity, gate=gate, **codec)
+    options.check()
+    dev = select_device(options.device or "cpu", options.cpu)
     console = Console(verbose)
     start = time.perf_counter()
     console.banner("KV Cache Compression Validation: quick test (synthetic, offline)")
     console.line("[A] Synthetic TinyLlama-shaped KV cache through kv-compress...")
     synthetic = check_synthetic_roundtrip(console)
 
-    options = ValidationOptions(max_length=128, stride=32, max_samples=8, batch_windows=4, threshold=threshold,
-                                seed=seed, cpu=True, plots=plots, group_size=group_size, sparsity=sparsity, **codec)
-    options.check()
     console.line("[B] Random Llama through the complete protocol...")
     console.step(1, 6, "Building a random LlamaForCausalLM from a LlamaConfig...")
     t = time.perf_counter()
-    model = make_quick_model(seed)
+    model = make_quick_model(seed).to(dev)
     load_seconds = time.perf_counter() - t
     layers, kv_heads, head_dim = _geometry(model.config)
-    console.info(f"Model built on cpu (float32): {layers} layers, {kv_heads} KV heads, head_dim {head_dim}, "
+    console.info(f"Model built on {dev} (float32): {layers} layers, {kv_heads} KV heads, head_dim {head_dim}, "
                  f"vocab {model.config.vocab_size}")
     needed = (options.max_samples - 1) * options.stride + options.max_length
     token_ids = synthetic_token_ids(needed, model.config.vocab_size, seed)

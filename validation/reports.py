@@ -92,7 +92,7 @@ def _metrics_dict(m: Any) -> Dict[str, Any]:
 
 
 def print_results(result: ValidationResult, console: Console, outcome: Optional[ProtocolOutcome] = None,
-                  codec: Optional[Dict[str, Any]] = None) -> None:
+                  codec: Optional[Dict[str, Any]] = None, kl_summary: Optional[Dict[str, Any]] = None) -> None:
     """The RESULTS block of the seed, plus KL, top-1 agreement, the bootstrap interval, the codec and SNR extremes."""
     console.banner("RESULTS")
     if result.model_name:
@@ -125,18 +125,45 @@ def print_results(result: ValidationResult, console: Console, outcome: Optional[
         t = outcome.timings
         console.line(f"  Time:                  {t['total']:.1f} s (prefill {t['prefill']:.1f}, kv-compress bridge "
                      f"{t['bridge']:.1f}, scoring {t['scoring']:.1f}, metrics {t['metrics']:.1f})")
+    if kl_summary:
+        console.line(f"  KL percentiles:        p99 {kl_summary['p99']:.5f}, p95 {kl_summary['p95']:.5f}, "
+                     f"p90 {kl_summary['p90']:.5f}, median {kl_summary['p50']:.6f}, max {kl_summary['max']:.4f}")
+        console.line(f"  RMS dp:                {100 * kl_summary['rms_dp']:.3f}%  "
+                     f"(same top p {100 * kl_summary['same_top_p']:.2f} +/- {100 * kl_summary['same_top_p_se']:.2f}%)")
     console.line(RULE)
+    console.line(f"  {verdict_line(result)}")
+    note = crossing_note(result)
+    if note:
+        console.line(f"  {note}")
+    console.line(RULE)
+
+
+def verdict_line(result: ValidationResult) -> str:
+    """``[OK] PASSED: Delta 0.0495 < 0.5 threshold`` (or FAILED, or the interval's upper end with ``--gate upper``)."""
+    what = "Delta" if result.gate == "point" else f"Delta's {int(result.ci_level * 100)}% CI upper end"
+    value = result.gated_value
     if result.passed:
-        console.line(f"  [OK] PASSED: Delta {result.delta:.4f} < {result.threshold:g} threshold")
-    else:
-        console.line(f"  [FAIL] FAILED: Delta {result.delta:.4f} >= {result.threshold:g} threshold")
-    console.line(RULE)
+        return f"[OK] PASSED: {what} {value:.4f} < {result.threshold:g} threshold"
+    return f"[FAIL] FAILED: {what} {value:.4f} >= {result.threshold:g} threshold"
+
+
+def crossing_note(result: ValidationResult) -> str:
+    """A warning when the delta's interval holds the threshold, so the verdict could go either way ("" otherwise)."""
+    if not result.ci_crosses_threshold:
+        return ""
+    interval = f"[{result.delta_ci_low:+.4f}, {result.delta_ci_high:+.4f}]"
+    advice = ("pass --gate upper to pass only when the whole interval is below it" if result.gate == "point"
+              else "more windows (--max-samples) narrow the interval")
+    return (f"[!] NOT FIRM: the delta's {int(result.ci_level * 100)}% CI {interval} crosses the "
+            f"{result.threshold:g} threshold; {advice}")
 
 
 def _quiet_line(result: ValidationResult) -> str:
     verdict = "PASSED" if result.passed else "FAILED"
-    return (f"{verdict}: delta {result.delta:+.4f} ({result.delta_percent:+.2f}%) "
-            f"{'<' if result.passed else '>='} {result.threshold:g}; PPL {result.baseline_perplexity:.4f} -> "
+    gated = "" if result.gate == "point" else f" (CI upper end {result.delta_ci_high:+.4f})"
+    firm = " NOT FIRM: CI crosses the threshold;" if result.ci_crosses_threshold else ""
+    return (f"{verdict}: delta {result.delta:+.4f} ({result.delta_percent:+.2f}%){gated} "
+            f"{'<' if result.passed else '>='} {result.threshold:g};{firm} PPL {result.baseline_perplexity:.4f} -> "
             f"{result.compressed_perplexity:.4f}, KL {result.kl_divergence:.5f}, top-1 {100 * result.top1_agreement:.2f}%, "
             f"ratio {result.compression_ratio:.2f}x"
             + (f" ({result.disk_ratio_vs_fp16:.2f}x vs fp16)" if math.isfinite(result.disk_ratio_vs_fp16) else "")

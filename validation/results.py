@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Dict
 
 from validation.jsonio import _json_number
-from validation.options import BOOTSTRAP_RESAMPLES, DEFAULT_SEED, DEFAULT_THRESHOLD
+from validation.options import BOOTSTRAP_RESAMPLES, DEFAULT_GATE, DEFAULT_SEED, DEFAULT_THRESHOLD, GATES
 from validation.protocol import ProtocolOutcome
 from validation.stats import aggregate_metrics, paired_bootstrap_interval
 
@@ -47,6 +47,13 @@ class ValidationResult:
     corpus_name: str = ""
     bits_per_element: float = math.nan
     disk_ratio_vs_fp16: float = math.nan
+    gate: str = DEFAULT_GATE
+    ci_crosses_threshold: bool = False
+
+    @property
+    def gated_value(self) -> float:
+        """The number the gate compares with ``threshold``: ``delta`` (gate "point") or ``delta_ci_high`` ("upper")."""
+        return self.delta_ci_high if self.gate == "upper" else self.delta
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-serialisable dict of every field (NaN and infinities become None)."""
@@ -60,11 +67,20 @@ def build_result(
     resamples: int = BOOTSTRAP_RESAMPLES,
     model_name: str = "",
     corpus_name: str = "",
+    gate: str = DEFAULT_GATE,
 ) -> ValidationResult:
-    """The ValidationResult of a protocol run: passed = delta < threshold."""
+    """The ValidationResult of a protocol run.
+
+    ``gate`` "point": passed = delta < threshold; "upper": passed = the upper end of the delta's
+    paired-bootstrap interval < threshold. ``ci_crosses_threshold`` is set whenever the interval
+    holds the threshold, whichever gate decides, so a report can say the verdict is not firm.
+    """
+    if gate not in GATES:
+        raise ValueError(f"gate must be one of {list(GATES)}, got {gate!r}")
     base, comp = outcome.baseline_perplexity, outcome.compressed_perplexity
     delta = comp - base
     lo, hi = paired_bootstrap_interval(outcome, resamples, seed)
+    gated = hi if gate == "upper" else delta
     agg = aggregate_metrics(outcome.metrics)
     return ValidationResult(
         baseline_perplexity=base,
@@ -75,7 +91,7 @@ def build_result(
         rmse=agg.get("rmse", math.nan),
         snr_db=agg.get("snr_db", math.nan),
         cosine_similarity=agg.get("cosine_similarity", math.nan),
-        passed=bool(delta < threshold),
+        passed=bool(gated < threshold),
         threshold=threshold,
         kl_divergence=outcome.kl_divergence,
         top1_agreement=outcome.top1_agreement,
@@ -91,5 +107,7 @@ def build_result(
         corpus_name=corpus_name,
         bits_per_element=agg.get("bits_per_element", math.nan),
         disk_ratio_vs_fp16=agg.get("disk_ratio_vs_fp16", math.nan),
+        gate=gate,
+        ci_crosses_threshold=bool(lo < threshold <= hi),
     )
 

@@ -32,10 +32,11 @@ from validation.reports import (
     _metrics_dict,
     _tokenizer_info,
     _versions,
+    crossing_note,
     print_results,
 )
 from validation.results import ValidationResult, build_result
-from validation.stats import aggregate_metrics
+from validation.stats import aggregate_metrics, kld_summary
 
 
 def evaluate(
@@ -76,7 +77,8 @@ def evaluate(
                  f"{_fmt_mb(outcome.cache_bytes)} ({outcome.cache_dtype})")
 
     result = build_result(outcome, options.threshold, options.seed, options.bootstrap_resamples,
-                          model_name=model_choice.display_name, corpus_name=corpus_info["name"])
+                          model_name=model_choice.display_name, corpus_name=corpus_info["name"], gate=options.gate)
+    kl_stats = kld_summary(outcome.token_kl, outcome.token_dp, sum(w.top1_matches for w in outcome.windows))
     agg = aggregate_metrics(outcome.metrics)
     t = outcome.timings
 
@@ -115,7 +117,7 @@ def evaluate(
             diag, os.path.join(options.plots, HEATMAP_FILENAME),
             title=f"{model_choice.display_name}: SNR per layer and KV head\n{describe_codec(agg.get('codec'))}",
         )
-    print_results(result, console, outcome, codec=agg.get("codec"))
+    print_results(result, console, outcome, codec=agg.get("codec"), kl_summary=kl_stats)
     for name, path in plots.items():
         console.line(f"  Plot ({name}): {path}")
 
@@ -127,6 +129,9 @@ def evaluate(
         "schema": REPORT_SCHEMA,
         "passed": result.passed,
         "result": result.to_dict(),
+        "gate": {"kind": options.gate, "threshold": options.threshold, "value": result.gated_value,
+                 "ci_crosses_threshold": result.ci_crosses_threshold, "note": crossing_note(result) or None},
+        "kl_summary": kl_stats,
         "model": {
             "requested": model_choice.requested, "source": model_choice.source,
             "name_or_path": model_choice.name_or_path, "name": model_choice.display_name,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -94,3 +94,33 @@ def aggregate_metrics(metrics: Sequence[Any]) -> Dict[str, Any]:
         "codec": getattr(metrics[0], "codec", None),
     }
 
+
+
+# Percentiles of the per-token KL that llama.cpp's --kl-divergence summary prints.
+KLD_PERCENTILES = (99.0, 95.0, 90.0, 50.0, 10.0, 5.0, 1.0)
+
+
+def kld_summary(token_kl: Optional[np.ndarray], token_dp: Optional[np.ndarray], top1_matches: int) -> Dict[str, Any]:
+    """llama.cpp's KL-divergence summary of one run, from per-token values.
+
+    ``token_kl`` and ``token_dp`` are [scored_tokens]: KL(baseline ‖ compressed) in nats and
+    p_compressed(label) − p_baseline(label) per scored token; ``top1_matches`` counts the
+    scored tokens whose most likely next token is the same under both caches. Returns the mean,
+    maximum, minimum and percentiles (``p99`` … ``p1``, linear interpolation) of the KL; the RMS
+    of Δp and its mean; and "same top p", the top-1 agreement, with its binomial standard error
+    ``sqrt(p (1 - p) / n)``. Empty dict when no per-token values were kept.
+    """
+    if token_kl is None or token_dp is None or len(token_kl) == 0:
+        return {}
+    kl = np.asarray(token_kl, dtype=np.float64)
+    dp = np.asarray(token_dp, dtype=np.float64)
+    n = kl.size
+    same = top1_matches / n
+    out: Dict[str, Any] = {"tokens": int(n), "mean": float(kl.mean()), "max": float(kl.max()), "min": float(kl.min())}
+    for q, v in zip(KLD_PERCENTILES, np.percentile(kl, KLD_PERCENTILES)):
+        out[f"p{q:g}"] = float(v)
+    out["rms_dp"] = float(np.sqrt(np.mean(dp * dp)))
+    out["mean_dp"] = float(dp.mean())
+    out["same_top_p"] = float(same)
+    out["same_top_p_se"] = float(math.sqrt(same * (1.0 - same) / n))
+    return out

@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from validation import jsonio
@@ -209,6 +210,8 @@ def run_sweep_protocol(
     shared = {"prefill": 0.0, "baseline_scoring": 0.0}
     per_cfg = [{"bridge": 0.0, "scoring": 0.0, "metrics": 0.0, "diagnostics": 0.0} for _ in configs]
     scores: List[List[protocol.WindowScore]] = [[] for _ in configs]
+    token_kl: List[List[np.ndarray]] = [[] for _ in configs]
+    token_dp: List[List[np.ndarray]] = [[] for _ in configs]
     metrics: List[List[Any]] = [[] for _ in configs]
     snr = [SNRAccumulator() for _ in configs]
     kwargs = [cfg.bridge_kwargs(group_size, sparsity) for cfg in configs]
@@ -264,8 +267,10 @@ def run_sweep_protocol(
 
                     t = time.perf_counter()
                     for j in range(bsz):
-                        nll_b, nll_c, kl, top1 = protocol._window_stats(first_logits[j], logits_b[j], logits_c[j], labels[j])
-                        scores[c].append(protocol.WindowScore(starts[b0 + j], stride, nll_b, nll_c, kl, top1))
+                        ws = protocol._window_stats(first_logits[j], logits_b[j], logits_c[j], labels[j])
+                        scores[c].append(ws.score(starts[b0 + j], stride))
+                        token_kl[c].append(ws.token_kl)
+                        token_dp[c].append(ws.token_dp)
                     del logits_c
                     timing["metrics"] += time.perf_counter() - t
                     bar.update(bsz)
@@ -285,6 +290,8 @@ def run_sweep_protocol(
             batch_windows=batch_windows, cache_bytes=cache_bytes, cache_dtype=geometry.get("dtype", ""),
             num_layers=geometry.get("num_layers", 0), num_kv_heads=geometry.get("num_kv_heads", 0),
             head_dim=geometry.get("head_dim", 0), diagnostics=snr[c].result() if snr[c].batches else None,
+            token_kl=np.concatenate(token_kl[c]) if token_kl[c] else None,
+            token_dp=np.concatenate(token_dp[c]) if token_dp[c] else None,
         ))
     return outcomes, shared
 
