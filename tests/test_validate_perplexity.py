@@ -370,13 +370,19 @@ def _run_local(tiny_model_dir: Path, corpus_file: Path, out: Path, *extra: str) 
     ])
 
 
-@pytest.mark.parametrize("threshold, code", [("1e9", 0), ("-1e9", 1)], ids=["gate-passes-exit-0", "gate-fails-exit-1"])
+# The threshold must be positive, so the failing gate comes from a codec that wrecks the cache
+# (2-bit codes, groups of 64, no rotation) against a threshold far below any delta it gives.
+@pytest.mark.parametrize(
+    "threshold, codec, code",
+    [("1e9", (), 0), ("1e-9", ("--bits", "2", "--rotate", "none", "--sink", "0"), 1)],
+    ids=["gate-passes-exit-0", "gate-fails-exit-1"],
+)
 def test_cli_local_model_and_text_file(
     kv_compress_bin: str, offline_hub, tiny_model_dir: Path, corpus_file: Path, tmp_path: Path, capsys,
-    threshold: str, code: int,
+    threshold: str, codec: tuple, code: int,
 ) -> None:
     out = tmp_path / "report.json"
-    assert _run_local(tiny_model_dir, corpus_file, out, f"--threshold={threshold}") == code
+    assert _run_local(tiny_model_dir, corpus_file, out, f"--threshold={threshold}", *codec) == code
     stdout = capsys.readouterr().out
     for marker in ("[1/6]", "[2/6]", "[3/6]", "[4/6]", "[5/6]", "[6/6]", "RESULTS", "Baseline Perplexity:"):
         assert marker in stdout
