@@ -14,6 +14,7 @@ import sys
 import traceback
 from typing import Any, Dict, Optional, Sequence
 
+from validation import distributed
 from validation.compression_bridge import ALLOWED_BITS, ALLOWED_KEY_AXES, ALLOWED_ROTATIONS, ALLOWED_SCHEMES
 from validation.jsonio import write_json_atomic
 from validation.models import configure_threads
@@ -130,6 +131,9 @@ def _check_args(args: argparse.Namespace, codec: Dict[str, Any]) -> ValidationOp
     if args.sweep and codec:
         raise ValidationError(f"--sweep takes its codecs from the grid; drop the codec flags "
                               f"{['--' + k.replace('_', '-') for k in codec]} or use --sweep-grid")
+    if distributed.from_env() is not None and (args.sweep or args.quick_test):
+        raise ValidationError("a data-parallel run (torchrun, WORLD_SIZE > 1) shards the windows of one codec; "
+                              "run --sweep and --quick-test as a single process")
     options = options_from_args(args, codec)
     options.check()
     return options
@@ -153,9 +157,9 @@ def _run(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> int:
                                 sparsity=args.sparsity, device=args.device, cpu=args.cpu, gate=args.gate, **codec)
     else:
         result, report = run_validation(options, verbose=not args.quiet)
-        if options.output_json:
+        if options.output_json and distributed.is_main():
             write_json_atomic(options.output_json, report)
-    if args.quiet:
+    if args.quiet and distributed.is_main():
         print(_quiet_line(result))
     return 0 if result.passed else 1
 
@@ -188,3 +192,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: unexpected {type(e).__name__}: {message} (set KV_VALIDATE_DEBUG=1 for the traceback)",
               file=sys.stderr)
         return 2
+    finally:
+        distributed.shutdown()

@@ -10,6 +10,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from validation import distributed
 from validation.corpora import load_corpus, tokenize_corpus
 from validation.diagnostics import HEATMAP_FILENAME, plot_snr_heatmap
 from validation.models import (
@@ -24,7 +25,7 @@ from validation.models import (
     select_device,
 )
 from validation.options import ValidationError, ValidationOptions, describe_codec
-from validation.protocol import make_windows, run_protocol
+from validation.protocol import make_windows
 from validation.reports import (
     REPORT_SCHEMA,
     Console,
@@ -69,9 +70,13 @@ def evaluate(
                  f"({context} context + {options.stride} scored, stride {options.stride})")
     console.info(f"Each batch of {options.batch_windows} windows: prefill -> kv-compress round trip -> "
                  f"scoring on original and reconstructed cache")
-    outcome = run_protocol(
+    ranks = distributed.current()
+    if ranks is not None:
+        console.info(f"Data-parallel: {ranks.world_size} ranks ({distributed.BACKEND}); batch b runs on rank "
+                     f"b mod {ranks.world_size}, rank 0 gathers and reports")
+    outcome = distributed.run_protocol_sharded(
         model, windows, options.stride, starts=starts, group_size=options.group_size, sparsity=options.sparsity,
-        batch_windows=options.batch_windows, progress=progress and console.verbose, **options.codec,
+        batch_windows=options.batch_windows, progress=progress and console.verbose, ctx=ranks, **options.codec,
     )
     console.info(f"Generated: {outcome.num_layers} layers, {len(outcome.windows)} x {context} tokens, "
                  f"{_fmt_mb(outcome.cache_bytes)} ({outcome.cache_dtype})")
@@ -150,6 +155,9 @@ def evaluate(
             "bootstrap_resamples": options.bootstrap_resamples, "ci_level": result.ci_level,
             "first_scored_token": "predicted from the prefill's last logits (identical for both caches)",
             "kl": "mean over scored tokens of KL(baseline || compressed), nats",
+            "data_parallel": None if ranks is None else {
+                "world_size": ranks.world_size, "backend": distributed.BACKEND,
+                "sharding": "batch b of batch_windows windows is scored by rank b mod world_size"},
         },
         "codec": {"group_size": options.group_size, "sparsity": options.sparsity, "cli": agg.get("codec"),
                   "requested": {"group_size": options.group_size, "sparsity": options.sparsity, **options.codec},
@@ -194,7 +202,7 @@ def load_run_inputs(options: ValidationOptions, console: Console, title: str = "
     """
     options.check()
     run_start = time.perf_counter()
-    dev = select_device(options.device, options.cpu)
+    dev = distributed.rank_device(select_device(options.device, options.cpu), distributed.current())
     dtype = default_dtype(dev)
 
     choice = resolve_model(options.model, options.hub_timeout)
@@ -232,9 +240,12 @@ def load_run_inputs(options: ValidationOptions, console: Console, title: str = "
 def run_validation(options: ValidationOptions, verbose: bool = True) -> Tuple[ValidationResult, Dict[str, Any]]:
     """Resolve the model and corpus, run the protocol, print the report; return (result, JSON report).
 
+    Under torchrun (WORLD_SIZE > 1) the windows' batches are shared among the ranks
+    (validation.distributed); every rank returns the same result and report, rank 0 alone prints.
     Raises ValidationError for anything that prevents a measurement.
     """
-    console = Console(verbose)
+    ranks = distributed.setup()  # under torchrun: join the group; only rank 0 prints
+    console = Console(verbose and (ranks is None or ranks.is_main))
     inputs = load_run_inputs(options, console)
     result, report = evaluate(
         inputs.model, inputs.token_ids, options, console, model_choice=inputs.choice, corpus_info=inputs.corpus_info,

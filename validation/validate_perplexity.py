@@ -49,6 +49,7 @@ from typing import Any, Optional
 if __package__ in (None, ""):  # run as a script: make `validation.*` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from validation import distributed
 from validation.cli import build_parser, main
 from validation.jsonio import write_json_atomic
 from validation.models import load_model_and_tokenizer
@@ -92,7 +93,7 @@ def run_full_validation(
         raise ValidationError(f"unknown option(s) {unknown}; allowed: {sorted(allowed)}")
     opts = ValidationOptions(device=device, threshold=threshold, **options)
     result, report = run_validation(opts, verbose=verbose)
-    if opts.output_json:
+    if opts.output_json and distributed.is_main():
         write_json_atomic(opts.output_json, report)
     return result
 
