@@ -2,13 +2,14 @@ package safetensors
 
 import (
 	"bytes"
+	"cmp"
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
 	"io"
 	"math/bits"
 	"os"
-	"sort"
+	"slices"
 	"strconv"
 	"unicode/utf8"
 )
@@ -85,6 +86,10 @@ func headerLength(b []byte, fileSize int64) (int64, error) {
 // parseHeader decodes the JSON header and checks every tensor against a data
 // buffer of dataLen bytes. It returns the tensors in offset order together with
 // their [begin, end) offsets.
+//
+// Its memory is a small multiple of the header: each tensor is validated as
+// soon as its entry is read and kept only as a Tensor and its offsets, and one
+// map serves both to detect duplicate names and for File.Lookup.
 func parseHeader(hb []byte, dataLen int64) (*File, [][2]int64, error) {
 	if !utf8.Valid(hb) {
 		return nil, nil, ErrHeaderEncoding
@@ -92,69 +97,13 @@ func parseHeader(hb []byte, dataLen int64) (*File, [][2]int64, error) {
 	if len(hb) == 0 || hb[0] != '{' {
 		return nil, nil, ErrHeaderStart
 	}
-	entries, meta, err := decodeHeaderJSON(hb)
-	if err != nil {
-		return nil, nil, err
-	}
-	f := &File{Metadata: meta, Tensors: make([]Tensor, 0, len(entries)), HeaderSize: int64(len(hb))}
-	offsets := make([][2]int64, 0, len(entries))
-	for _, e := range entries {
-		t, off, err := e.validate()
-		if err != nil {
-			return nil, nil, fmt.Errorf("tensor %q: %w", e.name, err)
-		}
-		f.Tensors = append(f.Tensors, t)
-		offsets = append(offsets, off)
-	}
-	idx := make([]int, len(offsets))
-	for i := range idx {
-		idx[i] = i
-	}
-	sort.SliceStable(idx, func(a, b int) bool {
-		oa, ob := offsets[idx[a]], offsets[idx[b]]
-		if oa[0] != ob[0] {
-			return oa[0] < ob[0]
-		}
-		return oa[1] < ob[1]
-	})
-	sortedT := make([]Tensor, len(idx))
-	sortedO := make([][2]int64, len(idx))
-	var end int64
-	for i, j := range idx {
-		sortedT[i], sortedO[i] = f.Tensors[j], offsets[j]
-		if offsets[j][0] != end {
-			return nil, nil, fmt.Errorf("tensor %q: %w (starts at %d, previous tensor ends at %d)",
-				f.Tensors[j].Name, ErrOverlap, offsets[j][0], end)
-		}
-		end = offsets[j][1]
-	}
-	f.Tensors = sortedT
-	switch {
-	case end > dataLen:
-		return nil, nil, fmt.Errorf("%w (tensors need %d bytes, %d present)", ErrTruncated, end, dataLen)
-	case end < dataLen:
-		return nil, nil, fmt.Errorf("%w (%d bytes after offset %d)", ErrTrailing, dataLen-end, end)
-	}
-	return f, sortedO, nil
-}
-
-type rawEntry struct {
-	name    string
-	dtype   *string
-	shape   []json.RawMessage
-	offsets []json.RawMessage
-}
-
-// decodeHeaderJSON walks the top-level object token by token so that
-// duplicate keys are detected rather than silently overwritten.
-func decodeHeaderJSON(hb []byte) ([]rawEntry, map[string]string, error) {
+	f := &File{HeaderSize: int64(len(hb)), byName: make(map[string]int)}
+	var offsets [][2]int64
 	dec := json.NewDecoder(bytes.NewReader(hb))
 	if tok, err := dec.Token(); err != nil || tok != json.Delim('{') {
 		return nil, nil, fmt.Errorf("%w: expected an object", ErrHeaderJSON)
 	}
-	seen := make(map[string]bool)
-	var entries []rawEntry
-	var meta map[string]string
+	metaSeen := false
 	for dec.More() {
 		tok, err := dec.Token()
 		if err != nil {
@@ -164,47 +113,30 @@ func decodeHeaderJSON(hb []byte) ([]rawEntry, map[string]string, error) {
 		if !ok {
 			return nil, nil, fmt.Errorf("%w: expected a key", ErrHeaderJSON)
 		}
-		if seen[key] {
-			return nil, nil, fmt.Errorf("%w %q", ErrDuplicate, key)
-		}
-		seen[key] = true
-		var raw json.RawMessage
-		if err := dec.Decode(&raw); err != nil {
-			return nil, nil, fmt.Errorf("%w: value of %q: %v", ErrHeaderJSON, key, err)
-		}
 		if key == MetadataKey {
-			if meta, err = decodeMetadata(raw); err != nil {
+			if metaSeen {
+				return nil, nil, fmt.Errorf("%w %q", ErrDuplicate, key)
+			}
+			metaSeen = true
+			if f.Metadata, err = decodeMetadata(dec); err != nil {
 				return nil, nil, err
 			}
 			continue
 		}
-		// Field names are matched exactly: encoding/json's struct decoding
-		// would also accept "Dtype" or "DATA_OFFSETS".
-		var info map[string]json.RawMessage
-		if err := json.Unmarshal(raw, &info); err != nil || info == nil {
-			return nil, nil, fmt.Errorf("tensor %q: %w: tensor info must be an object", key, ErrHeaderJSON)
+		if _, dup := f.byName[key]; dup {
+			return nil, nil, fmt.Errorf("%w %q", ErrDuplicate, key)
 		}
-		e := rawEntry{name: key}
-		if d, ok := info["dtype"]; ok {
-			var s string
-			if err := json.Unmarshal(d, &s); err != nil {
-				return nil, nil, fmt.Errorf("tensor %q: %w: dtype must be a string", key, ErrDType)
-			}
-			e.dtype = &s
+		e, err := decodeEntry(dec, key)
+		if err != nil {
+			return nil, nil, err
 		}
-		sh, ok := info["shape"]
-		if !ok {
-			return nil, nil, fmt.Errorf("tensor %q: %w: missing \"shape\"", key, ErrHeaderJSON)
+		t, off, err := e.validate()
+		if err != nil {
+			return nil, nil, fmt.Errorf("tensor %q: %w", key, err)
 		}
-		if err := json.Unmarshal(sh, &e.shape); err != nil || e.shape == nil {
-			return nil, nil, fmt.Errorf("tensor %q: %w: shape must be an array", key, ErrShape)
-		}
-		if off, ok := info["data_offsets"]; ok {
-			if err := json.Unmarshal(off, &e.offsets); err != nil {
-				return nil, nil, fmt.Errorf("tensor %q: %w: data_offsets must be an array", key, ErrOffsets)
-			}
-		}
-		entries = append(entries, e)
+		f.byName[key] = len(f.Tensors)
+		f.Tensors = append(f.Tensors, t)
+		offsets = append(offsets, off)
 	}
 	if tok, err := dec.Token(); err != nil || tok != json.Delim('}') {
 		return nil, nil, fmt.Errorf("%w: unterminated object", ErrHeaderJSON)
@@ -213,24 +145,138 @@ func decodeHeaderJSON(hb []byte) ([]rawEntry, map[string]string, error) {
 	if len(bytes.TrimLeft(rest, " \t\r\n")) != 0 {
 		return nil, nil, fmt.Errorf("%w: data after the header object", ErrHeaderJSON)
 	}
-	return entries, meta, nil
+	// Writers lay tensors out in header order, so sorting is rarely needed.
+	sorted := slices.IsSortedFunc(offsets, cmpOffsets)
+	if !sorted {
+		order := make([]int, len(offsets))
+		for i := range order {
+			order[i] = i
+		}
+		slices.SortStableFunc(order, func(a, b int) int { return cmpOffsets(offsets[a], offsets[b]) })
+		ts, offs := make([]Tensor, len(order)), make([][2]int64, len(order))
+		for i, j := range order {
+			ts[i], offs[i] = f.Tensors[j], offsets[j]
+			f.byName[ts[i].Name] = i
+		}
+		f.Tensors, offsets = ts, offs
+	}
+	var end int64
+	for i, off := range offsets {
+		if off[0] != end {
+			return nil, nil, fmt.Errorf("tensor %q: %w (starts at %d, previous tensor ends at %d)",
+				f.Tensors[i].Name, ErrOverlap, off[0], end)
+		}
+		end = off[1]
+	}
+	switch {
+	case end > dataLen:
+		return nil, nil, fmt.Errorf("%w (tensors need %d bytes, %d present)", ErrTruncated, end, dataLen)
+	case end < dataLen:
+		return nil, nil, fmt.Errorf("%w (%d bytes after offset %d)", ErrTrailing, dataLen-end, end)
+	}
+	return f, offsets, nil
 }
 
-func decodeMetadata(raw json.RawMessage) (map[string]string, error) {
-	if string(bytes.TrimSpace(raw)) == "null" {
+func cmpOffsets(a, b [2]int64) int {
+	if c := cmp.Compare(a[0], b[0]); c != 0 {
+		return c
+	}
+	return cmp.Compare(a[1], b[1])
+}
+
+type rawEntry struct {
+	name    string
+	dtype   *string
+	shape   []json.RawMessage
+	offsets []json.RawMessage
+}
+
+// decodeEntry reads one tensor's object from dec. Field names are matched
+// exactly (encoding/json's struct decoding would also accept "Dtype"), a
+// field given twice is refused as the reference parser refuses it, and
+// unknown fields are skipped.
+func decodeEntry(dec *json.Decoder, key string) (rawEntry, error) {
+	e := rawEntry{name: key}
+	if tok, err := dec.Token(); err != nil || tok != json.Delim('{') {
+		return e, fmt.Errorf("tensor %q: %w: tensor info must be an object", key, ErrHeaderJSON)
+	}
+	var hasShape, hasOffsets bool
+	for dec.More() {
+		tok, err := dec.Token()
+		if err != nil {
+			return e, fmt.Errorf("tensor %q: %w: %v", key, ErrHeaderJSON, err)
+		}
+		field, _ := tok.(string)
+		var raw json.RawMessage
+		if err := dec.Decode(&raw); err != nil {
+			return e, fmt.Errorf("tensor %q: %w: value of %q: %v", key, ErrHeaderJSON, field, err)
+		}
+		dup := false
+		switch field {
+		case "dtype":
+			dup = e.dtype != nil
+			var s string
+			if err := json.Unmarshal(raw, &s); err != nil {
+				return e, fmt.Errorf("tensor %q: %w: dtype must be a string", key, ErrDType)
+			}
+			e.dtype = &s
+		case "shape":
+			dup, hasShape = hasShape, true
+			if err := json.Unmarshal(raw, &e.shape); err != nil || e.shape == nil {
+				return e, fmt.Errorf("tensor %q: %w: shape must be an array", key, ErrShape)
+			}
+		case "data_offsets":
+			dup, hasOffsets = hasOffsets, true
+			if err := json.Unmarshal(raw, &e.offsets); err != nil {
+				return e, fmt.Errorf("tensor %q: %w: data_offsets must be an array", key, ErrOffsets)
+			}
+		}
+		if dup {
+			return e, fmt.Errorf("tensor %q: %w: field %q given twice", key, ErrHeaderJSON, field)
+		}
+	}
+	if tok, err := dec.Token(); err != nil || tok != json.Delim('}') {
+		return e, fmt.Errorf("tensor %q: %w: unterminated tensor info", key, ErrHeaderJSON)
+	}
+	if !hasShape {
+		return e, fmt.Errorf("tensor %q: %w: missing \"shape\"", key, ErrHeaderJSON)
+	}
+	return e, nil
+}
+
+// decodeMetadata reads the __metadata__ value from dec into one map, value
+// by value, so that its memory stays close to the header's. A key given twice
+// keeps its last value, as the reference implementation's map does.
+func decodeMetadata(dec *json.Decoder) (map[string]string, error) {
+	tok, err := dec.Token()
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrHeaderJSON, err)
+	}
+	if tok == nil {
 		return nil, nil
 	}
-	var m map[string]json.RawMessage
-	if err := json.Unmarshal(raw, &m); err != nil {
-		return nil, fmt.Errorf("%w: %v", ErrMetadata, err)
+	if tok != json.Delim('{') {
+		return nil, fmt.Errorf("%w: not an object", ErrMetadata)
 	}
-	out := make(map[string]string, len(m))
-	for k, v := range m {
-		var s string
-		if err := json.Unmarshal(v, &s); err != nil {
+	out := make(map[string]string)
+	for dec.More() {
+		kt, err := dec.Token()
+		if err != nil {
+			return nil, fmt.Errorf("%w: %v", ErrHeaderJSON, err)
+		}
+		k, _ := kt.(string)
+		vt, err := dec.Token()
+		if err != nil {
+			return nil, fmt.Errorf("%w: %v", ErrHeaderJSON, err)
+		}
+		v, ok := vt.(string)
+		if !ok {
 			return nil, fmt.Errorf("%w: value of %q is not a string", ErrMetadata, k)
 		}
-		out[k] = s
+		out[k] = v
+	}
+	if tok, err := dec.Token(); err != nil || tok != json.Delim('}') {
+		return nil, fmt.Errorf("%w: unterminated __metadata__", ErrHeaderJSON)
 	}
 	return out, nil
 }
