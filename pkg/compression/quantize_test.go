@@ -234,13 +234,13 @@ func TestStatsQuality(t *testing.T) {
 	}
 	st.addGroup(&gs, len(x))
 	q := st.quality()
-	if want := 0.5; math.Abs(q.RMSE-want) > 1e-12 {
+	if want := 0.5; math.Abs(float64(q.RMSE)-want) > 1e-12 {
 		t.Errorf("rmse %v, want %v", q.RMSE, want)
 	}
-	if want := 10 * math.Log10(30.0/1.0); math.Abs(q.SNRdB-want) > 1e-9 {
+	if want := 10 * math.Log10(30.0/1.0); math.Abs(float64(q.SNRdB)-want) > 1e-9 {
 		t.Errorf("snr %v, want %v", q.SNRdB, want)
 	}
-	if want := 34 / (math.Sqrt(30) * math.Sqrt(39)); math.Abs(q.CosineSimilarity-want) > 1e-12 {
+	if want := 34 / (math.Sqrt(30) * math.Sqrt(39)); math.Abs(float64(q.CosineSimilarity)-want) > 1e-12 {
 		t.Errorf("cos %v, want %v", q.CosineSimilarity, want)
 	}
 	if q.MaxError != 1 {

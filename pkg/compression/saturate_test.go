@@ -1,6 +1,7 @@
 package compression
 
 import (
+	"encoding/json"
 	"math"
 	"testing"
 
@@ -53,7 +54,7 @@ func TestReconstructionSaturates(t *testing.T) {
 					return // refusing (a scale that overflows float16, a rotation out of range) is allowed
 				}
 				for _, q := range append([]Quality{res.Quality}, qualities(res)...) {
-					for _, v := range []float64{q.RMSE, q.SNRdB, q.CosineSimilarity, q.MaxError} {
+					for _, v := range []float64{float64(q.RMSE), float64(q.SNRdB), float64(q.CosineSimilarity), float64(q.MaxError)} {
 						if math.IsNaN(v) || math.IsInf(v, 0) {
 							t.Fatalf("non-finite metric in %+v", q)
 						}
@@ -74,7 +75,7 @@ func TestReconstructionSaturates(t *testing.T) {
 						maxErr = math.Max(maxErr, math.Abs(float64(x[j]-v))) // float32 differences, as the encoder measures them
 					}
 				}
-				if cfg.Sparsity == 0 && maxErr != res.Quality.MaxError {
+				if cfg.Sparsity == 0 && maxErr != float64(res.Quality.MaxError) {
 					t.Errorf("report says max error %v, the restored file has %v", res.Quality.MaxError, maxErr)
 				}
 			})
@@ -103,5 +104,21 @@ func TestSaturate(t *testing.T) {
 		if got != tc.out {
 			t.Errorf("%s: %v saturates to %v, want %v", tc.dt, tc.in, got, tc.out)
 		}
+	}
+}
+
+// TestMetricJSON: a metric that is not finite encodes as null; a finite one
+// exactly as encoding/json writes a float64.
+func TestMetricJSON(t *testing.T) {
+	q := Quality{RMSE: Metric(math.Inf(1)), SNRdB: Metric(math.NaN()), CosineSimilarity: 0.1 + 0.2, MaxError: 1e21}
+	got, err := json.Marshal(q)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, _ := json.Marshal(0.1 + 0.2)
+	m, _ := json.Marshal(1e21)
+	want := `{"rmse":null,"snr_db":null,"cosine_similarity":` + string(c) + `,"max_error":` + string(m) + `}`
+	if string(got) != want {
+		t.Fatalf("got %s, want %s", got, want)
 	}
 }
