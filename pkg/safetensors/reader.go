@@ -97,53 +97,43 @@ func parseHeader(hb []byte, dataLen int64) (*File, [][2]int64, error) {
 	if len(hb) == 0 || hb[0] != '{' {
 		return nil, nil, ErrHeaderStart
 	}
+	if !json.Valid(hb) {
+		var v json.RawMessage
+		err := json.Unmarshal(hb, &v) // only to say where the syntax breaks
+		return nil, nil, fmt.Errorf("%w: %v", ErrHeaderJSON, err)
+	}
 	f := &File{HeaderSize: int64(len(hb)), byName: make(map[string]int)}
 	var offsets [][2]int64
-	dec := json.NewDecoder(bytes.NewReader(hb))
-	if tok, err := dec.Token(); err != nil || tok != json.Delim('{') {
-		return nil, nil, fmt.Errorf("%w: expected an object", ErrHeaderJSON)
-	}
+	sc := &scanner{b: hb}
 	metaSeen := false
-	for dec.More() {
-		tok, err := dec.Token()
-		if err != nil {
-			return nil, nil, fmt.Errorf("%w: %v", ErrHeaderJSON, err)
-		}
-		key, ok := tok.(string)
-		if !ok {
-			return nil, nil, fmt.Errorf("%w: expected a key", ErrHeaderJSON)
-		}
+	err := sc.members(func(key string) error {
 		if key == MetadataKey {
 			if metaSeen {
-				return nil, nil, fmt.Errorf("%w %q", ErrDuplicate, key)
+				return fmt.Errorf("%w %q", ErrDuplicate, key)
 			}
 			metaSeen = true
-			if f.Metadata, err = decodeMetadata(dec); err != nil {
-				return nil, nil, err
-			}
-			continue
+			var err error
+			f.Metadata, err = sc.metadata()
+			return err
 		}
 		if _, dup := f.byName[key]; dup {
-			return nil, nil, fmt.Errorf("%w %q", ErrDuplicate, key)
+			return fmt.Errorf("%w %q", ErrDuplicate, key)
 		}
-		e, err := decodeEntry(dec, key)
+		e, err := sc.entry(key)
 		if err != nil {
-			return nil, nil, err
+			return err
 		}
 		t, off, err := e.validate()
 		if err != nil {
-			return nil, nil, fmt.Errorf("tensor %q: %w", key, err)
+			return fmt.Errorf("tensor %q: %w", key, err)
 		}
 		f.byName[key] = len(f.Tensors)
 		f.Tensors = append(f.Tensors, t)
 		offsets = append(offsets, off)
-	}
-	if tok, err := dec.Token(); err != nil || tok != json.Delim('}') {
-		return nil, nil, fmt.Errorf("%w: unterminated object", ErrHeaderJSON)
-	}
-	rest := hb[dec.InputOffset():]
-	if len(bytes.TrimLeft(rest, " \t\r\n")) != 0 {
-		return nil, nil, fmt.Errorf("%w: data after the header object", ErrHeaderJSON)
+		return nil
+	})
+	if err != nil {
+		return nil, nil, err
 	}
 	// Writers lay tensors out in header order, so sorting is rarely needed.
 	sorted := slices.IsSortedFunc(offsets, cmpOffsets)
@@ -189,96 +179,6 @@ type rawEntry struct {
 	dtype   *string
 	shape   []json.RawMessage
 	offsets []json.RawMessage
-}
-
-// decodeEntry reads one tensor's object from dec. Field names are matched
-// exactly (encoding/json's struct decoding would also accept "Dtype"), a
-// field given twice is refused as the reference parser refuses it, and
-// unknown fields are skipped.
-func decodeEntry(dec *json.Decoder, key string) (rawEntry, error) {
-	e := rawEntry{name: key}
-	if tok, err := dec.Token(); err != nil || tok != json.Delim('{') {
-		return e, fmt.Errorf("tensor %q: %w: tensor info must be an object", key, ErrHeaderJSON)
-	}
-	var hasShape, hasOffsets bool
-	for dec.More() {
-		tok, err := dec.Token()
-		if err != nil {
-			return e, fmt.Errorf("tensor %q: %w: %v", key, ErrHeaderJSON, err)
-		}
-		field, _ := tok.(string)
-		var raw json.RawMessage
-		if err := dec.Decode(&raw); err != nil {
-			return e, fmt.Errorf("tensor %q: %w: value of %q: %v", key, ErrHeaderJSON, field, err)
-		}
-		dup := false
-		switch field {
-		case "dtype":
-			dup = e.dtype != nil
-			var s string
-			if err := json.Unmarshal(raw, &s); err != nil {
-				return e, fmt.Errorf("tensor %q: %w: dtype must be a string", key, ErrDType)
-			}
-			e.dtype = &s
-		case "shape":
-			dup, hasShape = hasShape, true
-			if err := json.Unmarshal(raw, &e.shape); err != nil || e.shape == nil {
-				return e, fmt.Errorf("tensor %q: %w: shape must be an array", key, ErrShape)
-			}
-		case "data_offsets":
-			dup, hasOffsets = hasOffsets, true
-			if err := json.Unmarshal(raw, &e.offsets); err != nil {
-				return e, fmt.Errorf("tensor %q: %w: data_offsets must be an array", key, ErrOffsets)
-			}
-		}
-		if dup {
-			return e, fmt.Errorf("tensor %q: %w: field %q given twice", key, ErrHeaderJSON, field)
-		}
-	}
-	if tok, err := dec.Token(); err != nil || tok != json.Delim('}') {
-		return e, fmt.Errorf("tensor %q: %w: unterminated tensor info", key, ErrHeaderJSON)
-	}
-	if !hasShape {
-		return e, fmt.Errorf("tensor %q: %w: missing \"shape\"", key, ErrHeaderJSON)
-	}
-	return e, nil
-}
-
-// decodeMetadata reads the __metadata__ value from dec into one map, value
-// by value, so that its memory stays close to the header's. A key given twice
-// keeps its last value, as the reference implementation's map does.
-func decodeMetadata(dec *json.Decoder) (map[string]string, error) {
-	tok, err := dec.Token()
-	if err != nil {
-		return nil, fmt.Errorf("%w: %v", ErrHeaderJSON, err)
-	}
-	if tok == nil {
-		return nil, nil
-	}
-	if tok != json.Delim('{') {
-		return nil, fmt.Errorf("%w: not an object", ErrMetadata)
-	}
-	out := make(map[string]string)
-	for dec.More() {
-		kt, err := dec.Token()
-		if err != nil {
-			return nil, fmt.Errorf("%w: %v", ErrHeaderJSON, err)
-		}
-		k, _ := kt.(string)
-		vt, err := dec.Token()
-		if err != nil {
-			return nil, fmt.Errorf("%w: %v", ErrHeaderJSON, err)
-		}
-		v, ok := vt.(string)
-		if !ok {
-			return nil, fmt.Errorf("%w: value of %q is not a string", ErrMetadata, k)
-		}
-		out[k] = v
-	}
-	if tok, err := dec.Token(); err != nil || tok != json.Delim('}') {
-		return nil, fmt.Errorf("%w: unterminated __metadata__", ErrHeaderJSON)
-	}
-	return out, nil
 }
 
 // parseUint accepts only a plain non-negative JSON integer literal.
