@@ -102,7 +102,9 @@ func writeSafetensors(t *testing.T, path, header string, data []byte) {
 	}
 }
 
-func crc(b []byte) string { return fmt.Sprintf("%08x", crc32.Checksum(b, crc32.MakeTable(crc32.Castagnoli))) }
+func crc(b []byte) string {
+	return fmt.Sprintf("%08x", crc32.Checksum(b, crc32.MakeTable(crc32.Castagnoli)))
+}
 
 // hostilePayload is one payload of a crafted container.
 type hostilePayload struct {
