@@ -231,21 +231,15 @@ func fail(stdout, stderr io.Writer, cmd string, err error) int {
 	return code
 }
 
-// emit writes v as one JSON document and a newline, or nothing at all when
-// v does not encode.
+// emit writes v as one JSON document and a newline. encoding/json encodes
+// the whole document before writing it, so when v does not encode nothing is
+// written and the caller can still print its error object.
 func emit(w io.Writer, v any, pretty bool) error {
-	var b []byte
-	var err error
+	enc := json.NewEncoder(w)
 	if pretty {
-		b, err = json.MarshalIndent(v, "", "  ")
-	} else {
-		b, err = json.Marshal(v)
+		enc.SetIndent("", "  ")
 	}
-	if err != nil {
-		return err
-	}
-	_, err = w.Write(append(b, '\n'))
-	return err
+	return enc.Encode(v)
 }
 
 func usage(w io.Writer) {
