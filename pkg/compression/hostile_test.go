@@ -215,3 +215,15 @@ func TestManyTensorsHeaderRefused(t *testing.T) {
 		t.Fatalf("err = %v, want ErrHeaderTooLarge", err)
 	}
 }
+
+// TestManyMetadataKeysRefused: metadata that the container's header could not
+// hold is refused before encoding, not after.
+func TestManyMetadataKeysRefused(t *testing.T) {
+	src := &safetensors.File{Metadata: make(map[string]string)}
+	for i := range safetensors.MaxHeaderSize / 20 {
+		src.Metadata[fmt.Sprintf("%012x", i)] = "v"
+	}
+	if _, err := compressBudget(src, SeedConfig()); !errors.Is(err, safetensors.ErrHeaderTooLarge) {
+		t.Fatalf("err = %v, want ErrHeaderTooLarge", err)
+	}
+}

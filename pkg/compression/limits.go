@@ -222,7 +222,7 @@ func (idx *Index) maxScratch() int64 {
 const containerEntryBytes = 150
 
 // compressBudget checks that compressing src fits: its container's header
-// within what safetensors allows, and the encoded payloads plus each worker's
+// (index entries and the copied metadata) within what safetensors allows, and the encoded payloads plus each worker's
 // buffers within cfg's memory budget. It returns how many workers fit.
 func compressBudget(src *safetensors.File, cfg Config) (int, error) {
 	var header, fixed, scratch int64
@@ -236,8 +236,12 @@ func compressBudget(src *safetensors.File, cfg Config) (int, error) {
 			scratch = max(scratch, satAdd(satMul(t.NumElements(), 21), int64(len(t.Data))))
 		}
 	}
+	for k, v := range src.Metadata { // copied as source_metadata: `"k":"v",` with its quotes escaped
+		header = satAdd(header, int64(len(k)+len(v)+10))
+	}
 	if header > safetensors.MaxHeaderSize {
-		return 0, fmt.Errorf("%w: %d tensors need a container header of at least %d bytes", safetensors.ErrHeaderTooLarge, len(src.Tensors), header)
+		return 0, fmt.Errorf("%w: %d tensors and %d metadata keys need a container header of at least %d bytes",
+			safetensors.ErrHeaderTooLarge, len(src.Tensors), len(src.Metadata), header)
 	}
 	return budgetWorkers(cfg.maxMemory(), fixed, scratch, cfg.workers())
 }
