@@ -109,8 +109,9 @@ type InspectOptions struct {
 }
 
 // Inspect describes a safetensors file or a container after validating it:
-// a file's header and layout, a container's index and the CRC-32C of every
-// payload, and with opt.Verify the decoding of every tensor.
+// a file's header and layout, a container's index, the CRC-32C of every
+// payload and that it fits the memory budget as decompress would need it,
+// and with opt.Verify the decoding of every tensor.
 func Inspect(in string, opt InspectOptions) (*InspectReport, error) {
 	f, size, err := readFile(in)
 	if err != nil {
@@ -142,8 +143,15 @@ func Inspect(in string, opt InspectOptions) (*InspectReport, error) {
 			}
 		}
 	}
+	budget := opt.MaxMemory
+	if budget <= 0 {
+		budget = DefaultMaxMemory()
+	}
+	if _, err := budgetWorkers(budget, idx.outputBytes(), idx.maxScratch(), 1); err != nil {
+		return nil, fmt.Errorf("%s: %w", in, err) // decompress would refuse it: say so now
+	}
 	if opt.Verify {
-		if _, err := DecompressWithin(f, opt.Workers, opt.MaxMemory); err != nil {
+		if _, err := DecompressWithin(f, opt.Workers, budget); err != nil {
 			return nil, fmt.Errorf("%s: %w", in, err)
 		}
 	}
