@@ -12,6 +12,9 @@ import (
 type scanner struct {
 	b []byte
 	i int
+	// shape and offsets are reused from entry to entry: a rawEntry is
+	// validated before the next one is read.
+	shape, offsets []json.RawMessage
 }
 
 func (s *scanner) ws() {
@@ -103,15 +106,15 @@ func (s *scanner) skip() []byte {
 	return s.b[start:s.i]
 }
 
-// elements reads an array's elements as raw values; ok is false when the
-// value is not an array.
-func (s *scanner) elements() (els []json.RawMessage, ok bool, err error) {
+// elements appends an array's elements, as raw values, to els[:0]; ok is
+// false when the value is not an array.
+func (s *scanner) elements(els []json.RawMessage) (_ []json.RawMessage, ok bool, err error) {
 	if s.peek() != '[' {
 		s.skip()
 		return nil, false, nil
 	}
 	s.i++
-	els = []json.RawMessage{}
+	els = els[:0]
 	for s.peek() != ']' {
 		els = append(els, s.skip())
 		if s.peek() == ',' {
@@ -172,18 +175,18 @@ func (s *scanner) entry(key string) (rawEntry, error) {
 			e.dtype = &v
 		case "shape":
 			dup, hasShape = hasShape, true
-			els, ok, _ := s.elements()
+			els, ok, _ := s.elements(s.shape)
 			if !ok {
 				return fmt.Errorf("tensor %q: %w: shape must be an array", key, ErrShape)
 			}
-			e.shape = els
+			e.shape, s.shape = els, els
 		case "data_offsets":
 			dup, hasOffsets = hasOffsets, true
-			els, ok, _ := s.elements()
+			els, ok, _ := s.elements(s.offsets)
 			if !ok {
 				return fmt.Errorf("tensor %q: %w: data_offsets must be an array", key, ErrOffsets)
 			}
-			e.offsets = els
+			e.offsets, s.offsets = els, els
 		default:
 			s.skip()
 		}
