@@ -137,8 +137,8 @@ func ParseSize(s string) (int64, error) {
 	return n, nil
 }
 
-// FormatSize writes a byte count for people: "1.50 GiB".
-func FormatSize(n int64) string {
+// formatSize writes a byte count for people: "1.50 GiB".
+func formatSize(n int64) string {
 	switch {
 	case n >= 1<<30:
 		return strconv.FormatFloat(float64(n)/(1<<30), 'f', 2, 64) + " GiB"
@@ -173,7 +173,7 @@ func budgetWorkers(budget, fixed, perWorker int64, want int) (int, error) {
 	need := satAdd(fixed, perWorker)
 	if need > budget {
 		return 0, fmt.Errorf("%w: this file needs at least %s of memory, the budget is %s (--max-memory)",
-			ErrTooLarge, FormatSize(need), FormatSize(budget))
+			ErrTooLarge, formatSize(need), formatSize(budget))
 	}
 	if perWorker == 0 {
 		return want, nil

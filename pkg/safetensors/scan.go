@@ -108,10 +108,10 @@ func (s *scanner) skip() []byte {
 
 // elements appends an array's elements, as raw values, to els[:0]; ok is
 // false when the value is not an array.
-func (s *scanner) elements(els []json.RawMessage) (_ []json.RawMessage, ok bool, err error) {
+func (s *scanner) elements(els []json.RawMessage) (_ []json.RawMessage, ok bool) {
 	if s.peek() != '[' {
 		s.skip()
-		return nil, false, nil
+		return nil, false
 	}
 	s.i++
 	els = els[:0]
@@ -122,7 +122,7 @@ func (s *scanner) elements(els []json.RawMessage) (_ []json.RawMessage, ok bool,
 		}
 	}
 	s.i++
-	return els, true, nil
+	return els, true
 }
 
 // members calls fn for each member of the object at the current position,
@@ -175,14 +175,14 @@ func (s *scanner) entry(key string) (rawEntry, error) {
 			e.dtype = &v
 		case "shape":
 			dup, hasShape = hasShape, true
-			els, ok, _ := s.elements(s.shape)
+			els, ok := s.elements(s.shape)
 			if !ok {
 				return fmt.Errorf("tensor %q: %w: shape must be an array", key, ErrShape)
 			}
 			e.shape, s.shape = els, els
 		case "data_offsets":
 			dup, hasOffsets = hasOffsets, true
-			els, ok, _ := s.elements(s.offsets)
+			els, ok := s.elements(s.offsets)
 			if !ok {
 				return fmt.Errorf("tensor %q: %w: data_offsets must be an array", key, ErrOffsets)
 			}
