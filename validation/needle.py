@@ -22,6 +22,7 @@ import random
 import re
 import shutil
 import sys
+import textwrap
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -356,7 +357,9 @@ def plot_heatmap(outcome: NeedleOutcome, arm: str, path: str, title: str = "") -
             if not math.isnan(grid[i, j]):
                 ax.text(j, i, f"{grid[i, j]:.0%}", ha="center", va="center", fontsize=8)
     fig.colorbar(image, ax=ax, shrink=0.8, label="accuracy")
-    ax.set_title(title or f"{arm}: accuracy {outcome.accuracy(arm):.0%}", fontsize=9)
+    width = max(24, int(10 * fig.get_figwidth()))
+    text = title or f"{arm}: accuracy {outcome.accuracy(arm):.0%}"
+    ax.set_title("\n".join(w for line in text.splitlines() for w in textwrap.wrap(line, width)), fontsize=8)
     return save_figure(fig, path)
 
 
