@@ -119,3 +119,13 @@ def test_verdict_is_scale_free_on_the_embedded_cache(tmp_path: Path, kv_compress
     assert default.snr_db > cb.VERDICT_MIN_SNR_DB
     assert not crushed.passed and crushed.quality_level == "POOR"
     assert any(v.startswith("snr_db") for v in crushed.violations)
+
+
+@pytest.mark.parametrize("enabled", [True, False], ids=["enabled", "disabled"])
+def test_progress_bar_outside_a_notebook(enabled: bool, capsys) -> None:
+    from validation.progress import in_notebook, progress_bar
+
+    assert not in_notebook()
+    assert sum(progress_bar(range(5), desc="steps", enabled=enabled)) == 10
+    err = capsys.readouterr().err
+    assert ("steps: 100%" in err) is enabled
