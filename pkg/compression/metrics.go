@@ -1,6 +1,7 @@
 package compression
 
 import (
+	"encoding/json"
 	"math"
 	"strconv"
 )
@@ -28,26 +29,38 @@ const (
 	QualityPoor       = "POOR"
 )
 
+// Metric is one error measure. It encodes to JSON as a number, or as null
+// when it is NaN or infinite, so a report is always valid JSON.
+type Metric float64
+
+// MarshalJSON writes m as encoding/json writes a float64, or null when m is not finite.
+func (m Metric) MarshalJSON() ([]byte, error) {
+	if math.IsNaN(float64(m)) || math.IsInf(float64(m), 0) {
+		return []byte("null"), nil
+	}
+	return json.Marshal(float64(m))
+}
+
 // Quality holds the error measures of a reconstruction against its original.
 type Quality struct {
-	RMSE             float64 `json:"rmse"`
-	SNRdB            float64 `json:"snr_db"`
-	CosineSimilarity float64 `json:"cosine_similarity"`
-	MaxError         float64 `json:"max_error"`
+	RMSE             Metric `json:"rmse"`
+	SNRdB            Metric `json:"snr_db"`
+	CosineSimilarity Metric `json:"cosine_similarity"`
+	MaxError         Metric `json:"max_error"`
 }
 
 func (s tensorStats) quality() Quality {
-	q := Quality{CosineSimilarity: 1, SNRdB: snrCapDB, MaxError: s.maxErr}
+	q := Quality{CosineSimilarity: 1, SNRdB: snrCapDB, MaxError: Metric(s.maxErr)}
 	if s.n == 0 {
 		return q
 	}
-	q.RMSE = math.Sqrt(s.sumEE / float64(s.n))
+	q.RMSE = Metric(math.Sqrt(s.sumEE / float64(s.n)))
 	if s.sumEE > 0 {
-		q.SNRdB = math.Max(-snrCapDB, math.Min(snrCapDB, 10*math.Log10(s.sumXX/s.sumEE)))
+		q.SNRdB = Metric(math.Max(-snrCapDB, math.Min(snrCapDB, 10*math.Log10(s.sumXX/s.sumEE))))
 	}
 	switch {
 	case s.sumXX > 0 && s.sumYY > 0:
-		q.CosineSimilarity = s.sumXY / (math.Sqrt(s.sumXX) * math.Sqrt(s.sumYY))
+		q.CosineSimilarity = Metric(s.sumXY / (math.Sqrt(s.sumXX) * math.Sqrt(s.sumYY)))
 	case s.sumXX == 0 && s.sumYY == 0:
 		q.CosineSimilarity = 1
 	default:
@@ -58,7 +71,7 @@ func (s tensorStats) quality() Quality {
 
 // RelativeRMSE is the RMSE as a fraction of the original's RMS,
 // 10^(-SNR/20): 0.1 means the error is a tenth of the signal's typical size.
-func (q Quality) RelativeRMSE() float64 { return math.Pow(10, -q.SNRdB/20) }
+func (q Quality) RelativeRMSE() float64 { return math.Pow(10, -float64(q.SNRdB)/20) }
 
 // Level classifies q on scale-free measures: EXCELLENT (SNR > 40 dB),
 // GOOD (> 30 dB), ACCEPTABLE (> 18 dB and cosine > 0.99), otherwise POOR.
@@ -81,11 +94,11 @@ func (q Quality) Level() string {
 func (q Quality) Violations() []string {
 	v := []string{}
 	if !(q.SNRdB > MinSNRdB) {
-		v = append(v, "snr_db "+fmtFloat(q.SNRdB)+" <= "+fmtFloat(MinSNRdB)+
+		v = append(v, "snr_db "+fmtFloat(float64(q.SNRdB))+" <= "+fmtFloat(MinSNRdB)+
 			" (rmse is "+strconv.FormatFloat(100*q.RelativeRMSE(), 'f', 1, 64)+"% of the signal's rms, limit 12.6%)")
 	}
 	if !(q.CosineSimilarity > MinCosine) {
-		v = append(v, "cosine_similarity "+fmtFloat(q.CosineSimilarity)+" <= "+fmtFloat(MinCosine))
+		v = append(v, "cosine_similarity "+fmtFloat(float64(q.CosineSimilarity))+" <= "+fmtFloat(MinCosine))
 	}
 	return v
 }
