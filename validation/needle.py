@@ -259,10 +259,9 @@ def run_needle(
     default: ``default`` and ``seed`` through :func:`preset_codec`. Keys are drawn from
     ``random.Random(seed)`` in run order, so a run is reproducible.
     """
-    from tqdm.auto import tqdm
-
     from validation.compression_bridge import roundtrip_kv_cache
     from validation.models import _model_device
+    from validation.progress import progress_bar
     from validation.protocol import _supports_logits_to_keep, check_reconstruction, make_work_dir, prefill_contexts
 
     if presets is None:
@@ -288,7 +287,7 @@ def run_needle(
     if owned:
         work_dir = make_work_dir(model, 1, 1, max(lengths), "kv-needle-")
     plan = [(n, d, k) for n in lengths for d in depths for k in range(trials)]
-    bar = tqdm(total=len(plan), desc="needle", unit="prompt", disable=not progress, file=sys.stderr)
+    bar = progress_bar(total=len(plan), desc="needle", unit="prompt", enabled=progress)
     start = time.perf_counter()
     try:
         for length, depth, k in plan:
