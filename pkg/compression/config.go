@@ -74,6 +74,10 @@ type Config struct {
 	Sparsity float64
 	// Workers bounds the number of tensors processed at once; 0 means GOMAXPROCS.
 	Workers int
+	// NoSync makes CompressFile and DecompressFile skip the fsync before
+	// the output is renamed into place: for scratch folders whose files
+	// need not survive a crash. Like Workers it is not part of the codec.
+	NoSync bool
 	// Scheme is "sym" (scale only) or "asym" (float16 minimum and scale).
 	// Like every field, its zero value means the seed's choice ("sym");
 	// DefaultConfig holds the recommended ones.

@@ -1,8 +1,8 @@
 package compression
 
 import (
+	"encoding/binary"
 	"fmt"
-	"os"
 	"time"
 
 	"github.com/kv-cache-p2p/validation/pkg/atomicfile"
@@ -12,6 +12,13 @@ import (
 // CompressFile compresses the safetensors file in into a container at out
 // (written atomically; out may not be in). With out empty nothing is written:
 // the report then describes the container that would have been written.
+//
+// The input is read tensor by tensor (mapped, or with positioned reads where
+// it cannot be mapped); each tensor's payloads go to an unlinked scratch file
+// beside out as soon as they are encoded, and the container is assembled
+// from it once its header is known. Memory holds the tensors in flight, not
+// the file. Only regular files are read and replaced (see package atomicfile
+// for the output's mode and for symbolic links).
 func CompressFile(in, out string, cfg Config) (*Report, error) {
 	start := time.Now()
 	if err := cfg.Validate(); err != nil {
@@ -22,77 +29,155 @@ func CompressFile(in, out string, cfg Config) (*Report, error) {
 			return nil, err
 		}
 	}
-	src, size, err := readFile(in)
+	src, err := openSource(in)
 	if err != nil {
 		return nil, err
 	}
-	if IsContainer(src) {
+	defer src.close()
+	if IsContainer(src.f) {
 		return nil, fmt.Errorf("%s: %w", in, ErrAlreadyContainer)
 	}
+	var dst *atomicfile.File
+	var sp *spill
+	if out != "" {
+		if dst, err = atomicfile.Create(out, atomicfile.Options{NoSync: cfg.NoSync, Perm: src.mode}); err != nil {
+			return nil, err
+		}
+		defer dst.Abort()
+		if sp, err = newSpill(out, len(src.f.Tensors)); err != nil {
+			return nil, fmt.Errorf("%s: %w", out, err)
+		}
+		defer sp.close()
+	}
 	t0 := time.Now()
-	res, err := Compress(src, cfg)
+	cts, err := compressAll(src, cfg, func(i int, ct *compressedTensor) error {
+		if sp == nil { // metrics: only the sizes are needed
+			for k := range ct.payload {
+				ct.payload[k].Data = nil
+			}
+			return nil
+		}
+		if err := sp.put(i, ct); err != nil {
+			return fmt.Errorf("%s: scratch: %w", out, err)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", in, err)
+	}
+	res, err := assemble(cts, cfg, src.f.Metadata)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", in, err)
 	}
 	codec := time.Since(t0)
-	if out != "" {
-		if err := safetensors.WriteFile(out, res.Tensors, res.Metadata); err != nil {
+	if dst != nil {
+		if err := sp.writeContainer(dst, res, cts); err != nil {
 			return nil, fmt.Errorf("%s: %w", out, err)
 		}
 	}
-	r := NewReport(res, size, codec, time.Since(start))
+	// The report exists before the output is put in place.
+	r := NewReport(res, src.size, codec, time.Since(start))
 	r.Input, r.Output = in, out
+	if dst != nil {
+		if err := dst.Commit(); err != nil {
+			return nil, fmt.Errorf("%s: %w", out, err)
+		}
+		r.setTotal(time.Since(start))
+	}
 	return &r, nil
 }
 
 // DecompressFile restores the container in to a safetensors file at out.
-func DecompressFile(in, out string, workers int) (*DecompressReport, error) {
+// Only cfg.Workers and cfg.NoSync apply: the codec is the container's.
+//
+// The output's header follows from the index alone, so it is written first;
+// each tensor is then decoded into its worker's reusable buffer and written
+// at its offset. Memory holds workers × the largest tensor, not the file.
+func DecompressFile(in, out string, cfg Config) (*DecompressReport, error) {
 	start := time.Now()
 	if err := atomicfile.CheckDistinct(in, out); err != nil {
 		return nil, err
 	}
-	src, size, err := readFile(in)
+	src, err := openSource(in)
 	if err != nil {
 		return nil, err
 	}
+	defer src.close()
+	idx, err := ReadIndex(src.f)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", in, err)
+	}
+	layout := make([]safetensors.Tensor, len(idx.Entries))
+	for i, e := range idx.Entries {
+		layout[i] = safetensors.Tensor{Name: e.Name, DType: safetensors.DType(e.DType), Shape: e.Shape}
+	}
+	hdr, dataLen, err := safetensors.LayoutHeader(layout, idx.SourceMetadata)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", in, err)
+	}
+	dst, err := atomicfile.Create(out, atomicfile.Options{NoSync: cfg.NoSync, Perm: src.mode})
+	if err != nil {
+		return nil, err
+	}
+	defer dst.Abort()
+	head := make([]byte, 8, 8+len(hdr))
+	binary.LittleEndian.PutUint64(head, uint64(len(hdr)))
+	if _, err := dst.WriteAt(append(head, hdr...), 0); err != nil {
+		return nil, fmt.Errorf("%s: %w", out, err)
+	}
+	offsets := make([]int64, len(layout))
+	at := int64(len(head) + len(hdr))
+	for i := range layout {
+		offsets[i] = at
+		at += layout[i].ByteLen()
+	}
+	workers := cfg.workers()
+	bufs := make([][]byte, workers)
 	t0 := time.Now()
-	res, err := Decompress(src, workers)
+	err = decompressAll(src, idx, workers,
+		func(w, i int, n int64) []byte { bufs[w] = grow(bufs[w], int(n)); return bufs[w] },
+		func(w, i int, data []byte) error {
+			if _, err := dst.WriteAt(data, offsets[i]); err != nil {
+				return fmt.Errorf("%s: %w", out, err)
+			}
+			return nil
+		})
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", in, err)
 	}
 	codec := time.Since(t0)
-	hdr, dataLen, err := safetensors.EncodeHeader(res.Tensors, res.Metadata)
-	if err != nil {
-		return nil, fmt.Errorf("%s: %w", in, err)
-	}
-	if err := safetensors.WriteFile(out, res.Tensors, res.Metadata); err != nil {
-		return nil, fmt.Errorf("%s: %w", out, err)
-	}
 	restored := 8 + int64(len(hdr)) + dataLen
 	r := &DecompressReport{
 		SchemaVersion: SchemaVersion, Command: "decompress", Input: in, Output: out,
-		OriginalSizeBytes: restored, CompressedSizeBytes: size,
-		ProcessingTimeMS: ms(time.Since(start)), Codec: res.Index.Codec,
+		OriginalSizeBytes: restored, CompressedSizeBytes: src.size,
+		ProcessingTimeMS: ms(time.Since(start)), Codec: idx.Codec,
 		Timings: map[string]float64{"codec": ms(codec), "total": ms(time.Since(start))},
 	}
-	if size > 0 {
-		r.CompressionRatio = float64(restored) / float64(size)
+	if src.size > 0 {
+		r.CompressionRatio = float64(restored) / float64(src.size)
 	}
 	if codec > 0 {
 		r.ThroughputMBps = float64(restored) / 1e6 / codec.Seconds()
 	}
-	for i := range res.Tensors {
-		r.Tensors = append(r.Tensors, infoOf(&res.Tensors[i]))
+	for i := range layout {
+		r.Tensors = append(r.Tensors, infoOf(&layout[i]))
 	}
+	if err := dst.Commit(); err != nil {
+		return nil, fmt.Errorf("%s: %w", out, err)
+	}
+	r.ProcessingTimeMS = ms(time.Since(start))
+	r.Timings["total"] = r.ProcessingTimeMS
 	return r, nil
 }
 
 // Inspect describes a safetensors file or a container, validating either fully.
 func Inspect(in string) (*InspectReport, error) {
-	f, size, err := readFile(in)
+	src, err := openSource(in)
 	if err != nil {
 		return nil, err
 	}
+	defer src.close()
+	f, size := src.f, src.size
 	r := &InspectReport{SchemaVersion: SchemaVersion, Command: "inspect", Input: in, Kind: "safetensors",
 		FileSizeBytes: size, HeaderBytes: f.HeaderSize, Metadata: f.Metadata, Tensors: []TensorInfo{}}
 	if r.Metadata == nil {
@@ -117,25 +202,13 @@ func Inspect(in string) (*InspectReport, error) {
 		dt := safetensors.DType(e.DType)
 		n, _ := safetensors.NumElements(e.Shape)
 		ti := TensorInfo{Name: e.Name, DType: e.DType, Shape: e.Shape, Bytes: n * int64(dt.Bits()) / 8, Mode: e.Mode}
-		for _, p := range []*Payload{e.Codes, e.Scales, e.Raw} {
+		for _, p := range []*Payload{e.Codes, e.Scales, e.Mins, e.SinkP, e.Raw} {
 			if p != nil {
 				t, _ := f.Lookup(p.Tensor)
-				ti.StoredBytes += int64(len(t.Data))
+				ti.StoredBytes += t.ByteLen()
 			}
 		}
 		r.Tensors = append(r.Tensors, ti)
 	}
 	return r, nil
-}
-
-func readFile(path string) (*safetensors.File, int64, error) {
-	buf, err := os.ReadFile(path)
-	if err != nil {
-		return nil, 0, err
-	}
-	f, err := safetensors.Parse(buf)
-	if err != nil {
-		return nil, 0, fmt.Errorf("%s: %w", path, err)
-	}
-	return f, int64(len(buf)), nil
 }

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"math/bits"
 	"sort"
 	"strconv"
 
@@ -17,8 +18,20 @@ import (
 const headerAlign = 8
 
 // EncodeHeader returns the padded JSON header for tensors laid out in the given
-// order, and the total size of their data.
+// order, and the total size of their data. Every tensor's Data must hold
+// exactly the bytes its shape and dtype declare.
 func EncodeHeader(tensors []Tensor, metadata map[string]string) ([]byte, int64, error) {
+	return encodeHeader(tensors, metadata, true)
+}
+
+// LayoutHeader is EncodeHeader for tensors whose data is not at hand: Data is
+// ignored and each tensor's size follows from its shape and dtype. A writer
+// uses it to place the header first and each tensor at its offset later.
+func LayoutHeader(tensors []Tensor, metadata map[string]string) ([]byte, int64, error) {
+	return encodeHeader(tensors, metadata, false)
+}
+
+func encodeHeader(tensors []Tensor, metadata map[string]string, withData bool) ([]byte, int64, error) {
 	var hb bytes.Buffer
 	hb.WriteByte('{')
 	first := true
@@ -69,7 +82,12 @@ func EncodeHeader(tensors []Tensor, metadata map[string]string) ([]byte, int64, 
 				return nil, 0, fmt.Errorf("tensor %q: %w: negative dimension", t.Name, ErrShape)
 			}
 		}
-		if nbits := n * int64(t.DType.Bits()); nbits%8 != 0 || nbits/8 != int64(len(t.Data)) {
+		hi, ubits := bits.Mul64(uint64(n), uint64(t.DType.Bits()))
+		if hi != 0 || ubits > 1<<62 {
+			return nil, 0, fmt.Errorf("tensor %q: %w: shape %v of %s", t.Name, ErrOverflow, t.Shape, t.DType)
+		}
+		nbits := int64(ubits)
+		if nbits%8 != 0 || withData && nbits/8 != int64(len(t.Data)) {
 			return nil, 0, fmt.Errorf("tensor %q: %w: %d bytes for shape %v of %s", t.Name, ErrSizeMismatch, len(t.Data), t.Shape, t.DType)
 		}
 		sep()
@@ -81,7 +99,10 @@ func EncodeHeader(tensors []Tensor, metadata map[string]string) ([]byte, int64, 
 			}
 			hb.WriteString(strconv.FormatInt(d, 10))
 		}
-		end := off + int64(len(t.Data))
+		end := off + nbits/8
+		if end > 1<<62 {
+			return nil, 0, fmt.Errorf("tensor %q: %w: the data buffer would pass 2^62 bytes", t.Name, ErrOverflow)
+		}
 		hb.WriteString(`],"data_offsets":[` + strconv.FormatInt(off, 10) + "," + strconv.FormatInt(end, 10) + "]}")
 		off = end
 	}
