@@ -21,7 +21,7 @@ VERSION     ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo 
 PYTEST_ARGS ?=
 FUZZTIME    ?= 60s
 
-.PHONY: all build-compress venv assets test test-go test-python quick-test validate sweep bench bench-go bench-python fuzz vet clean
+.PHONY: all build-compress venv assets test test-go test-python quick-test validate sweep bench bench-go bench-cli bench-python fuzz vet clean
 
 all: build-compress
 
@@ -74,12 +74,22 @@ bench-go:
 	@mkdir -p $(BENCH_OUT)
 	$(GOX) test -run '^$$' -bench . -benchmem -count=3 ./pkg/... | tee $(BENCH_OUT)/go.txt
 
+# The binary end to end: wall time against `cp` of the same 92 MB cache,
+# interleaved in one run (docs/benchmarks.md). BENCH_BIG=1 adds the peak-memory
+# case on a 692 MB cache and its round trip in a 256 MiB memory cgroup (root,
+# cgroup v1; about 2.2 GB of disk and a few minutes).
+BENCH_CLI_DIR ?= $(BENCH_OUT)/cli-work
+BENCH_CLI_ARGS ?=
+bench-cli: build-compress
+	@mkdir -p $(BENCH_OUT)
+	$(GOX) run ./internal/benchcli -bin $(BIN) -dir $(BENCH_CLI_DIR) $(if $(BENCH_BIG),-big-tokens 30720 -limit-mib 256) $(BENCH_CLI_ARGS) | tee $(BENCH_OUT)/cli.md
+
 bench-python: build-compress venv assets
 	@mkdir -p $(BENCH_OUT)
 	$(PY) -m validation.bench --output $(BENCH_OUT)/validation.json | tee $(BENCH_OUT)/validation.md
 
 # Figures for docs/benchmarks.md: results land in $(BENCH_OUT)/.
-bench: bench-go bench-python
+bench: bench-go bench-cli bench-python
 
 fuzz:
 	$(GOX) test -run '^$$' -fuzz FuzzReadHeader -fuzztime $(FUZZTIME) ./pkg/safetensors

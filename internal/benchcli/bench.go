@@ -100,6 +100,19 @@ func run(o options, w io.Writer) error {
 	if err := os.MkdirAll(o.dir, 0o755); err != nil {
 		return err
 	}
+	if o.rounds > 0 {
+		if err := runSpeed(o, w); err != nil {
+			return err
+		}
+	}
+	if o.bigTokens > 0 {
+		return runMemory(o, w)
+	}
+	return nil
+}
+
+// runSpeed times every case against the cp run right before it, o.rounds times.
+func runSpeed(o options, w io.Writer) error {
 	in := filepath.Join(o.dir, fmt.Sprintf("bench-cache-%d.safetensors", o.tokens))
 	size, err := ensureCache(in, o.tokens)
 	if err != nil {
@@ -175,9 +188,6 @@ func run(o options, w io.Writer) error {
 			}
 		}
 		fmt.Fprintf(w, "| %s | %.1f | %.2f× [%.2f–%.2f] | %s |\n", c.name, median(walls[i]), median(ratios[i]), slices.Min(ratios[i]), slices.Max(ratios[i]), verdict)
-	}
-	if o.bigTokens > 0 {
-		return runMemory(o, w)
 	}
 	return nil
 }

@@ -21,7 +21,7 @@ func main() {
 	flag.StringVar(&o.baseline, "baseline", "", "another kv-compress binary timed in the same rounds (e.g. an older build)")
 	flag.StringVar(&o.dir, "dir", os.TempDir(), "folder for the caches and outputs (on the disk to measure)")
 	flag.IntVar(&o.tokens, "tokens", 4096, "tokens of the speed cache (4096: 92.3 MB of float16)")
-	flag.IntVar(&o.rounds, "rounds", 7, "interleaved rounds of every case")
+	flag.IntVar(&o.rounds, "rounds", 7, "interleaved rounds of every case (0 skips the speed part)")
 	flag.IntVar(&o.bigTokens, "big-tokens", 0, "tokens of the memory cache (30720: 692 MB); 0 skips the memory part")
 	flag.IntVar(&o.limitMiB, "limit-mib", 0, "also run the memory cache's round trip in a memory cgroup of this many MiB (needs root and cgroup v1); 0 skips it")
 	flag.Parse()

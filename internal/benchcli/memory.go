@@ -25,13 +25,22 @@ func runMemory(o options, w io.Writer) error {
 	fmt.Fprintln(w)
 	fmt.Fprintln(w, "| command | wall s | peak RssAnon MB | ÷ cache size | maxrss MB | target |")
 	fmt.Fprintln(w, "|---|---|---|---|---|---|")
-	for _, c := range []struct {
+	type memCase struct {
 		name string
 		args []string
-	}{
+	}
+	cases := []memCase{
 		{"compress (default codec)", []string{o.bin, "compress", "-i", in, "-o", kvc}},
 		{"decompress", []string{o.bin, "decompress", "-i", kvc, "-o", restored}},
-	} {
+	}
+	if o.baseline != "" {
+		old := filepath.Join(o.dir, "big-baseline.safetensors")
+		defer os.Remove(old)
+		cases = append(cases,
+			memCase{"compress (default codec) [baseline]", []string{o.baseline, "compress", "-i", in, "-o", kvc}},
+			memCase{"decompress [baseline]", []string{o.baseline, "decompress", "-i", kvc, "-o", old}})
+	}
+	for _, c := range cases {
 		m, err := runCmd(c.args, true)
 		if err != nil {
 			return err
@@ -79,6 +88,7 @@ func runLimited(o options, w io.Writer, in string, size int64, reference string)
 		{o.bin, "compress", "-i", in, "-o", kvc},
 		{o.bin, "decompress", "-i", kvc, "-o", restored},
 	} {
+		os.WriteFile(filepath.Join(cg, "memory.max_usage_in_bytes"), []byte("0"), 0o644) // reset the peak
 		m, err := runCmd(wrap(args...), true)
 		if err != nil {
 			return err
