@@ -131,7 +131,7 @@ func DecompressFile(in, out string, cfg Config) (*DecompressReport, error) {
 		offsets[i] = at
 		at += layout[i].ByteLen()
 	}
-	workers := cfg.workers()
+	workers := max(1, min(cfg.workers(), len(layout)))
 	bufs := make([][]byte, workers)
 	t0 := time.Now()
 	err = decompressAll(src, idx, workers,

@@ -85,7 +85,9 @@ func Compress(src *safetensors.File, cfg Config) (*Result, error) {
 // memory holds only the tensors in flight).
 func compressAll(src *source, cfg Config, emit func(i int, ct *compressedTensor) error) ([]compressedTensor, error) {
 	out := make([]compressedTensor, len(src.f.Tensors))
-	scratch := make([]workerScratch, cfg.workers())
+	// No more scratch than there are tensors: --workers 100000 must not
+	// allocate 100000 encoders.
+	scratch := make([]workerScratch, max(1, min(cfg.workers(), len(src.f.Tensors))))
 	err := parallel(len(src.f.Tensors), len(scratch), func(w, i int) error {
 		return guardFaults(func() error {
 			t := src.f.Tensors[i] // a copy: Data may be pointed at the worker's buffer
@@ -283,6 +285,7 @@ func decompressAll(src *source, idx *Index, workers int, dst func(w, i int, n in
 	if workers <= 0 {
 		workers = (Config{}).workers()
 	}
+	workers = max(1, min(workers, len(idx.Entries)))
 	ws := make([]decompressScratch, workers)
 	return parallel(len(idx.Entries), workers, func(w, i int) error {
 		return guardFaults(func() error {
