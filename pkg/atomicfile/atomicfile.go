@@ -114,7 +114,7 @@ func Create(path string, opts Options) (*File, error) {
 			continue
 		}
 		if err != nil {
-			return nil, fmt.Errorf("atomicfile: %w", err)
+			return nil, fmt.Errorf("atomicfile: create %s: %w", path, err)
 		}
 		return &File{path: path, tmp: tmp, f: f, opts: opts}, nil
 	}
