@@ -24,6 +24,7 @@ type options struct {
 // measured is one run of a command.
 type measured struct {
 	wall     time.Duration
+	cpu      time.Duration // user + system time of the child
 	maxRSS   int64 // getrusage's peak resident set (anonymous and file-backed pages), bytes
 	peakAnon int64 // the largest RssAnon sampled from /proc every millisecond, bytes
 }
@@ -66,6 +67,7 @@ func runCmd(args []string, sample bool) (measured, error) {
 	if ru, ok := cmd.ProcessState.SysUsage().(*syscall.Rusage); ok {
 		m.maxRSS = ru.Maxrss * 1024
 	}
+	m.cpu = cmd.ProcessState.UserTime() + cmd.ProcessState.SystemTime()
 	if err != nil {
 		return m, fmt.Errorf("%s: %v: %s", strings.Join(args, " "), err, strings.TrimSpace(stderr.String()))
 	}
@@ -154,7 +156,8 @@ func runSpeed(o options, w io.Writer) error {
 	cpOut := filepath.Join(o.dir, "cp-out.safetensors")
 	walls := make([][]float64, len(cases))
 	ratios := make([][]float64, len(cases))
-	var cps []float64
+	cpus := make([][]float64, len(cases))
+	var cps, cpCPU []float64
 	for range o.rounds {
 		for i, c := range cases {
 			// cp right before each case: its reference under the same load.
@@ -169,14 +172,18 @@ func runSpeed(o options, w io.Writer) error {
 				return err
 			}
 			cps = append(cps, ms(cp.wall))
+			cpCPU = append(cpCPU, ms(cp.cpu))
+			cpus[i] = append(cpus[i], ms(m.cpu))
 			walls[i] = append(walls[i], ms(m.wall))
 			ratios[i] = append(ratios[i], m.wall.Seconds()/cp.wall.Seconds())
 		}
 	}
 	os.Remove(cpOut)
-	fmt.Fprintf(w, "cp --reflink=never: median %.1f ms [%.1f–%.1f] over %d runs\n\n", median(cps), slices.Min(cps), slices.Max(cps), len(cps))
-	fmt.Fprintln(w, "| command | median ms | ratio to the cp before it: median [min–max] | target |")
-	fmt.Fprintln(w, "|---|---|---|---|")
+	load, _ := os.ReadFile("/proc/loadavg")
+	fmt.Fprintf(w, "cp --reflink=never: median %.1f ms wall [%.1f–%.1f], %.1f ms CPU, over %d runs; load average at the end: %s\n\n",
+		median(cps), slices.Min(cps), slices.Max(cps), median(cpCPU), len(cps), strings.Join(strings.Fields(string(load))[:3], " "))
+	fmt.Fprintln(w, "| command | median wall ms | wall ÷ the cp before it: median [min–max] | target | median CPU ms (user+sys) |")
+	fmt.Fprintln(w, "|---|---|---|---|---|")
 	for i, c := range cases {
 		verdict := ""
 		if c.target > 0 {
@@ -187,7 +194,7 @@ func runSpeed(o options, w io.Writer) error {
 				verdict += "NOT met"
 			}
 		}
-		fmt.Fprintf(w, "| %s | %.1f | %.2f× [%.2f–%.2f] | %s |\n", c.name, median(walls[i]), median(ratios[i]), slices.Min(ratios[i]), slices.Max(ratios[i]), verdict)
+		fmt.Fprintf(w, "| %s | %.1f | %.2f× [%.2f–%.2f] | %s | %.1f |\n", c.name, median(walls[i]), median(ratios[i]), slices.Min(ratios[i]), slices.Max(ratios[i]), verdict, median(cpus[i]))
 	}
 	return nil
 }

@@ -98,6 +98,20 @@ func runLimited(o options, w io.Writer, in string, size int64, reference string)
 		fmt.Fprintf(w, "- `%s`: exit 0 in %.2f s, peak RssAnon %.1f MB, cgroup peak usage (anonymous + page cache) %s bytes, limit hits %s\n",
 			strings.Join(args[1:2], " "), m.wall.Seconds(), float64(m.peakAnon)/1e6, strings.TrimSpace(string(peak)), strings.TrimSpace(string(fail)))
 	}
+	if o.baseline != "" {
+		os.WriteFile(filepath.Join(cg, "memory.max_usage_in_bytes"), []byte("0"), 0o644)
+		old := filepath.Join(o.dir, "big-limited-baseline.kvc")
+		_, err := runCmd(wrap(o.baseline, "compress", "-i", in, "-o", old), false)
+		os.Remove(old)
+		outcome := "exit 0"
+		if err != nil {
+			outcome = err.Error()
+			if i := strings.Index(outcome, ": "); i >= 0 && strings.HasPrefix(outcome, "sh ") {
+				outcome = outcome[i+2:]
+			}
+		}
+		fmt.Fprintf(w, "- the baseline's `compress` in the same cgroup: %s\n", strings.TrimSpace(outcome))
+	}
 	same, err := sameContent(restored, reference)
 	if err != nil {
 		return err
