@@ -25,8 +25,8 @@ type options struct {
 type measured struct {
 	wall     time.Duration
 	cpu      time.Duration // user + system time of the child
-	maxRSS   int64 // getrusage's peak resident set (anonymous and file-backed pages), bytes
-	peakAnon int64 // the largest RssAnon sampled from /proc every millisecond, bytes
+	maxRSS   int64         // getrusage's peak resident set (anonymous and file-backed pages), bytes
+	peakAnon int64         // the largest RssAnon sampled from /proc every millisecond, bytes
 }
 
 // runCmd runs args to completion. With sample set it polls the child's
