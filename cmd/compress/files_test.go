@@ -1,6 +1,8 @@
 package main
 
 import (
+	"bytes"
+	"encoding/json"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -61,9 +63,12 @@ func TestCLINonRegularFiles(t *testing.T) {
 				stderr string
 			}
 			done := make(chan result, 1)
-			go func() {
-				code, doc, stderr := runCLI(t, tc.args...)
-				done <- result{code, doc, stderr}
+			go func() { // run, not runCLI: t.Fatal belongs to the test's goroutine
+				var out, errb bytes.Buffer
+				code := run(tc.args, &out, &errb)
+				var doc map[string]any
+				json.Unmarshal(out.Bytes(), &doc)
+				done <- result{code, doc, errb.String()}
 			}()
 			var r result
 			select {
