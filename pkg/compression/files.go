@@ -2,6 +2,7 @@ package compression
 
 import (
 	"encoding/binary"
+	"encoding/json"
 	"fmt"
 	"time"
 
@@ -49,8 +50,14 @@ func CompressFile(in, out string, cfg Config) (*Report, error) {
 		}
 		defer sp.close()
 	}
+	// The payloads stream to the scratch file: only the workers' buffers
+	// count against the memory budget, not the file.
+	workers, err := compressBudget(src.f, cfg, false)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", in, err)
+	}
 	t0 := time.Now()
-	cts, err := compressAll(src, cfg, func(i int, ct *compressedTensor) error {
+	cts, err := compressAll(src, cfg, workers, func(i int, ct *compressedTensor) error {
 		if sp == nil { // metrics: only the sizes are needed
 			for k := range ct.payload {
 				ct.payload[k].Data = nil
@@ -70,15 +77,17 @@ func CompressFile(in, out string, cfg Config) (*Report, error) {
 		return nil, fmt.Errorf("%s: %w", in, err)
 	}
 	codec := time.Since(t0)
+	// The report is built, and checked to encode, before the output is put
+	// in place: a command that fails leaves no container behind.
+	r := NewReport(res, src.size, codec, time.Since(start))
+	r.Input, r.Output = in, out
+	if _, err := json.Marshal(&r); err != nil {
+		return nil, fmt.Errorf("%s: %w: report: %v", in, ErrInternal, err)
+	}
 	if dst != nil {
 		if err := sp.writeContainer(dst, res, cts); err != nil {
 			return nil, fmt.Errorf("%s: %w", out, err)
 		}
-	}
-	// The report exists before the output is put in place.
-	r := NewReport(res, src.size, codec, time.Since(start))
-	r.Input, r.Output = in, out
-	if dst != nil {
 		if err := dst.Commit(); err != nil {
 			return nil, fmt.Errorf("%s: %w", out, err)
 		}
@@ -88,7 +97,10 @@ func CompressFile(in, out string, cfg Config) (*Report, error) {
 }
 
 // DecompressFile restores the container in to a safetensors file at out.
-// Only cfg.Workers and cfg.NoSync apply: the codec is the container's.
+// Only cfg.Workers, cfg.MaxMemory and cfg.NoSync apply: the codec is the
+// container's. A container whose decoding would not fit in the memory budget
+// even with one worker is refused with ErrTooLarge before anything is
+// allocated.
 //
 // The output's header follows from the index alone, so it is written first;
 // each tensor is then decoded into its worker's reusable buffer and written
@@ -131,7 +143,10 @@ func DecompressFile(in, out string, cfg Config) (*DecompressReport, error) {
 		offsets[i] = at
 		at += layout[i].ByteLen()
 	}
-	workers := max(1, min(cfg.workers(), len(layout)))
+	workers, err := streamWorkers(idx, cfg.maxMemory(), cfg.workers())
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", in, err)
+	}
 	bufs := make([][]byte, workers)
 	t0 := time.Now()
 	err = decompressAll(src, idx, workers,
@@ -170,8 +185,22 @@ func DecompressFile(in, out string, cfg Config) (*DecompressReport, error) {
 	return r, nil
 }
 
-// Inspect describes a safetensors file or a container, validating either fully.
-func Inspect(in string) (*InspectReport, error) {
+// InspectOptions says how far inspect checks a container.
+type InspectOptions struct {
+	// Verify decodes every payload and tensor, as decompress would, into
+	// per-worker buffers, without writing anything. Payload checksums are
+	// always checked.
+	Verify bool
+	// Workers and MaxMemory bound the decoding of Verify, as for decompress.
+	Workers   int
+	MaxMemory int64
+}
+
+// Inspect describes a safetensors file or a container after validating it:
+// a file's header and layout, a container's index, the CRC-32C of every
+// payload and that it fits the memory budget as decompress would need it,
+// and with opt.Verify the decoding of every tensor.
+func Inspect(in string, opt InspectOptions) (*InspectReport, error) {
 	src, err := openSource(in)
 	if err != nil {
 		return nil, err
@@ -193,6 +222,48 @@ func Inspect(in string) (*InspectReport, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", in, err)
 	}
+	var buf []byte
+	err = guardFaults(func() error {
+		for i := range idx.Entries {
+			e := &idx.Entries[i]
+			for _, p := range []*Payload{e.Codes, e.Scales, e.Mins, e.SinkP, e.Raw} {
+				if p == nil {
+					continue
+				}
+				stored, err := payloadBytes(src, p, &buf)
+				if err == nil {
+					err = verifyPayload(p, stored)
+				}
+				if err != nil {
+					return fmt.Errorf("tensor %q: %w", e.Name, err)
+				}
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", in, err)
+	}
+	budget := opt.MaxMemory
+	if budget <= 0 {
+		budget = DefaultMaxMemory()
+	}
+	if _, err := streamWorkers(idx, budget, 1); err != nil {
+		return nil, fmt.Errorf("%s: %w", in, err) // decompress would refuse it: say so now
+	}
+	if opt.Verify {
+		workers, err := streamWorkers(idx, budget, capWorkers(opt.Workers))
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", in, err)
+		}
+		bufs := make([][]byte, workers)
+		err = decompressAll(src, idx, workers,
+			func(w, i int, n int64) []byte { bufs[w] = grow(bufs[w], int(n)); return bufs[w] },
+			func(w, i int, data []byte) error { return nil })
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", in, err)
+		}
+	}
 	r.Kind, r.Codec, r.FormatVersion = FormatName, &idx.Codec, idx.Version
 	r.Metadata = idx.SourceMetadata
 	if r.Metadata == nil {
@@ -211,4 +282,20 @@ func Inspect(in string) (*InspectReport, error) {
 		r.Tensors = append(r.Tensors, ti)
 	}
 	return r, nil
+}
+
+// streamWorkers fits a streaming decode of idx (each worker decoding one
+// tensor at a time into its own buffer, nothing else held) into budget
+// bytes, and says how many of the wanted workers fit.
+func streamWorkers(idx *Index, budget int64, want int) (int, error) {
+	var largest int64
+	for i := range idx.Entries {
+		e := &idx.Entries[i]
+		n, _ := safetensors.NumElements(e.Shape)
+		size, _ := safetensors.ByteSize(n, safetensors.DType(e.DType))
+		largest = max(largest, size)
+	}
+	fixed := satMul(int64(len(idx.Entries)), perTensorOverhead)
+	workers, err := budgetWorkers(budget, fixed, satAdd(idx.maxScratch(), largest), want)
+	return max(1, min(workers, len(idx.Entries))), err
 }

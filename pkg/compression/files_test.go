@@ -102,7 +102,7 @@ func TestFilesMatchInMemory(t *testing.T) {
 						if drep.OriginalSizeBytes != int64(len(gotR)) {
 							t.Errorf("report says %d bytes, file has %d", drep.OriginalSizeBytes, len(gotR))
 						}
-						insp, err := Inspect(kvc)
+						insp, err := Inspect(kvc, InspectOptions{Verify: true})
 						if err != nil || len(insp.Tensors) != len(src.Tensors) {
 							t.Fatalf("inspect: %v", err)
 						}
@@ -221,7 +221,7 @@ func TestInputTruncatedWhileMapped(t *testing.T) {
 	if err := os.Truncate(in, 8+src.f.HeaderSize); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := compressAll(src, DefaultConfig(), nil); !errors.Is(err, ErrInputChanged) {
+	if _, err := compressAll(src, DefaultConfig(), 2, nil); !errors.Is(err, ErrInputChanged) {
 		t.Fatalf("err = %v, want ErrInputChanged", err)
 	}
 }

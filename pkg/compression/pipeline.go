@@ -71,23 +71,27 @@ func Compress(src *safetensors.File, cfg Config) (*Result, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	out, err := compressAll(memorySource(src), cfg, nil)
+	workers, err := compressBudget(src, cfg, true)
+	if err != nil {
+		return nil, err
+	}
+	out, err := compressAll(memorySource(src), cfg, workers, nil)
 	if err != nil {
 		return nil, err
 	}
 	return assemble(out, cfg, src.Metadata)
 }
 
-// compressAll encodes every tensor of src on cfg.workers() goroutines, each
+// compressAll encodes every tensor of src on up to workers goroutines, each
 // with its own reusable scratch memory. emit, when set, receives each result
 // on its worker's goroutine, in no particular order, and may take the
 // payload bytes away (a file writer stores them and sets Data to nil, so
 // memory holds only the tensors in flight).
-func compressAll(src *source, cfg Config, emit func(i int, ct *compressedTensor) error) ([]compressedTensor, error) {
+func compressAll(src *source, cfg Config, workers int, emit func(i int, ct *compressedTensor) error) ([]compressedTensor, error) {
 	out := make([]compressedTensor, len(src.f.Tensors))
 	// No more scratch than there are tensors: --workers 100000 must not
 	// allocate 100000 encoders.
-	scratch := make([]workerScratch, max(1, min(cfg.workers(), len(src.f.Tensors))))
+	scratch := make([]workerScratch, max(1, min(workers, len(src.f.Tensors))))
 	err := parallel(len(src.f.Tensors), len(scratch), func(w, i int) error {
 		return guardFaults(func() error {
 			t := src.f.Tensors[i] // a copy: Data may be pointed at the worker's buffer
@@ -248,10 +252,26 @@ type Restored struct {
 }
 
 // Decompress validates container f (index, checksums, sizes) and rebuilds the
-// original tensors with their names, shapes and dtypes.
+// original tensors with their names, shapes and dtypes, within the default
+// memory budget.
 func Decompress(f *safetensors.File, workers int) (*Restored, error) {
+	return DecompressWithin(f, workers, 0)
+}
+
+// DecompressWithin is Decompress with a memory budget of maxMemory bytes (0:
+// DefaultMaxMemory()). A container whose restored tensors and working buffers
+// would not fit is refused with ErrTooLarge before anything is allocated;
+// fewer workers run when that is what fits.
+func DecompressWithin(f *safetensors.File, workers int, maxMemory int64) (*Restored, error) {
 	idx, err := ReadIndex(f)
 	if err != nil {
+		return nil, err
+	}
+	workers = capWorkers(workers)
+	if maxMemory <= 0 {
+		maxMemory = DefaultMaxMemory()
+	}
+	if workers, err = budgetWorkers(maxMemory, idx.outputBytes(), idx.maxScratch(), workers); err != nil {
 		return nil, err
 	}
 	out := make([]safetensors.Tensor, len(idx.Entries))
@@ -263,6 +283,13 @@ func Decompress(f *safetensors.File, workers int) (*Restored, error) {
 	})
 	if err != nil {
 		return nil, err
+	}
+	for i := range out { // a worker that stopped early must not leave a hole
+		e := &idx.Entries[i]
+		n, _ := safetensors.NumElements(e.Shape)
+		if want, _ := safetensors.ByteSize(n, safetensors.DType(e.DType)); out[i].Name != e.Name || int64(len(out[i].Data)) != want {
+			return nil, fmt.Errorf("tensor %q: %w: restored %d bytes, want %d", e.Name, ErrInternal, len(out[i].Data), want)
+		}
 	}
 	return &Restored{Tensors: out, Metadata: idx.SourceMetadata, Index: idx}, nil
 }
@@ -343,21 +370,48 @@ func decodeEntry(src *source, e *Entry, g int, dt safetensors.DType, data []byte
 // readPayload checks payload p's checksum and expands it into dst. buf holds
 // the stored bytes when the input is not in memory.
 func readPayload(src *source, p *Payload, dst []byte, buf *[]byte) error {
-	t, _ := src.f.Lookup(p.Tensor) // presence checked by ReadIndex
-	stored, err := src.data(t, buf)
+	stored, err := payloadBytes(src, p, buf)
 	if err != nil {
 		return err
 	}
-	if got := checksum(stored); got != p.CRC32C {
-		return fmt.Errorf("%w: payload %q has crc32c %s, index says %s", ErrChecksum, p.Tensor, got, p.CRC32C)
+	if err := verifyPayload(p, stored); err != nil {
+		return err
 	}
 	return decodePayload(stored, p.Encoding, dst)
 }
 
+// payloadBytes returns p's stored bytes: those ReadIndex located when the
+// container is in memory or mapped, otherwise read from the file into *buf.
+func payloadBytes(src *source, p *Payload, buf *[]byte) ([]byte, error) {
+	if p.data != nil || src.off == nil {
+		return p.data, nil
+	}
+	t, _ := src.f.Lookup(p.Tensor) // presence checked by ReadIndex
+	return src.data(t, buf)
+}
+
+// verifyPayload checks a payload's stored bytes against its CRC-32C.
+func verifyPayload(p *Payload, stored []byte) error {
+	if got := checksum(stored); got != p.CRC32C {
+		return fmt.Errorf("%w: payload %q has crc32c %s, index says %s", ErrChecksum, p.Tensor, got, p.CRC32C)
+	}
+	return nil
+}
+
 // parallel runs fn(worker, i) for i in [0, n) on up to workers goroutines and
 // returns the error of the lowest failing i, so the reported error does not
-// depend on scheduling.
+// depend on scheduling. A panic in fn is recovered and returned as an error
+// wrapping ErrInternal: the caller never goes on with a tensor left undone.
 func parallel(n, workers int, fn func(worker, i int) error) error {
+	inner := fn
+	fn = func(w, i int) (err error) {
+		defer func() {
+			if r := recover(); r != nil {
+				err = fmt.Errorf("%w: %v", ErrInternal, r)
+			}
+		}()
+		return inner(w, i)
+	}
 	workers = max(1, min(workers, n))
 	errs := make([]error, n)
 	var next atomic.Int64

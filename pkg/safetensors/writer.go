@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"math/bits"
 	"sort"
 	"strconv"
 
@@ -82,12 +81,11 @@ func encodeHeader(tensors []Tensor, metadata map[string]string, withData bool) (
 				return nil, 0, fmt.Errorf("tensor %q: %w: negative dimension", t.Name, ErrShape)
 			}
 		}
-		hi, ubits := bits.Mul64(uint64(n), uint64(t.DType.Bits()))
-		if hi != 0 || ubits > 1<<62 {
+		if n > (1<<62)/int64(t.DType.Bits()) { // the byte size would not fit: refuse rather than wrap
 			return nil, 0, fmt.Errorf("tensor %q: %w: shape %v of %s", t.Name, ErrOverflow, t.Shape, t.DType)
 		}
-		nbits := int64(ubits)
-		if nbits%8 != 0 || withData && nbits/8 != int64(len(t.Data)) {
+		size, ok := ByteSize(n, t.DType)
+		if !ok || withData && size != int64(len(t.Data)) {
 			return nil, 0, fmt.Errorf("tensor %q: %w: %d bytes for shape %v of %s", t.Name, ErrSizeMismatch, len(t.Data), t.Shape, t.DType)
 		}
 		sep()
@@ -99,7 +97,7 @@ func encodeHeader(tensors []Tensor, metadata map[string]string, withData bool) (
 			}
 			hb.WriteString(strconv.FormatInt(d, 10))
 		}
-		end := off + nbits/8
+		end := off + size
 		if end > 1<<62 {
 			return nil, 0, fmt.Errorf("tensor %q: %w: the data buffer would pass 2^62 bytes", t.Name, ErrOverflow)
 		}
