@@ -182,11 +182,24 @@ func decodeRow(in []byte, dt safetensors.DType, x []float32) bool {
 	}
 }
 
+// maxLane returns the largest lane of v. It ends the vector work of its
+// caller: see clearUpper.
 func maxLane(v archsimd.Uint32x8) uint32 {
 	var a [8]uint32
 	v.Store(&a)
+	clearUpper()
 	return max(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7])
 }
+
+// clearUpper zeroes the upper halves of the vector registers (VZEROUPPER)
+// before scalar code runs. Go compiles scalar floating-point code, and
+// parts of the runtime such as memmove, to legacy SSE instructions, and does
+// not insert VZEROUPPER itself; on some x86 CPUs (the Intel Xeon hosts this
+// project's benchmarks ran on in December 2026) every SSE instruction run
+// while those halves hold data costs hundreds of cycles, which made the
+// vector encoders ten times slower than the scalar ones there. The compiler
+// knows the instruction clobbers every vector register and saves live ones.
+func clearUpper() { archsimd.ClearAVXUpperBits() }
 
 // errorSums accumulates the error of a reconstruction in 8 float32 lanes,
 // flushed to the float64 totals every flushEvery elements.
@@ -252,6 +265,7 @@ func (s *errorSums) flush(st *tensorStats) {
 	s.xx.Store(&xx)
 	s.ee.Store(&ee)
 	s.yy.Store(&yy)
+	clearUpper()
 	var sxx, see, syy float64
 	for i := range 8 {
 		sxx += float64(xx[i])
@@ -265,95 +279,6 @@ func (s *errorSums) flush(st *tensorStats) {
 	st.sumXY += (sxx + syy - see) / 2 // Σxy from Σx², Σy² and Σ(x−y)²
 	st.maxErr = max(st.maxErr, float64(math.Float32frombits(maxLane(s.maxErr))))
 	*s = errorSums{maxErr: s.maxErr}
-}
-
-// quantizeGroup writes the codes of group v (symmetric 4-bit, scale s > 0)
-// into out (len(v)/2 bytes) and the codes' values, float32(q)·s, into y. The
-// quotient is the exact division v/s, rounded half to even and clamped, as
-// quantizeCode defines it.
-func quantizeGroup(v []float32, s float32, out []byte, y []float32) {
-	sv := archsimd.BroadcastFloat32x8(s)
-	lo := archsimd.BroadcastFloat32x8(qmin)
-	hi := archsimd.BroadcastFloat32x8(qmax)
-	nib := archsimd.BroadcastInt32x8(0xf)
-	var packed [4]uint64
-	for i := 0; i < len(v); i += 8 {
-		q := archsimd.LoadFloat32x8Slice(v[i : i+8]).Div(sv).RoundToEven().Max(lo).Min(hi)
-		q.Mul(sv).StoreSlice(y[i : i+8])
-		// Each 64-bit lane holds codes c0 (low half) and c1: c0 | c1<<4 is
-		// its low byte after folding the high half down by 28 bits.
-		w := q.ConvertToInt32().And(nib).AsUint64x4()
-		w.Or(w.ShiftAllRight(28)).Store(&packed)
-		o := out[i/2 : i/2+4 : i/2+4]
-		o[0], o[1], o[2], o[3] = byte(packed[0]), byte(packed[1]), byte(packed[2]), byte(packed[3])
-	}
-}
-
-// groupMax returns the largest |v| of a group, as float32 bits.
-func groupMax(v []float32) uint32 {
-	absMask := archsimd.BroadcastUint32x8(0x7fffffff)
-	var mx archsimd.Uint32x8
-	for i := 0; i < len(v); i += 8 {
-		mx = mx.Max(archsimd.LoadFloat32x8Slice(v[i : i+8]).AsUint32x8().And(absMask))
-	}
-	return maxLane(mx)
-}
-
-func encodeRowsSIMD(job *rowJob, st *tensorStats) bool {
-	dim, g := job.dim, job.group
-	width := job.dt.Bits() / 8
-	rows := len(job.src) / (dim * width)
-	x := make([]float32, dim) // the row as read
-	w := make([]float32, dim) // rotated, then the reconstruction
-	var bf butterflies
-	if job.rot != nil {
-		bf = newButterflies()
-	}
-	var sums errorSums
-	groupsRow := dim / g
-	for r := range rows {
-		if !decodeRow(job.src[r*dim*width:(r+1)*dim*width], job.dt, x) {
-			return false
-		}
-		v := x
-		if job.rot != nil {
-			copy(w, x)
-			rotateForward(job.rot, &bf, w)
-			v = w
-		}
-		for k := range groupsRow {
-			gi := r*groupsRow + k
-			grp := v[k*g : (k+1)*g : (k+1)*g]
-			mb := groupMax(grp)
-			if mb >= 0x7f800000 {
-				return false // the rotation overflowed: the scalar path reports it
-			}
-			s16 := groupScale(math.Float32frombits(mb))
-			if s16 == 0x7c00 {
-				return false // the scalar path reports the overflow
-			}
-			job.scales[2*gi], job.scales[2*gi+1] = byte(s16), byte(s16>>8)
-			out := job.codes[gi*g/2 : (gi+1)*g/2]
-			y := w[k*g : (k+1)*g]
-			if s16 == 0 {
-				clear(out)
-				clear(y)
-				continue
-			}
-			quantizeGroup(grp, safetensors.F16ToF32(s16), out, y)
-		}
-		if job.rot != nil {
-			rotateInverse(job.rot, &bf, w)
-		}
-		if !sums.add(x, w, job.dt) {
-			return false
-		}
-		if sums.pending >= vectorFlushEvery {
-			sums.flush(st)
-		}
-	}
-	sums.flush(st)
-	return true
 }
 
 // nibbleShifts moves code i of a 32-bit word (4 bytes, low nibble first) to
@@ -468,106 +393,6 @@ func decodeRowsSIMD(job *rowDecodeJob) bool {
 		if !encodeRow(y, job.dt, job.dst[r*dim*width:(r+1)*dim*width]) {
 			return false
 		}
-	}
-	return true
-}
-
-func encodeChannelsSIMD(job *channelJob, st *tensorStats) bool {
-	dim, keep, g := job.dim, job.keep, job.group
-	width := job.dt.Bits() / 8
-	groupsRow := (keep + g - 1) / g
-	// One group of positions at a time (g rows, a few KiB), so the block
-	// stays in cache: decode and rotate its rows, quantize each channel,
-	// then undo the rotation and measure.
-	x := job.x[:g*dim] // the rows as read
-	w := job.w[:g*dim] // rotated, then the reconstruction
-	var bf butterflies
-	if job.rot != nil {
-		bf = newButterflies()
-	}
-	// Each lane packs its channel's codes, 8 positions to a 32-bit word, low
-	// nibble first; col holds every channel's packed stream, (keep+7)/8
-	// words each, until they are copied to their nibble offsets at the end.
-	wordsPer := (keep + 7) / 8
-	col := job.packed[:4*dim*wordsPer]
-	absMask := archsimd.BroadcastUint32x8(0x7fffffff)
-	nib := archsimd.BroadcastUint32x8(0xf)
-	lo := archsimd.BroadcastFloat32x8(qmin)
-	hi := archsimd.BroadcastFloat32x8(qmax)
-	var mx, words [8]uint32
-	var div, live [8]float32
-	var sums errorSums
-	for k := range groupsRow {
-		t0, t1 := k*g, min((k+1)*g, keep)
-		n := (t1 - t0) * dim
-		for t := t0; t < t1; t++ {
-			r := (t - t0) * dim
-			if !decodeRow(job.src[t*dim*width:(t+1)*dim*width], job.dt, x[r:r+dim]) {
-				return false
-			}
-		}
-		copy(w[:n], x[:n])
-		if job.rot != nil {
-			for r := 0; r < n; r += dim {
-				rotateForward(job.rot, &bf, w[r:r+dim])
-			}
-		}
-		for cb := 0; cb < dim; cb += 8 {
-			var m archsimd.Uint32x8
-			for r := cb; r < n; r += dim {
-				m = m.Max(archsimd.LoadFloat32x8Slice(w[r : r+8]).AsUint32x8().And(absMask))
-			}
-			m.Store(&mx)
-			for l := range 8 {
-				if mx[l] >= 0x7f800000 {
-					return false // the rotation overflowed: the scalar path reports it
-				}
-				s16 := groupScale(math.Float32frombits(mx[l]))
-				if s16 == 0x7c00 {
-					return false // the scalar path reports the overflow
-				}
-				gi := (cb+l)*groupsRow + k
-				job.scales[2*gi], job.scales[2*gi+1] = byte(s16), byte(s16>>8)
-				// A zero scale gives code 0: divide by 1, then zero the lane.
-				div[l], live[l] = safetensors.F16ToF32(s16), 1
-				if s16 == 0 {
-					div[l], live[l] = 1, 0
-				}
-			}
-			sv, lv := archsimd.LoadFloat32x8(&div), archsimd.LoadFloat32x8(&live)
-			var acc archsimd.Uint32x8
-			for t := t0; t < t1; t++ {
-				v := w[(t-t0)*dim+cb : (t-t0)*dim+cb+8]
-				q := archsimd.LoadFloat32x8Slice(v).Div(sv).RoundToEven().Max(lo).Min(hi).Mul(lv)
-				q.Mul(sv).StoreSlice(v)
-				acc = acc.Or(q.ConvertToInt32().AsUint32x8().And(nib).ShiftAllLeft(uint64(4 * (t % 8))))
-				if t%8 == 7 || t == t1-1 {
-					acc.Store(&words)
-					for l, wd := range words {
-						o := 4 * ((cb+l)*wordsPer + t/8)
-						col[o], col[o+1], col[o+2], col[o+3] = byte(wd), byte(wd>>8), byte(wd>>16), byte(wd>>24)
-					}
-					acc = archsimd.Uint32x8{}
-				}
-			}
-		}
-		for r := 0; r < n; r += dim {
-			y := w[r : r+dim]
-			if job.rot != nil {
-				rotateInverse(job.rot, &bf, y)
-			}
-			if !sums.add(x[r:r+dim], y, job.dt) {
-				return false
-			}
-			if sums.pending >= vectorFlushEvery {
-				sums.flush(st)
-			}
-		}
-	}
-	sums.flush(st)
-	clear(job.codes)
-	for d := range dim {
-		packNibbles(job.codes, d*keep, col[4*d*wordsPer:], keep)
 	}
 	return true
 }
