@@ -136,19 +136,15 @@ func groupMinMax(v []float32) (mn, mx float32, finite bool) {
 		lo, hi = lo.Min(x), hi.Max(x)
 		mb = mb.Max(x.AsUint32x8().And(absMask))
 	}
-	var a, b [8]float32
-	lo.Store(&a)
-	hi.Store(&b)
-	finite = maxLane(mb) < 0x7f800000 // clears the upper halves before the scalar compares
-	mn, mx = a[0], b[0]
-	for l := 1; l < 8; l++ {
-		if a[l] < mn {
-			mn = a[l]
-		}
-		if b[l] > mx {
-			mx = b[l]
-		}
+	// Reduced in registers (no zeroed local arrays, see clearUpper). Lane
+	// minima and maxima of equal value may differ in the sign of a zero,
+	// which scaleOf normalises.
+	for _, p := range []*[8]uint32{&permH4, &permH2, &permH1} {
+		perm := archsimd.LoadUint32x8(p)
+		lo, hi = lo.Min(lo.Permute(perm)), hi.Max(hi.Permute(perm))
 	}
+	mn, mx = lo.GetLo().GetElem(0), hi.GetLo().GetElem(0)
+	finite = maxLane(mb) < 0x7f800000 // clears the upper halves before the scalar code
 	return mn, mx, finite
 }
 
@@ -360,8 +356,8 @@ func encodeChannelsSIMD(job *channelJob, st *tensorStats) bool {
 				acc = acc.Or(q.ConvertToInt32().AsUint32x8().And(mask).ShiftLeft(shifts[t%8]))
 				if t%8 == 7 || t == t1-1 {
 					acc.Store(&words)
-					for l, wd := range words {
-						putCodes(col[(cb+l)*bytesPer+(t/8)*bits:], wd, bits)
+					for l := range 8 { // not range words: that copies the array with SSE moves
+						putCodes(col[(cb+l)*bytesPer+(t/8)*bits:], words[l], bits)
 					}
 					acc = archsimd.Uint32x8{}
 				}

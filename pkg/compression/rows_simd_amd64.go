@@ -83,19 +83,25 @@ func stages64(x0, x1, x2, x3, x4, x5, x6, x7 archsimd.Float32x8) (y0, y1, y2, y3
 func blocks64(v []float32, bf *butterflies, signs []float32) {
 	for i := 0; i < len(v); i += 64 {
 		b := v[i : i+64 : i+64]
-		var x [8]archsimd.Float32x8
-		for k := range x {
-			x[k] = archsimd.LoadFloat32x8Slice(b[8*k : 8*k+8])
+		// Eight named vectors rather than an array, which Go would zero
+		// first with legacy SSE stores (clearUpper).
+		load := func(k int) archsimd.Float32x8 {
+			x := archsimd.LoadFloat32x8Slice(b[8*k : 8*k+8])
 			if signs != nil {
 				s := signs[(i+8*k)%len(signs):]
-				x[k] = x[k].Mul(archsimd.LoadFloat32x8Slice(s[:8]))
+				x = x.Mul(archsimd.LoadFloat32x8Slice(s[:8]))
 			}
-			x[k] = bf.inVector(x[k])
+			return bf.inVector(x)
 		}
-		x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7] = stages64(x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7])
-		for k := range x {
-			x[k].StoreSlice(b[8*k : 8*k+8])
-		}
+		x0, x1, x2, x3, x4, x5, x6, x7 := stages64(load(0), load(1), load(2), load(3), load(4), load(5), load(6), load(7))
+		x0.StoreSlice(b[0:8])
+		x1.StoreSlice(b[8:16])
+		x2.StoreSlice(b[16:24])
+		x3.StoreSlice(b[24:32])
+		x4.StoreSlice(b[32:40])
+		x5.StoreSlice(b[40:48])
+		x6.StoreSlice(b[48:56])
+		x7.StoreSlice(b[56:64])
 	}
 }
 
@@ -185,10 +191,14 @@ func decodeRow(in []byte, dt safetensors.DType, x []float32) bool {
 // maxLane returns the largest lane of v. It ends the vector work of its
 // caller: see clearUpper.
 func maxLane(v archsimd.Uint32x8) uint32 {
-	var a [8]uint32
-	v.Store(&a)
+	// Reduced in registers: a local array would be zeroed with legacy SSE
+	// stores first.
+	v = v.Max(v.Permute(archsimd.LoadUint32x8(&permH4)))
+	v = v.Max(v.Permute(archsimd.LoadUint32x8(&permH2)))
+	v = v.Max(v.Permute(archsimd.LoadUint32x8(&permH1)))
+	m := v.GetLo().GetElem(0)
 	clearUpper()
-	return max(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7])
+	return m
 }
 
 // clearUpper zeroes the upper halves of the vector registers (VZEROUPPER)
@@ -261,6 +271,7 @@ func (s *errorSums) flush(st *tensorStats) {
 	if s.pending == 0 {
 		return
 	}
+	clearUpper() // before the arrays are zeroed
 	var xx, ee, yy [8]float32
 	s.xx.Store(&xx)
 	s.ee.Store(&ee)
