@@ -83,6 +83,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	fs.IntVar(&o.cfg.ValueBits, "value-bits", 0, "code width of value tensors (0: --bits)")
 	seed := fs.Bool("seed-scheme", false, "the seed's scheme: sym, no rotation, key axis token, no sink (codec flags given explicitly still apply)")
 	fs.IntVar(&o.cfg.Workers, "workers", 0, "tensors processed in parallel (0: one per CPU)")
+	fs.BoolVar(&o.cfg.ExactMetrics, "exact-metrics", false, "measure the error of rotated tensors after the inverse rotation and the rounding to the stored dtype (slower; by default it is measured in the rotated basis)")
 	fs.BoolVar(&o.verbose, "verbose", false, "print per-tensor diagnostics to stderr")
 	fs.BoolVar(&o.verbose, "v", false, "same as --verbose")
 	fs.BoolVar(&o.strict, "strict", false, "exit 4 when the quality thresholds are violated")

@@ -189,6 +189,34 @@ func (c groupCodec) decode(r *bitReader, s, mv float32, deq []float32) {
 		r.pos += len(in)
 		return
 	}
+	if (c.bits == 2 || c.bits == 3) && r.nacc == 0 && len(deq)%8 == 0 {
+		// Byte-aligned 2- or 3-bit group: 8 codes in bits bytes at a time,
+		// through a table of the 4 or 8 reconstructions.
+		var lut [8]float32
+		shift := 32 - c.bits
+		for u := range 1 << c.bits {
+			q := int32(u)
+			if !c.asym {
+				q = int32(uint32(u)<<shift) >> shift
+			}
+			lut[u] = c.value(q, s, mv)
+		}
+		b := int(c.bits)
+		in := r.in[r.pos : r.pos+len(deq)*b/8]
+		for k := 0; k < len(deq); k += 8 {
+			o := in[k*b/8 : k*b/8+b]
+			v := uint32(o[0]) | uint32(o[1])<<8
+			if b == 3 {
+				v |= uint32(o[2]) << 16
+			}
+			d := deq[k : k+8 : k+8]
+			for j := range d {
+				d[j] = lut[(v>>(c.bits*uint(j)))&(1<<c.bits-1)]
+			}
+		}
+		r.pos += len(in)
+		return
+	}
 	shift := 32 - c.bits
 	for i := range deq {
 		u := r.get(c.bits)
