@@ -313,66 +313,79 @@ func dequantizeGroup(in []byte, s float32, y []float32) {
 		qi := q.ShiftAllLeft(28).AsInt32x8().ShiftAllRight(28)
 		qi.ConvertToFloat32().Mul(sv).StoreSlice(y[i : i+8])
 	}
+	clearUpper() // the caller converts the next scale in scalar code
 }
 
 // encodeRow writes y (len a multiple of 8) as little-endian elements of dt
-// into out, rounding half to even as safetensors.EncodeFloat32 does. It
-// returns false if a float16 element is too large for the shortcut (|y| ≥ 65504).
-func encodeRow(y []float32, dt safetensors.DType, out []byte) bool {
-	switch dt {
-	case safetensors.F32:
+// into out, rounding half to even as safetensors.EncodeFloat32 does, with c
+// (from newHalfConv, made once per job) for float16 and bfloat16. It returns
+// false if a float16 element of this row or an earlier one converted with c
+// is too large for the shortcut (|y| ≥ 65504).
+func encodeRow(y []float32, dt safetensors.DType, out []byte, c *halfConv) bool {
+	if dt == safetensors.F32 {
 		for i := 0; i < len(y); i += 8 {
 			archsimd.LoadFloat32x8Slice(y[i : i+8]).AsUint8x32().StoreSlice(out[4*i : 4*i+32])
 		}
 		return true
-	case safetensors.F16:
-		// Round |y| to float16's spacing as roundToDType does, then scale by
-		// 2^−112: the float32 bits of the result, shifted down by 13, are the
-		// float16's exponent and mantissa (subnormals included: the product
-		// is then an exact float32 subnormal). The sign is put back last, so
-		// −0 and tiny negatives keep it, as in F32ToF16.
-		expMask := archsimd.BroadcastUint32x8(0x7f800000)
-		minExp := archsimd.BroadcastUint32x8(113 << 23)
-		offset := archsimd.BroadcastUint32x8(13<<23 | 0x400000)
-		absMask := archsimd.BroadcastUint32x8(0x7fffffff)
-		signBit := archsimd.BroadcastUint32x8(0x80000000)
-		down := archsimd.BroadcastFloat32x8(0x1p-112)
-		var mx archsimd.Uint32x8
-		half := func(v archsimd.Float32x8) archsimd.Int32x8 {
-			u := v.AsUint32x8()
-			a := u.And(absMask)
-			mx = mx.Max(a)
-			c := a.And(expMask).Max(minExp).Add(offset).AsFloat32x8()
-			r := a.AsFloat32x8().Add(c).Sub(c).Mul(down).AsUint32x8().ShiftAllRight(13)
-			return r.Or(u.And(signBit).ShiftAllRight(16)).AsInt32x8()
-		}
-		packHalves(y, out, half)
-		return maxLane(mx) < 0x477fe000
-	default: // BF16
-		one := archsimd.BroadcastUint32x8(1)
-		bias := archsimd.BroadcastUint32x8(0x7fff)
-		bf := func(v archsimd.Float32x8) archsimd.Int32x8 {
-			u := v.AsUint32x8()
-			return u.Add(bias).Add(u.ShiftAllRight(16).And(one)).ShiftAllRight(16).AsInt32x8()
-		}
-		packHalves(y, out, bf)
-		return true
+	}
+	packHalves(y, out, c)
+	return !c.f16 || maxLane(c.mx) < 0x477fe000
+}
+
+// halfConv converts float32 vectors to float16 or bfloat16 bit patterns.
+// It is a struct rather than a closure, and its shifts take their counts
+// from vectors: a closure's captured state and scalar shift counts went
+// through legacy SSE moves on every call (clearUpper).
+type halfConv struct {
+	f16                                                            bool
+	expMask, minExp, offset, absMask, signBit, one, bias, s13, s16 archsimd.Uint32x8
+	down                                                           archsimd.Float32x8
+	mx                                                             archsimd.Uint32x8 // largest |y| seen, float16 only
+}
+
+func newHalfConv(f16 bool) halfConv {
+	return halfConv{
+		f16:     f16,
+		expMask: archsimd.BroadcastUint32x8(0x7f800000), minExp: archsimd.BroadcastUint32x8(113 << 23),
+		offset: archsimd.BroadcastUint32x8(13<<23 | 0x400000), absMask: archsimd.BroadcastUint32x8(0x7fffffff),
+		signBit: archsimd.BroadcastUint32x8(0x80000000), one: archsimd.BroadcastUint32x8(1),
+		bias: archsimd.BroadcastUint32x8(0x7fff), s13: archsimd.BroadcastUint32x8(13), s16: archsimd.BroadcastUint32x8(16),
+		down: archsimd.BroadcastFloat32x8(0x1p-112),
 	}
 }
 
-// packHalves converts y to 16-bit patterns with conv (each lane's result in
-// its low 16 bits) and stores them little-endian in out.
-func packHalves(y []float32, out []byte, conv func(archsimd.Float32x8) archsimd.Int32x8) {
+// conv returns the 16-bit patterns of v, each in the low half of its lane.
+func (c *halfConv) conv(v archsimd.Float32x8) archsimd.Int32x8 {
+	u := v.AsUint32x8()
+	if !c.f16 {
+		// Bfloat16: round half to even on the bit pattern.
+		return u.Add(c.bias).Add(u.ShiftRight(c.s16).And(c.one)).ShiftRight(c.s16).AsInt32x8()
+	}
+	// Float16: round |y| to float16's spacing as roundToDType does, then
+	// scale by 2^−112: the float32 bits of the result, shifted down by 13,
+	// are the float16's exponent and mantissa (subnormals included: the
+	// product is then an exact float32 subnormal). The sign is put back
+	// last, so −0 and tiny negatives keep it, as in F32ToF16.
+	a := u.And(c.absMask)
+	c.mx = c.mx.Max(a)
+	k := a.And(c.expMask).Max(c.minExp).Add(c.offset).AsFloat32x8()
+	r := a.AsFloat32x8().Add(k).Sub(k).Mul(c.down).AsUint32x8().ShiftRight(c.s13)
+	return r.Or(u.And(c.signBit).ShiftRight(c.s16)).AsInt32x8()
+}
+
+// packHalves converts y with c and stores the 16-bit patterns little-endian
+// in out.
+func packHalves(y []float32, out []byte, c *halfConv) {
 	order := archsimd.LoadUint32x8(&packOrder)
 	i := 0
 	for ; i+16 <= len(y); i += 16 {
-		a := conv(archsimd.LoadFloat32x8Slice(y[i : i+8]))
-		b := conv(archsimd.LoadFloat32x8Slice(y[i+8 : i+16]))
+		a := c.conv(archsimd.LoadFloat32x8Slice(y[i : i+8]))
+		b := c.conv(archsimd.LoadFloat32x8Slice(y[i+8 : i+16]))
 		a.SaturateToUint16ConcatGrouped(b).AsUint32x8().Permute(order).AsUint8x32().StoreSlice(out[2*i : 2*i+32])
 	}
 	if i < len(y) { // one last vector of 8
 		var h [8]int32
-		conv(archsimd.LoadFloat32x8Slice(y[i : i+8])).Store(&h)
+		c.conv(archsimd.LoadFloat32x8Slice(y[i : i+8])).Store(&h)
 		for k, v := range h {
 			out[2*(i+k)], out[2*(i+k)+1] = byte(v), byte(v>>8)
 		}
@@ -384,6 +397,7 @@ func decodeRowsSIMD(job *rowDecodeJob) bool {
 	width := job.dt.Bits() / 8
 	rows := len(job.dst) / (dim * width)
 	y := make([]float32, dim)
+	hc := newHalfConv(job.dt == safetensors.F16)
 	var bf butterflies
 	if job.rot != nil {
 		bf = newButterflies()
@@ -401,7 +415,7 @@ func decodeRowsSIMD(job *rowDecodeJob) bool {
 		if job.rot != nil {
 			rotateInverse(job.rot, &bf, y)
 		}
-		if !encodeRow(y, job.dt, job.dst[r*dim*width:(r+1)*dim*width]) {
+		if !encodeRow(y, job.dt, job.dst[r*dim*width:(r+1)*dim*width], &hc) {
 			return false
 		}
 	}
@@ -412,11 +426,19 @@ func decodeChannelsSIMD(job *rowDecodeJob, keep int, y []float32) bool {
 	dim, g := job.dim, job.group
 	width := job.dt.Bits() / 8
 	groupsRow := (keep + g - 1) / g
+	hc := newHalfConv(job.dt == safetensors.F16)
 	nib := archsimd.BroadcastUint32x8(0xf)
 	var words [8]uint32
 	var scl [8]float32
+	// Code j's shift within a word, as vectors: a shift by a scalar count
+	// would load it with a legacy SSE move (clearUpper).
+	var shifts [8]archsimd.Uint32x8
+	for j := range shifts {
+		shifts[j] = archsimd.BroadcastUint32x8(uint32(4 * j))
+	}
 	for cb := 0; cb < dim; cb += 8 {
 		for k := range groupsRow {
+			clearUpper() // scalar float code follows
 			for l := range 8 {
 				gi := (cb+l)*groupsRow + k
 				s16 := uint16(job.scales[2*gi]) | uint16(job.scales[2*gi+1])<<8
@@ -433,7 +455,7 @@ func decodeChannelsSIMD(job *rowDecodeJob, keep int, y []float32) bool {
 				wv := archsimd.LoadUint32x8(&words)
 				for t := t0; t < min(t0+8, keep); t++ {
 					// Lane l takes code t−t0 of its word, sign-extended.
-					q := wv.ShiftAllRight(uint64(4 * (t - t0))).And(nib)
+					q := wv.ShiftRight(shifts[t-t0]).And(nib)
 					qi := q.ShiftAllLeft(28).AsInt32x8().ShiftAllRight(28)
 					qi.ConvertToFloat32().Mul(sv).StoreSlice(y[t*dim+cb : t*dim+cb+8])
 				}
@@ -449,7 +471,7 @@ func decodeChannelsSIMD(job *rowDecodeJob, keep int, y []float32) bool {
 		if job.rot != nil {
 			rotateInverse(job.rot, &bf, row)
 		}
-		if !encodeRow(row, job.dt, job.dst[t*dim*width:(t+1)*dim*width]) {
+		if !encodeRow(row, job.dt, job.dst[t*dim*width:(t+1)*dim*width], &hc) {
 			return false
 		}
 	}
