@@ -59,19 +59,24 @@ func TestRotatedMetrics(t *testing.T) {
 					// significant bits, so by Cauchy–Schwarz the error energy
 					// moves by at most (2√s + s)·Σ(x−y)², and the RMSE by at
 					// most √s + s relative (float32 rounding: 1e-5).
-					s := math.Pow(2, -2*sigBits[dt]) * math.Pow(10, e.SNRdB/10)
+					// float64(): the fields may be a named float type.
+					rmse, eRMSE := float64(r.RMSE), float64(e.RMSE)
+					snr, eSNR := float64(r.SNRdB), float64(e.SNRdB)
+					cos, eCos := float64(r.CosineSimilarity), float64(e.CosineSimilarity)
+					maxErr, eMaxErr := float64(r.MaxError), float64(e.MaxError)
+					s := math.Pow(2, -2*sigBits[dt]) * math.Pow(10, eSNR/10)
 					bound := math.Sqrt(s) + s + 1e-5
-					if d := math.Abs(r.RMSE-e.RMSE) / e.RMSE; d > bound {
-						t.Errorf("%s: RMSE %g, original basis %g: relative difference %.3g > %.3g", r.Name, r.RMSE, e.RMSE, d, bound)
+					if d := math.Abs(rmse-eRMSE) / eRMSE; d > bound {
+						t.Errorf("%s: RMSE %g, original basis %g: relative difference %.3g > %.3g", r.Name, rmse, eRMSE, d, bound)
 					}
-					if d := math.Abs(r.SNRdB - e.SNRdB); d > 10*math.Log10(1+2*bound) {
-						t.Errorf("%s: SNR %g dB, original basis %g dB", r.Name, r.SNRdB, e.SNRdB)
+					if d := math.Abs(snr - eSNR); d > 10*math.Log10(1+2*bound) {
+						t.Errorf("%s: SNR %g dB, original basis %g dB", r.Name, snr, eSNR)
 					}
-					if d := math.Abs(r.CosineSimilarity - e.CosineSimilarity); d > 2*bound*(1-e.CosineSimilarity)+1e-6 {
-						t.Errorf("%s: cosine %g, original basis %g", r.Name, r.CosineSimilarity, e.CosineSimilarity)
+					if d := math.Abs(cos - eCos); d > 2*bound*(1-eCos)+1e-6 {
+						t.Errorf("%s: cosine %g, original basis %g", r.Name, cos, eCos)
 					}
-					if !(r.MaxError > 0 && r.MaxError <= e.MaxError) {
-						t.Errorf("%s: max error %g over rotated coefficients, %g element-wise", r.Name, r.MaxError, e.MaxError)
+					if !(maxErr > 0 && maxErr <= eMaxErr) {
+						t.Errorf("%s: max error %g over rotated coefficients, %g element-wise", r.Name, maxErr, eMaxErr)
 					}
 				}
 			})
