@@ -365,7 +365,7 @@ func encodeGeneral(t *safetensors.Tensor, p tensorPlan, sparsity float64, ws *ge
 		}
 	}
 	enc.codes = bw.flush()
-	if p.rotatedMetrics(t.DType, sparsity) {
+	if p.rotatedMetrics(t.DType, sparsity) && maxMagnitude(rows[:q]) < rotatedMetricsLimit(t.DType, rot.n) {
 		enc.stats = rotatedStats(x, rows, ws.deq, l, p.Sink)
 		return enc, nil
 	}
@@ -399,6 +399,15 @@ func encodeGeneral(t *safetensors.Tensor, p tensorPlan, sparsity float64, ws *ge
 	enc.stats.addGroup(&gs, 0)
 	enc.stats.n = int64(n)
 	return enc, nil
+}
+
+// maxMagnitude returns the largest |v| of v (NaN and Inf were refused).
+func maxMagnitude(v []float32) float32 {
+	var mb uint32
+	for _, x := range v {
+		mb = max(mb, math.Float32bits(x)&0x7fffffff)
+	}
+	return math.Float32frombits(mb)
 }
 
 // rotatedStats measures a rotated tensor's error in the rotated basis

@@ -83,3 +83,43 @@ func TestRotatedMetrics(t *testing.T) {
 		}
 	}
 }
+
+// TestRotatedMetricsNearTheDtypeLimit: a float16 tensor whose rotated values
+// come near rotatedMetricsLimit (4,094 for blocks of 64) is measured in the
+// original basis, where a reconstruction at the edge of float16's range
+// shows; one well below it is measured in the rotated basis.
+func TestRotatedMetricsNearTheDtypeLimit(t *testing.T) {
+	for _, c := range []struct {
+		name       string
+		scale      float32
+		inOriginal bool
+	}{{"ordinary", 1, false}, {"large", 3000, true}} {
+		t.Run(c.name, func(t *testing.T) {
+			src := kvCache(t, 1, 2, 16, 64, safetensors.F32, 4)
+			for i := range src.Tensors {
+				x := decode(t, &src.Tensors[i])
+				for j := range x {
+					x[j] *= c.scale
+				}
+				src.Tensors[i] = safetensors.Tensor{Name: src.Tensors[i].Name, DType: safetensors.F16, Shape: src.Tensors[i].Shape, Data: f16Bytes(x)}
+			}
+			cfg := DefaultConfig()
+			exactCfg := cfg
+			exactCfg.ExactMetrics = true
+			fast, err := Compress(src, cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			exact, err := Compress(src, exactCfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			// The largest error tells the bases apart; the sums may differ in
+			// the last digits (the scalar and vector paths add in another order).
+			same := fast.Quality.MaxError == exact.Quality.MaxError && near(float64(fast.Quality.RMSE), float64(exact.Quality.RMSE))
+			if same != c.inOriginal {
+				t.Errorf("rotated-basis report %+v, original basis %+v: want the original basis %v", fast.Quality, exact.Quality, c.inOriginal)
+			}
+		})
+	}
+}

@@ -124,9 +124,9 @@ func groupMax(v []float32) uint32 {
 	return maxLane(mx)
 }
 
-// groupMinMax returns the smallest and largest element of a group, and
-// whether every element is finite.
-func groupMinMax(v []float32) (mn, mx float32, finite bool) {
+// groupMinMax returns the smallest and largest element of a group, and its
+// largest magnitude as float32 bits (0x7f800000 or more: not all finite).
+func groupMinMax(v []float32) (mn, mx float32, maxBits uint32) {
 	absMask := archsimd.BroadcastUint32x8(0x7fffffff)
 	lo := archsimd.LoadFloat32x8Slice(v[:8])
 	hi := lo
@@ -144,8 +144,8 @@ func groupMinMax(v []float32) (mn, mx float32, finite bool) {
 		lo, hi = lo.Min(lo.Permute(perm)), hi.Max(hi.Permute(perm))
 	}
 	mn, mx = lo.GetLo().GetElem(0), hi.GetLo().GetElem(0)
-	finite = maxLane(mb) < 0x7f800000 // clears the upper halves before the scalar code
-	return mn, mx, finite
+	maxBits = maxLane(mb) // clears the upper halves before the scalar code
+	return mn, mx, maxBits
 }
 
 // scaleOf returns the float16 scale and minimum (0 for sym) of a group whose
@@ -178,6 +178,11 @@ func encodeRowsSIMD(job *rowJob, st *tensorStats) bool {
 	cv := newCodeVec(spec)
 	seed := !spec.asym && spec.bits == 4
 	var packed [4]uint64
+	rotated := job.rot != nil && job.rotated
+	var limit uint32
+	if rotated {
+		limit = math.Float32bits(rotatedMetricsLimit(job.dt, job.rot.n))
+	}
 	gBytes := g * spec.bits / 8
 	var sums errorSums
 	groupsRow := dim / g
@@ -190,7 +195,7 @@ func encodeRowsSIMD(job *rowJob, st *tensorStats) bool {
 			copyVec(w, x)
 			rotateForward(job.rot, &bf, w)
 			v = w
-			if job.rotated {
+			if rotated {
 				y = x // the row as read is no longer needed
 			}
 		}
@@ -200,12 +205,15 @@ func encodeRowsSIMD(job *rowJob, st *tensorStats) bool {
 			var mb uint32
 			var mn, mx float32
 			if spec.asym {
-				var finite bool
-				if mn, mx, finite = groupMinMax(grp); !finite {
-					return false // the rotation overflowed: the scalar path reports it
-				}
-			} else if mb = groupMax(grp); mb >= 0x7f800000 {
+				mn, mx, mb = groupMinMax(grp)
+			} else {
+				mb = groupMax(grp)
+			}
+			if mb >= 0x7f800000 {
 				return false // the rotation overflowed: the scalar path reports it
+			}
+			if rotated && mb >= limit {
+				return false // measured in the original basis: the scalar path does it
 			}
 			s16, m16, ok := scaleOf(spec, mb, mn, mx)
 			if !ok {
@@ -231,7 +239,7 @@ func encodeRowsSIMD(job *rowJob, st *tensorStats) bool {
 			}
 		}
 		switch {
-		case job.rot != nil && job.rotated:
+		case rotated:
 			sums.add(w, x, safetensors.F32) // rotated input against its reconstruction
 		case job.rot != nil:
 			rotateInverse(job.rot, &bf, w)
@@ -263,6 +271,10 @@ func encodeChannelsSIMD(job *channelJob, st *tensorStats) bool {
 		bf = newButterflies()
 	}
 	rotated := job.rot != nil && job.rotated
+	var limit uint32
+	if rotated {
+		limit = math.Float32bits(rotatedMetricsLimit(job.dt, job.rot.n))
+	}
 	// Each lane packs its channel's codes, 8 positions to a word of bits
 	// bytes, LSB first; col holds every channel's packed stream, (keep+7)/8
 	// words each, until they are copied to their bit offsets at the end.
@@ -323,6 +335,9 @@ func encodeChannelsSIMD(job *channelJob, st *tensorStats) bool {
 			for l := range 8 {
 				if mx[l] >= 0x7f800000 {
 					return false // the rotation overflowed: the scalar path reports it
+				}
+				if rotated && mx[l] >= limit {
+					return false // measured in the original basis: the scalar path does it
 				}
 				s16, m16, ok := scaleOf(spec, mx[l], mnL[l], mxL[l])
 				if !ok {

@@ -78,11 +78,29 @@ func (p tensorPlan) fast() bool {
 // bfloat16, which are measured in the original basis. So are tensors
 // sparsified before the rotation, whose sparsification error would not show,
 // and every tensor under Config.ExactMetrics.
+//
+// A tensor whose rotated values reach rotatedMetricsLimit is measured in the
+// original basis too (encodeGeneral checks it): its reconstruction might
+// leave the dtype's range, which only the original basis shows.
 func (p tensorPlan) rotatedMetrics(dt safetensors.DType, sparsity float64) bool {
 	if p.Rotate != RotateHadamard || p.exact || sparsity != 0 {
 		return false
 	}
 	return p.Bits <= 4 || dt == safetensors.F32 || dt == safetensors.F64
+}
+
+// rotatedMetricsLimit is the magnitude of a rotated value from which the
+// reconstruction of its row might reach dt's largest finite value. A
+// reconstructed coefficient is at most twice the group's largest magnitude
+// (2-bit symmetric codes reach −2·scale with scale = max), and each restored
+// element sums n coefficients times 1/√n, so it stays below 2·√n times the
+// largest rotated value.
+func rotatedMetricsLimit(dt safetensors.DType, n int) float32 {
+	top := 3.3895313892515355e38 // bfloat16's and (about) float32's largest finite value
+	if dt == safetensors.F16 {
+		top = 65504
+	}
+	return float32(top / (2 * math.Sqrt(float64(n))))
 }
 
 // geometry views a tensor of rank >= 1 as [outer, seq, dim]: dim is the last
