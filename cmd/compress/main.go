@@ -91,6 +91,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return err
 	})
 	fs.BoolVar(&o.verify, "verify", false, "inspect: also decode every tensor, as decompress would, without writing it")
+	fs.BoolVar(&o.cfg.ExactMetrics, "exact-metrics", false, "measure the error of rotated tensors after the inverse rotation and the rounding to the stored dtype (slower; by default it is measured in the rotated basis)")
 	fs.BoolVar(&o.cfg.NoSync, "no-sync", false, "skip the fsync before the output is renamed into place (scratch folders only: after a crash the output may be incomplete)")
 	fs.BoolVar(&o.verbose, "verbose", false, "print per-tensor diagnostics to stderr")
 	fs.BoolVar(&o.verbose, "v", false, "same as --verbose")
