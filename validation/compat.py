@@ -37,7 +37,11 @@ import torch
 import transformers
 from transformers.cache_utils import Cache, DynamicCache
 
-# Oldest transformers release whose real runs this package supports (CI proves it: make test-compat).
+# Oldest transformers release whose real runs this package supports: pyproject's bound, 4.46.1
+# (4.46.0 is not on PyPI), which `make test-compat` installs and runs. Below it, 4.45 runs but
+# logs a warning on every forward pass ("Starting from v4.46, the `logits` model output will
+# have the same type as the model"); 4.36 warns on torch's pytree API and its tokenizers cannot
+# read the embedded folder's tokenizer.json (docs/benchmarks.md, compatibility matrix).
 MIN_TRANSFORMERS = (4, 46)
 
 KVLayers = List[Tuple[torch.Tensor, torch.Tensor]]
