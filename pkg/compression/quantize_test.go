@@ -201,26 +201,78 @@ func TestConfigValidate(t *testing.T) {
 
 func TestQualityLevel(t *testing.T) {
 	tests := []struct {
-		q    Quality
-		want string
+		name       string
+		q          Quality
+		want       string
+		violations int
 	}{
-		{Quality{RMSE: 0.005, SNRdB: 45, CosineSimilarity: 1}, QualityExcellent},
-		{Quality{RMSE: 0.005, SNRdB: 35, CosineSimilarity: 1}, QualityGood},
-		{Quality{RMSE: 0.04, SNRdB: 31, CosineSimilarity: 1}, QualityGood},
-		{Quality{RMSE: 0.06, SNRdB: 25, CosineSimilarity: 1}, QualityAcceptable},
-		{Quality{RMSE: 0.10, SNRdB: 25, CosineSimilarity: 1}, QualityPoor},
-		{Quality{RMSE: 0.01, SNRdB: 17, CosineSimilarity: 1}, QualityPoor},
+		{"excellent", Quality{RMSE: 0.005, SNRdB: 45, CosineSimilarity: 1}, QualityExcellent, 0},
+		{"good", Quality{RMSE: 0.005, SNRdB: 35, CosineSimilarity: 1}, QualityGood, 0},
+		{"acceptable", Quality{RMSE: 0.06, SNRdB: 25, CosineSimilarity: 0.999}, QualityAcceptable, 0},
+		// The seed's absolute rule called this POOR (RMSE >= 0.10); the
+		// error is 8.9 % of the signal's RMS, whatever its scale.
+		{"large values, high snr", Quality{RMSE: 0.15, SNRdB: 21, CosineSimilarity: 0.996}, QualityAcceptable, 0},
+		{"huge values, excellent", Quality{RMSE: 3, SNRdB: 41, CosineSimilarity: 1}, QualityExcellent, 0},
+		// Small values, small RMSE, but the error is as large as a fifth of the signal.
+		{"tiny rmse, low snr", Quality{RMSE: 0.001, SNRdB: 14, CosineSimilarity: 0.98}, QualityPoor, 2},
+		{"snr at the limit", Quality{RMSE: 0.01, SNRdB: 18, CosineSimilarity: 0.995}, QualityPoor, 1},
+		{"cosine at the limit", Quality{RMSE: 0.01, SNRdB: 45, CosineSimilarity: 0.99}, QualityPoor, 1},
+		{"nan", Quality{RMSE: Metric(math.NaN()), SNRdB: Metric(math.NaN()), CosineSimilarity: Metric(math.NaN())}, QualityPoor, 2},
 	}
 	for _, tc := range tests {
-		if got := tc.q.Level(); got != tc.want {
-			t.Errorf("%+v: %s, want %s", tc.q, got, tc.want)
-		}
+		t.Run(tc.name, func(t *testing.T) {
+			if got := tc.q.Level(); got != tc.want {
+				t.Errorf("Level() = %s, want %s", got, tc.want)
+			}
+			if v := tc.q.Violations(); len(v) != tc.violations {
+				t.Errorf("Violations() = %q, want %d", v, tc.violations)
+			}
+		})
 	}
-	if v := (Quality{RMSE: 0.2, SNRdB: 10, CosineSimilarity: 0.9}).Violations(); len(v) != 3 {
-		t.Errorf("violations = %v, want 3", v)
+}
+
+func TestQualityViolationText(t *testing.T) {
+	v := (Quality{RMSE: 0.5, SNRdB: 10, CosineSimilarity: 0.995}).Violations()
+	want := "snr_db 10 <= 18 (rmse is 31.6% of the signal's rms, limit 12.6%)"
+	if len(v) != 1 || v[0] != want {
+		t.Fatalf("Violations() = %q, want [%q]", v, want)
 	}
-	if v := (Quality{RMSE: 0.01, SNRdB: 30, CosineSimilarity: 0.999}).Violations(); len(v) != 0 {
-		t.Errorf("violations = %v, want none", v)
+	if r := (Quality{SNRdB: 20}).RelativeRMSE(); !near(r, 0.1) {
+		t.Errorf("RelativeRMSE at 20 dB = %g, want 0.1", r)
+	}
+}
+
+// The verdict does not depend on the scale of the values: the same cache
+// multiplied by 1/64 or by 64 (exact in float32) gets the same level.
+func TestQualityLevelScaleFree(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		cfg  Config
+	}{
+		{"default", DefaultConfig()},
+		{"2-bit no rotation", Config{GroupSize: 64, Bits: 2}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			levels := map[string]bool{}
+			for _, scale := range []float32{1.0 / 64, 1, 64} {
+				f := kvCache(t, 2, 2, 32, 64, safetensors.F32, 7)
+				for i := range f.Tensors {
+					x := decode(t, &f.Tensors[i])
+					for j := range x {
+						x[j] *= scale
+					}
+					f.Tensors[i].Data = f32Bytes(x)
+				}
+				res, err := Compress(f, tc.cfg)
+				if err != nil {
+					t.Fatal(err)
+				}
+				levels[res.Quality.Level()] = true
+			}
+			if len(levels) != 1 {
+				t.Errorf("levels across scales = %v, want one", levels)
+			}
+		})
 	}
 }
 
@@ -234,13 +286,13 @@ func TestStatsQuality(t *testing.T) {
 	}
 	st.addGroup(&gs, len(x))
 	q := st.quality()
-	if want := 0.5; math.Abs(q.RMSE-want) > 1e-12 {
+	if want := 0.5; math.Abs(float64(q.RMSE)-want) > 1e-12 {
 		t.Errorf("rmse %v, want %v", q.RMSE, want)
 	}
-	if want := 10 * math.Log10(30.0/1.0); math.Abs(q.SNRdB-want) > 1e-9 {
+	if want := 10 * math.Log10(30.0/1.0); math.Abs(float64(q.SNRdB)-want) > 1e-9 {
 		t.Errorf("snr %v, want %v", q.SNRdB, want)
 	}
-	if want := 34 / (math.Sqrt(30) * math.Sqrt(39)); math.Abs(q.CosineSimilarity-want) > 1e-12 {
+	if want := 34 / (math.Sqrt(30) * math.Sqrt(39)); math.Abs(float64(q.CosineSimilarity)-want) > 1e-12 {
 		t.Errorf("cos %v, want %v", q.CosineSimilarity, want)
 	}
 	if q.MaxError != 1 {
@@ -275,7 +327,8 @@ func TestQuantizePairMatchesDivision(t *testing.T) {
 	}
 }
 
-// TestDequantTableFastPath compares the table's shortcut with converting every code.
+// TestDequantTableFastPath compares the table's shortcut with converting every
+// code, saturated to the dtype's largest finite value (format.md, section 3).
 func TestDequantTableFastPath(t *testing.T) {
 	for _, dt := range []safetensors.DType{safetensors.F16, safetensors.BF16, safetensors.F32} {
 		for h := 0; h < 0x7c00; h++ {
@@ -283,7 +336,10 @@ func TestDequantTableFastPath(t *testing.T) {
 			var lut [16]float32
 			dequantTable(&lut, s, dt)
 			for c := range 16 {
-				want := safetensors.RoundTo(dt, float32(int8(c<<4)>>4)*s)
+				want := safetensors.RoundTo(dt, saturate(dt, float32(int8(c<<4)>>4)*s))
+				if math.IsInf(float64(want), 0) {
+					t.Fatalf("%s scale %#04x code %d reconstructs to %v", dt, h, c, want)
+				}
 				if lut[c] != want {
 					t.Fatalf("%s scale %#04x code %d: %v, want %v", dt, h, c, lut[c], want)
 				}
