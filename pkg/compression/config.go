@@ -94,6 +94,13 @@ type Config struct {
 	// nor values, and of keys and values unless KeyBits / ValueBits say
 	// otherwise; 0 means 4.
 	Bits, KeyBits, ValueBits int
+	// ExactMetrics measures the error of rotated tensors in the original
+	// basis, after the inverse rotation and the rounding to the tensor's
+	// dtype, as the restored file holds them. By default the error is
+	// measured in the rotated basis, which the orthonormal rotation leaves
+	// unchanged up to that rounding and costs no inverse rotation (see
+	// rotatedMetrics).
+	ExactMetrics bool
 }
 
 // DefaultConfig returns the recommended codec parameters, the command line's defaults.
