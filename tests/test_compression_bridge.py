@@ -73,6 +73,20 @@ def test_decompress_restores_names_shapes_dtypes(cache_file: Path, tmp_path: Pat
     assert {k: (v.shape, v.dtype) for k, v in a.items()} == {k: (v.shape, v.dtype) for k, v in b.items()}
 
 
+@pytest.mark.parametrize("no_sync", [False, True], ids=["fsync", "no-sync"])
+def test_no_sync_writes_the_same_bytes(cache_file: Path, tmp_path: Path, kv_compress_bin: str, no_sync: bool) -> None:
+    """--no-sync (what roundtrip_kv_cache passes for its scratch folder) changes durability, not content."""
+    ref_packed, ref_restored = tmp_path / "ref.kvc", tmp_path / "ref.safetensors"
+    cb.compress_kv_cache(str(cache_file), str(ref_packed))
+    cb.decompress_kv_cache(str(ref_packed), str(ref_restored))
+    packed, restored = tmp_path / "c.kvc", tmp_path / "r.safetensors"
+    cb.compress_kv_cache(str(cache_file), str(packed), no_sync=no_sync)
+    m = cb.decompress_kv_cache(str(packed), str(restored), no_sync=no_sync)
+    assert m.command == "decompress"
+    assert packed.read_bytes() == ref_packed.read_bytes()
+    assert restored.read_bytes() == ref_restored.read_bytes()
+
+
 def test_metrics_writes_nothing(cache_file: Path, kv_compress_bin: str) -> None:
     before = sorted(os.listdir(cache_file.parent))
     m = cb.get_compression_metrics(str(cache_file), group_size=32)

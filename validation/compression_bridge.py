@@ -332,6 +332,7 @@ def compress_kv_cache(
     sparsity: float = 0.0,
     verbose: bool = False,
     timeout: Optional[float] = DEFAULT_TIMEOUT_S,
+    no_sync: bool = False,
     **codec: Any,
 ) -> CompressionMetrics:
     """Compress a safetensors KV cache into a kv-compress container.
@@ -344,6 +345,8 @@ def compress_kv_cache(
         sparsity: fraction in [0, 1) of smallest-magnitude elements zeroed first.
         verbose: let the binary print per-tensor diagnostics (to its stderr, captured).
         timeout: seconds before the binary is killed (``None``: no limit).
+        no_sync: pass ``--no-sync`` (skip the fsync before the rename): only
+            for scratch folders whose files need not survive a crash.
         **codec: ``scheme`` ("sym" | "asym"), ``rotate`` ("none" | "hadamard"),
             ``key_axis`` ("token" | "channel"), ``sink`` (positions kept exact),
             ``bits`` / ``key_bits`` / ``value_bits`` (2, 3, 4 or 8); omitted ones
@@ -361,6 +364,8 @@ def compress_kv_cache(
             writing is removed (a ``subprocess.TimeoutExpired``).
     """
     args = ["compress", "-i", str(input_path), "-o", str(output_path), *_codec_args(group_size, sparsity, verbose, **codec)]
+    if no_sync:
+        args.append("--no-sync")
     _require_input(input_path)
     return CompressionMetrics.from_dict(_run(args, timeout, output=str(output_path)))
 
@@ -370,15 +375,19 @@ def decompress_kv_cache(
     output_path: str,
     verbose: bool = False,
     timeout: Optional[float] = DEFAULT_TIMEOUT_S,
+    no_sync: bool = False,
 ) -> CompressionMetrics:
     """Restore a container to a safetensors file with the original names, shapes and dtypes.
 
+    ``no_sync`` passes ``--no-sync``, for scratch folders only, as for compress.
     Returns CompressionMetrics with sizes and timing; the quality fields are NaN
     (the original is not available to the decompressor).
     """
     args = ["decompress", "-i", str(input_path), "-o", str(output_path)]
     if verbose:
         args.append("--verbose")
+    if no_sync:
+        args.append("--no-sync")
     _require_input(input_path)
     return CompressionMetrics.from_dict(_run(args, timeout, output=str(output_path)))
 
@@ -436,10 +445,11 @@ def roundtrip_kv_cache(
         save_kv_cache(cache, src)
         timings["save"] = (time.perf_counter() - t) * 1e3
         t = time.perf_counter()
-        metrics = compress_kv_cache(src, packed, group_size=group_size, sparsity=sparsity, timeout=timeout, **codec)
+        # The folder is scratch, removed on the way out: no fsync (--no-sync).
+        metrics = compress_kv_cache(src, packed, group_size=group_size, sparsity=sparsity, timeout=timeout, no_sync=True, **codec)
         timings["compress"] = (time.perf_counter() - t) * 1e3
         t = time.perf_counter()
-        decompress_kv_cache(packed, restored, timeout=timeout)
+        decompress_kv_cache(packed, restored, timeout=timeout, no_sync=True)
         timings["decompress"] = (time.perf_counter() - t) * 1e3
         t = time.perf_counter()
         rebuilt, _ = load_kv_cache(restored, metadata_path=src + ".metadata.json", device=device)

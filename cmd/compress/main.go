@@ -3,8 +3,8 @@
 //
 // Usage:
 //
-//	kv-compress compress   -i IN -o OUT [--group-size 64] [--scheme sym] [--rotate none] [--bits 4] [--strict]
-//	kv-compress decompress -i IN -o OUT
+//	kv-compress compress   -i IN -o OUT [--group-size 64] [--scheme sym] [--rotate none] [--bits 4] [--strict] [--no-sync]
+//	kv-compress decompress -i IN -o OUT [--no-sync]
 //	kv-compress metrics    -i IN [--group-size 64] [--sparsity 0] [--strict]
 //	kv-compress inspect    -i FILE [--verify]
 //	kv-compress version
@@ -27,6 +27,7 @@ import (
 
 	"github.com/kv-cache-p2p/validation/pkg/atomicfile"
 	"github.com/kv-cache-p2p/validation/pkg/compression"
+	"github.com/kv-cache-p2p/validation/pkg/mapfile"
 	"github.com/kv-cache-p2p/validation/pkg/safetensors"
 )
 
@@ -89,7 +90,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 		o.cfg.MaxMemory = n
 		return err
 	})
-	fs.BoolVar(&o.verify, "verify", false, "inspect: also decode every tensor in memory, as decompress would")
+	fs.BoolVar(&o.verify, "verify", false, "inspect: also decode every tensor, as decompress would, without writing it")
+	fs.BoolVar(&o.cfg.ExactMetrics, "exact-metrics", false, "measure the error of rotated tensors after the inverse rotation and the rounding to the stored dtype (slower; by default it is measured in the rotated basis)")
+	fs.BoolVar(&o.cfg.NoSync, "no-sync", false, "skip the fsync before the output is renamed into place (scratch folders only: after a crash the output may be incomplete)")
 	fs.BoolVar(&o.verbose, "verbose", false, "print per-tensor diagnostics to stderr")
 	fs.BoolVar(&o.verbose, "v", false, "same as --verbose")
 	fs.BoolVar(&o.strict, "strict", false, "exit 4 when the quality thresholds are violated")
@@ -164,7 +167,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 			break
 		}
 		var r *compression.DecompressReport
-		if r, err = compression.DecompressFile(o.in, o.out, o.cfg.Workers, o.cfg.MaxMemory); err == nil {
+		if r, err = compression.DecompressFile(o.in, o.out, o.cfg); err == nil {
 			if o.verbose {
 				fmt.Fprintf(stderr, "%s: %d -> %d bytes, %d tensors in %.1f ms\n", o.in, r.CompressedSizeBytes, r.OriginalSizeBytes, len(r.Tensors), r.ProcessingTimeMS)
 			}
@@ -196,7 +199,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 // exitCode maps an error to the documented exit codes.
 func exitCode(err error) int {
 	switch {
-	case errors.Is(err, errUsage), errors.Is(err, compression.ErrConfig), errors.Is(err, atomicfile.ErrSamePath):
+	case errors.Is(err, errUsage), errors.Is(err, compression.ErrConfig), errors.Is(err, atomicfile.ErrSamePath),
+		errors.Is(err, atomicfile.ErrNotRegular):
 		return exitUsage
 	case isInputError(err):
 		return exitInput
@@ -207,7 +211,7 @@ func exitCode(err error) int {
 
 func isInputError(err error) bool {
 	for _, target := range []error{
-		safetensors.ErrTooShort, safetensors.ErrHeaderTooLarge, safetensors.ErrHeaderLength,
+		mapfile.ErrNotRegular, safetensors.ErrTooShort, safetensors.ErrHeaderTooLarge, safetensors.ErrHeaderLength,
 		safetensors.ErrHeaderEncoding, safetensors.ErrHeaderStart, safetensors.ErrHeaderJSON,
 		safetensors.ErrDuplicate, safetensors.ErrMetadata, safetensors.ErrDType, safetensors.ErrShape,
 		safetensors.ErrOffsets, safetensors.ErrOverflow, safetensors.ErrSizeMismatch, safetensors.ErrOverlap,
@@ -254,7 +258,7 @@ usage:
 
 codec flags: --group-size 32|64|128, --scheme sym|asym, --rotate none|hadamard,
   --key-axis token|channel, --sink N, --bits 2|3|4|8, --key-bits, --value-bits, --sparsity S
-common flags: --workers N, --max-memory SIZE, --verbose, --pretty; inspect: --verify. Run 'kv-compress SUBCOMMAND -h' for details.
+common flags: --workers N, --max-memory SIZE, --no-sync, --verbose, --pretty; inspect: --verify. Run 'kv-compress SUBCOMMAND -h' for details.
 stdout is one JSON object; diagnostics go to stderr.
 exit codes: 0 ok, 1 I/O or internal error, 2 usage, 3 invalid input, 4 quality gate failed (--strict)
 `)

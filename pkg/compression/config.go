@@ -74,6 +74,10 @@ type Config struct {
 	// Workers bounds the number of tensors processed at once; 0 means
 	// GOMAXPROCS, and more than MaxWorkersPerCPU per CPU count as that many.
 	Workers int
+	// NoSync makes CompressFile and DecompressFile skip the fsync before
+	// the output is renamed into place: for scratch folders whose files
+	// need not survive a crash. Like Workers it is not part of the codec.
+	NoSync bool
 	// MaxMemory is the memory budget in bytes for working buffers and
 	// decoded data; 0 means DefaultMaxMemory(). A job that cannot fit in it
 	// even with one worker is refused with ErrTooLarge before allocating.
@@ -94,6 +98,13 @@ type Config struct {
 	// nor values, and of keys and values unless KeyBits / ValueBits say
 	// otherwise; 0 means 4.
 	Bits, KeyBits, ValueBits int
+	// ExactMetrics measures the error of rotated tensors in the original
+	// basis, after the inverse rotation and the rounding to the tensor's
+	// dtype, as the restored file holds them. By default the error is
+	// measured in the rotated basis, which the orthonormal rotation leaves
+	// unchanged up to that rounding and costs no inverse rotation (see
+	// rotatedMetrics).
+	ExactMetrics bool
 }
 
 // DefaultConfig returns the recommended codec parameters, the command line's defaults.

@@ -244,14 +244,17 @@ func checkEntry(payloads map[string]*safetensors.Tensor, e *Entry, g int, used m
 		if p.RawBytes != want {
 			return fmt.Errorf("%w: %s payload declares %d bytes, shape needs %d", ErrCorrupt, role, p.RawBytes, want)
 		}
-		switch p.Encoding {
+		// The stored size comes from the header: Data is not loaded when the
+		// file is read with positioned reads (then p.data stays nil and the
+		// bytes are read when the payload is decoded).
+		switch stored := t.ByteLen(); p.Encoding {
 		case EncodingStored:
-			if int64(len(t.Data)) != want {
-				return fmt.Errorf("%w: %s payload is stored raw in %d bytes but declares %d", ErrCorrupt, role, len(t.Data), want)
+			if stored != want {
+				return fmt.Errorf("%w: %s payload is stored raw in %d bytes but declares %d", ErrCorrupt, role, stored, want)
 			}
 		case EncodingLZ4:
-			if want > maxLZ4Expansion(int64(len(t.Data))) {
-				return fmt.Errorf("%w: %s payload of %d bytes cannot expand to %d", ErrCorrupt, role, len(t.Data), want)
+			if want > maxLZ4Expansion(stored) {
+				return fmt.Errorf("%w: %s payload of %d bytes cannot expand to %d", ErrCorrupt, role, stored, want)
 			}
 		default:
 			return fmt.Errorf("%w: unknown payload encoding %q (want %q or %q)", ErrCorrupt, p.Encoding, EncodingLZ4, EncodingStored)

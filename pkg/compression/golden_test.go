@@ -169,7 +169,7 @@ func encodeGolden(t *testing.T, src *safetensors.File, gc GoldenCase) map[string
 					return ""
 				}
 				b := make([]byte, p.RawBytes)
-				if err := readPayload(container, p, b); err != nil {
+				if err := readPayload(memorySource(container), p, b, nil); err != nil {
 					t.Fatal(err)
 				}
 				return hex.EncodeToString(b)

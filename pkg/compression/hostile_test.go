@@ -223,7 +223,7 @@ func TestManyMetadataKeysRefused(t *testing.T) {
 	for i := range safetensors.MaxHeaderSize / 20 {
 		src.Metadata[fmt.Sprintf("%012x", i)] = "v"
 	}
-	if _, err := compressBudget(src, SeedConfig()); !errors.Is(err, safetensors.ErrHeaderTooLarge) {
+	if _, err := compressBudget(src, SeedConfig(), true); !errors.Is(err, safetensors.ErrHeaderTooLarge) {
 		t.Fatalf("err = %v, want ErrHeaderTooLarge", err)
 	}
 }

@@ -224,16 +224,30 @@ const containerEntryBytes = 150
 // compressBudget checks that compressing src fits: its container's header
 // (index entries and the copied metadata) within what safetensors allows, and the encoded payloads plus each worker's
 // buffers within cfg's memory budget. It returns how many workers fit.
-func compressBudget(src *safetensors.File, cfg Config) (int, error) {
+//
+// With inMemory the encoded payloads stay in memory until the end (at most
+// the input's size); a file writer streams them to disk, and then each
+// worker also holds the tensor it reads when the input is not mapped.
+func compressBudget(src *safetensors.File, cfg Config, inMemory bool) (int, error) {
 	var header, fixed, scratch int64
 	for i := range src.Tensors {
 		t := &src.Tensors[i]
+		size := t.ByteLen() // Data is not loaded when the file is read tensor by tensor
 		header = satAdd(header, containerEntryBytes+3*int64(len(t.Name)))
-		fixed = satAdd(fixed, satAdd(int64(len(t.Data)), perTensorOverhead))
+		fixed = satAdd(fixed, perTensorOverhead)
+		if inMemory {
+			fixed = satAdd(fixed, size)
+		}
+		read := int64(0) // the tensor read into a worker buffer
+		if !inMemory {
+			read = size
+		}
 		if t.DType.IsFloat() {
 			// float32 copies of the tensor (decoded, rows, layout,
 			// reconstruction, magnitudes with sparsity) and its codes.
-			scratch = max(scratch, satAdd(satMul(t.NumElements(), 21), int64(len(t.Data))))
+			scratch = max(scratch, satAdd(satMul(t.NumElements(), 21), satAdd(size, read)))
+		} else {
+			scratch = max(scratch, read)
 		}
 	}
 	for k, v := range src.Metadata { // copied as source_metadata: `"k":"v",` with its quotes escaped

@@ -42,6 +42,7 @@ type Result struct {
 
 // workerScratch is the per-goroutine working memory of Compress.
 type workerScratch struct {
+	in         []byte // the tensor's bytes when the input is not in memory
 	x, mags    []float32
 	codes      []byte
 	scales     []uint16
@@ -70,24 +71,57 @@ func Compress(src *safetensors.File, cfg Config) (*Result, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	workers, err := compressBudget(src, cfg)
+	workers, err := compressBudget(src, cfg, true)
 	if err != nil {
 		return nil, err
 	}
-	out := make([]compressedTensor, len(src.Tensors))
-	scratch := make([]workerScratch, workers)
-	err = parallel(len(src.Tensors), len(scratch), func(w, i int) error {
-		t := &src.Tensors[i]
-		ct, err := compressTensor(t, cfg, &scratch[w])
-		if err != nil {
-			return fmt.Errorf("tensor %q: %w", t.Name, err)
-		}
-		out[i] = ct
-		return nil
+	out, err := compressAll(memorySource(src), cfg, workers, nil)
+	if err != nil {
+		return nil, err
+	}
+	return assemble(out, cfg, src.Metadata)
+}
+
+// compressAll encodes every tensor of src on up to workers goroutines, each
+// with its own reusable scratch memory. emit, when set, receives each result
+// on its worker's goroutine, in no particular order, and may take the
+// payload bytes away (a file writer stores them and sets Data to nil, so
+// memory holds only the tensors in flight).
+func compressAll(src *source, cfg Config, workers int, emit func(i int, ct *compressedTensor) error) ([]compressedTensor, error) {
+	out := make([]compressedTensor, len(src.f.Tensors))
+	// No more scratch than there are tensors: --workers 100000 must not
+	// allocate 100000 encoders.
+	scratch := make([]workerScratch, max(1, min(workers, len(src.f.Tensors))))
+	err := parallel(len(src.f.Tensors), len(scratch), func(w, i int) error {
+		return guardFaults(func() error {
+			t := src.f.Tensors[i] // a copy: Data may be pointed at the worker's buffer
+			data, err := src.data(&t, &scratch[w].in)
+			if err != nil {
+				return err
+			}
+			t.Data = data
+			ct, err := compressTensor(&t, cfg, &scratch[w])
+			if err != nil {
+				return fmt.Errorf("tensor %q: %w", t.Name, err)
+			}
+			if emit != nil {
+				if err := emit(i, &ct); err != nil {
+					return err
+				}
+			}
+			out[i] = ct
+			return nil
+		})
 	})
 	if err != nil {
 		return nil, err
 	}
+	return out, nil
+}
+
+// assemble builds the container's index and layout from the encoded
+// tensors. The payload tensors keep whatever Data emit left them.
+func assemble(out []compressedTensor, cfg Config, source map[string]string) (*Result, error) {
 	res := &Result{Codec: newCodec(cfg)}
 	var total tensorStats
 	entries := make([]Entry, 0, len(out))
@@ -103,10 +137,11 @@ func Compress(src *safetensors.File, cfg Config) (*Result, error) {
 		}
 	}
 	res.Quality = total.quality()
-	if res.Metadata, err = encodeIndex(res.Codec, entries, src.Metadata); err != nil {
+	var err error
+	if res.Metadata, err = encodeIndex(res.Codec, entries, source); err != nil {
 		return nil, err
 	}
-	hdr, dataLen, err := safetensors.EncodeHeader(res.Tensors, res.Metadata)
+	hdr, dataLen, err := safetensors.LayoutHeader(res.Tensors, res.Metadata)
 	if err != nil {
 		return nil, err
 	}
@@ -232,7 +267,6 @@ func DecompressWithin(f *safetensors.File, workers int, maxMemory int64) (*Resto
 	if err != nil {
 		return nil, err
 	}
-	g := idx.Codec.GroupSize
 	workers = capWorkers(workers)
 	if maxMemory <= 0 {
 		maxMemory = DefaultMaxMemory()
@@ -241,67 +275,10 @@ func DecompressWithin(f *safetensors.File, workers int, maxMemory int64) (*Resto
 		return nil, err
 	}
 	out := make([]safetensors.Tensor, len(idx.Entries))
-	type scratch struct {
-		codes, scaleBytes []byte
-		scales            []uint16
-		general           generalScratch
-	}
-	ws := make([]scratch, workers)
-	err = parallel(len(idx.Entries), workers, func(w, i int) error {
+	alloc := func(w, i int, n int64) []byte { return make([]byte, n) }
+	err = decompressAll(memorySource(f), idx, workers, alloc, func(w, i int, data []byte) error {
 		e := &idx.Entries[i]
-		s := &ws[w]
-		dt := safetensors.DType(e.DType)
-		n, _ := safetensors.NumElements(e.Shape)
-		t := safetensors.Tensor{Name: e.Name, DType: dt, Shape: e.Shape}
-		switch e.Mode {
-		case ModeStored:
-			t.Data = make([]byte, e.Raw.RawBytes)
-			if err := readPayload(f, e.Raw, t.Data); err != nil {
-				return fmt.Errorf("tensor %q: %w", e.Name, err)
-			}
-		default:
-			plan := e.plan(g)
-			if !plan.fast() {
-				raw := func(p *Payload) ([]byte, error) {
-					if p == nil {
-						return nil, nil
-					}
-					b := make([]byte, p.RawBytes)
-					return b, readPayload(f, p, b)
-				}
-				var parts [4][]byte
-				for k, p := range []*Payload{e.Codes, e.Scales, e.Mins, e.SinkP} {
-					b, err := raw(p)
-					if err != nil {
-						return fmt.Errorf("tensor %q: %w", e.Name, err)
-					}
-					parts[k] = b
-				}
-				t.Data = make([]byte, n*int64(dt.Bits())/8)
-				if err := decodeGeneral(e, plan, parts[0], parts[1], parts[2], parts[3], t.Data, &s.general); err != nil {
-					return fmt.Errorf("tensor %q: %w", e.Name, err)
-				}
-				break
-			}
-			s.codes = grow(s.codes, int(e.Codes.RawBytes))
-			s.scaleBytes = grow(s.scaleBytes, int(e.Scales.RawBytes))
-			if err := readPayload(f, e.Codes, s.codes); err != nil {
-				return fmt.Errorf("tensor %q: %w", e.Name, err)
-			}
-			if err := readPayload(f, e.Scales, s.scaleBytes); err != nil {
-				return fmt.Errorf("tensor %q: %w", e.Name, err)
-			}
-			s.scales = grow(s.scales, len(s.scaleBytes)/2)
-			for j := range s.scales {
-				s.scales[j] = binary.LittleEndian.Uint16(s.scaleBytes[2*j:])
-				if s.scales[j]&0x7c00 == 0x7c00 || s.scales[j]&0x8000 != 0 {
-					return fmt.Errorf("tensor %q: %w: scale %d is negative or not finite", e.Name, ErrCorrupt, j)
-				}
-			}
-			t.Data = make([]byte, n*int64(dt.Bits())/8)
-			dequantizeTensor(s.codes, s.scales, g, dt, t.Data)
-		}
-		out[i] = t
+		out[i] = safetensors.Tensor{Name: e.Name, DType: safetensors.DType(e.DType), Shape: e.Shape, Data: data}
 		return nil
 	})
 	if err != nil {
@@ -317,16 +294,105 @@ func DecompressWithin(f *safetensors.File, workers int, maxMemory int64) (*Resto
 	return &Restored{Tensors: out, Metadata: idx.SourceMetadata, Index: idx}, nil
 }
 
-func readPayload(_ *safetensors.File, p *Payload, dst []byte) error {
-	if err := verifyPayload(p); err != nil {
-		return err
-	}
-	return decodePayload(p.data, p.Encoding, dst)
+// decompressScratch is the per-goroutine working memory of decompressAll.
+type decompressScratch struct {
+	in                []byte    // a payload's stored bytes when the input is not in memory
+	parts             [4][]byte // expanded payloads of the general path
+	codes, scaleBytes []byte
+	scales            []uint16
+	general           generalScratch
 }
 
-// verifyPayload checks a payload's bytes (located by ReadIndex) against its CRC-32C.
-func verifyPayload(p *Payload) error {
-	if got := checksum(p.data); got != p.CRC32C {
+// decompressAll rebuilds every entry of idx from src on up to workers
+// goroutines. Entry i is decoded into dst(w, i, n), n being its size in
+// bytes, and handed to done on the same goroutine w; a file writer passes a
+// reusable buffer per worker and writes it out in done.
+func decompressAll(src *source, idx *Index, workers int, dst func(w, i int, n int64) []byte, done func(w, i int, data []byte) error) error {
+	g := idx.Codec.GroupSize
+	if workers <= 0 {
+		workers = (Config{}).workers()
+	}
+	workers = max(1, min(workers, len(idx.Entries)))
+	ws := make([]decompressScratch, workers)
+	return parallel(len(idx.Entries), workers, func(w, i int) error {
+		return guardFaults(func() error {
+			e := &idx.Entries[i]
+			s := &ws[w]
+			dt := safetensors.DType(e.DType)
+			n, _ := safetensors.NumElements(e.Shape)
+			data := dst(w, i, n*int64(dt.Bits())/8)
+			if err := decodeEntry(src, e, g, dt, data, s); err != nil {
+				return fmt.Errorf("tensor %q: %w", e.Name, err)
+			}
+			return done(w, i, data)
+		})
+	})
+}
+
+// decodeEntry rebuilds one tensor into data, which has exactly its size.
+func decodeEntry(src *source, e *Entry, g int, dt safetensors.DType, data []byte, s *decompressScratch) error {
+	if e.Mode == ModeStored {
+		return readPayload(src, e.Raw, data, &s.in)
+	}
+	plan := e.plan(g)
+	if !plan.fast() {
+		for k, p := range []*Payload{e.Codes, e.Scales, e.Mins, e.SinkP} {
+			if p == nil {
+				s.parts[k] = nil
+				continue
+			}
+			s.parts[k] = grow(s.parts[k][:0], int(p.RawBytes))
+			if err := readPayload(src, p, s.parts[k], &s.in); err != nil {
+				return err
+			}
+		}
+		return decodeGeneral(e, plan, s.parts[0], s.parts[1], s.parts[2], s.parts[3], data, &s.general)
+	}
+	s.codes = grow(s.codes, int(e.Codes.RawBytes))
+	s.scaleBytes = grow(s.scaleBytes, int(e.Scales.RawBytes))
+	if err := readPayload(src, e.Codes, s.codes, &s.in); err != nil {
+		return err
+	}
+	if err := readPayload(src, e.Scales, s.scaleBytes, &s.in); err != nil {
+		return err
+	}
+	s.scales = grow(s.scales, len(s.scaleBytes)/2)
+	for j := range s.scales {
+		s.scales[j] = binary.LittleEndian.Uint16(s.scaleBytes[2*j:])
+		if s.scales[j]&0x7c00 == 0x7c00 || s.scales[j]&0x8000 != 0 {
+			return fmt.Errorf("%w: scale %d is negative or not finite", ErrCorrupt, j)
+		}
+	}
+	dequantizeTensor(s.codes, s.scales, g, dt, data)
+	return nil
+}
+
+// readPayload checks payload p's checksum and expands it into dst. buf holds
+// the stored bytes when the input is not in memory.
+func readPayload(src *source, p *Payload, dst []byte, buf *[]byte) error {
+	stored, err := payloadBytes(src, p, buf)
+	if err != nil {
+		return err
+	}
+	if err := verifyPayload(p, stored); err != nil {
+		return err
+	}
+	return decodePayload(stored, p.Encoding, dst)
+}
+
+// payloadBytes returns p's stored bytes: those ReadIndex located when the
+// container is in memory or mapped, otherwise read from the file into *buf.
+func payloadBytes(src *source, p *Payload, buf *[]byte) ([]byte, error) {
+	if p.data != nil || src.off == nil {
+		return p.data, nil
+	}
+	t, _ := src.f.Lookup(p.Tensor) // presence checked by ReadIndex
+	return src.data(t, buf)
+}
+
+// verifyPayload checks a payload's stored bytes against its CRC-32C.
+func verifyPayload(p *Payload, stored []byte) error {
+	if got := checksum(stored); got != p.CRC32C {
 		return fmt.Errorf("%w: payload %q has crc32c %s, index says %s", ErrChecksum, p.Tensor, got, p.CRC32C)
 	}
 	return nil

@@ -126,5 +126,11 @@ type InspectReport struct {
 }
 
 func infoOf(t *safetensors.Tensor) TensorInfo {
-	return TensorInfo{Name: t.Name, DType: string(t.DType), Shape: t.Shape, Bytes: int64(len(t.Data))}
+	return TensorInfo{Name: t.Name, DType: string(t.DType), Shape: t.Shape, Bytes: t.ByteLen()}
+}
+
+// setTotal records the command's wall time once the output is in place.
+func (r *Report) setTotal(d time.Duration) {
+	r.ProcessingTimeMS = ms(d)
+	r.Timings["total"] = ms(d)
 }

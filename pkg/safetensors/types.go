@@ -133,6 +133,14 @@ func (t *Tensor) NumElements() int64 {
 	return n
 }
 
+// ByteLen is the size in bytes that the tensor's shape and dtype declare,
+// whether or not Data is loaded. It is exact for tensors of a parsed File,
+// whose sizes the reader has checked.
+func (t *Tensor) ByteLen() int64 {
+	n, _ := numElements(t.Shape)
+	return n * int64(t.DType.Bits()) / 8
+}
+
 // NumElements returns the product of shape, or an error wrapping ErrShape
 // for a negative dimension and ErrOverflow when the product exceeds 2^62.
 func NumElements(shape []int64) (int64, error) {

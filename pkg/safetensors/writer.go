@@ -17,8 +17,20 @@ import (
 const headerAlign = 8
 
 // EncodeHeader returns the padded JSON header for tensors laid out in the given
-// order, and the total size of their data.
+// order, and the total size of their data. Every tensor's Data must hold
+// exactly the bytes its shape and dtype declare.
 func EncodeHeader(tensors []Tensor, metadata map[string]string) ([]byte, int64, error) {
+	return encodeHeader(tensors, metadata, true)
+}
+
+// LayoutHeader is EncodeHeader for tensors whose data is not at hand: Data is
+// ignored and each tensor's size follows from its shape and dtype. A writer
+// uses it to place the header first and each tensor at its offset later.
+func LayoutHeader(tensors []Tensor, metadata map[string]string) ([]byte, int64, error) {
+	return encodeHeader(tensors, metadata, false)
+}
+
+func encodeHeader(tensors []Tensor, metadata map[string]string, withData bool) ([]byte, int64, error) {
 	var hb bytes.Buffer
 	hb.WriteByte('{')
 	first := true
@@ -72,7 +84,8 @@ func EncodeHeader(tensors []Tensor, metadata map[string]string) ([]byte, int64, 
 		if n > (1<<62)/int64(t.DType.Bits()) { // the byte size would not fit: refuse rather than wrap
 			return nil, 0, fmt.Errorf("tensor %q: %w: shape %v of %s", t.Name, ErrOverflow, t.Shape, t.DType)
 		}
-		if size, ok := ByteSize(n, t.DType); !ok || size != int64(len(t.Data)) {
+		size, ok := ByteSize(n, t.DType)
+		if !ok || withData && size != int64(len(t.Data)) {
 			return nil, 0, fmt.Errorf("tensor %q: %w: %d bytes for shape %v of %s", t.Name, ErrSizeMismatch, len(t.Data), t.Shape, t.DType)
 		}
 		sep()
@@ -84,7 +97,10 @@ func EncodeHeader(tensors []Tensor, metadata map[string]string) ([]byte, int64, 
 			}
 			hb.WriteString(strconv.FormatInt(d, 10))
 		}
-		end := off + int64(len(t.Data))
+		end := off + size
+		if end > 1<<62 {
+			return nil, 0, fmt.Errorf("tensor %q: %w: the data buffer would pass 2^62 bytes", t.Name, ErrOverflow)
+		}
 		hb.WriteString(`],"data_offsets":[` + strconv.FormatInt(off, 10) + "," + strconv.FormatInt(end, 10) + "]}")
 		off = end
 	}
