@@ -85,6 +85,7 @@ fuzz:
 	$(GOX) test -run '^$$' -fuzz FuzzReadHeader -fuzztime $(FUZZTIME) ./pkg/safetensors
 	$(GOX) test -run '^$$' -fuzz 'FuzzDecompress$$' -fuzztime $(FUZZTIME) ./pkg/compression
 	$(GOX) test -run '^$$' -fuzz FuzzDecompressIndex -fuzztime $(FUZZTIME) ./pkg/compression
+	$(GOX) test -run '^$$' -fuzz FuzzDecodeEntropy -fuzztime $(FUZZTIME) -fuzzminimizetime 200x ./pkg/compression
 	$(GOX) test -run '^$$' -fuzz FuzzRowEncoder -fuzztime $(FUZZTIME) -fuzzminimizetime 200x ./pkg/compression
 	$(GOX) test -run '^$$' -fuzz FuzzRowDecoder -fuzztime $(FUZZTIME) -fuzzminimizetime 200x ./pkg/compression
 	$(GOX) test -run '^$$' -fuzz FuzzRoundTrip -fuzztime $(FUZZTIME) -fuzzminimizetime 200x ./pkg/compression

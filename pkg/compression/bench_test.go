@@ -69,6 +69,8 @@ func BenchmarkCompressScheme(b *testing.B) {
 		cfg  Config
 	}{
 		{"default", DefaultConfig()},
+		{"default-lz4", withEntropy(DefaultConfig(), EntropyLZ4)},
+		{"default-none", withEntropy(DefaultConfig(), EntropyNone)},
 		{"hadamard", Config{GroupSize: 64, Rotate: RotateHadamard}},
 		{"hadamard-token-keys-sink1", Config{GroupSize: 64, Rotate: RotateHadamard, KeyAxis: KeyAxisToken, Sink: 1}},
 		{"asym", Config{GroupSize: 64, Scheme: SchemeAsym}},
@@ -90,3 +92,14 @@ func BenchmarkCompressScheme(b *testing.B) {
 // BenchmarkDecompressDefault decodes a container written with DefaultConfig
 // (rotation and an exact first position: the general decoder).
 func BenchmarkDecompressDefault(b *testing.B) { benchDecompress(b, benchCache(b, 64), DefaultConfig()) }
+
+// BenchmarkDecompressDefaultLZ4 is the default codec with version 1's entropy
+// policy (LZ4 or stored), the reference for the cost of the entropy stage.
+func BenchmarkDecompressDefaultLZ4(b *testing.B) {
+	benchDecompress(b, benchCache(b, 64), withEntropy(DefaultConfig(), EntropyLZ4))
+}
+
+func withEntropy(c Config, policy string) Config {
+	c.Entropy = policy
+	return c
+}

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"hash/crc32"
+	"slices"
 	"strconv"
 
 	"github.com/kv-cache-p2p/validation/pkg/safetensors"
@@ -50,6 +51,8 @@ type Codec struct {
 	Rounding    string  `json:"rounding"`
 	NibbleOrder string  `json:"nibble_order"`
 	Checksum    string  `json:"checksum"`
+	// Entropy is the entropy policy (version 2; absent in version 1, which is "lz4").
+	Entropy string `json:"entropy,omitempty"`
 }
 
 // DefaultCodec is the codec record of DefaultConfig: what compress uses without flags.
@@ -58,7 +61,8 @@ func DefaultCodec() Codec { return newCodec(DefaultConfig()) }
 func newCodec(c Config) Codec {
 	return Codec{Scheme: c.scheme(), Bits: c.bits(), KeyBits: c.keyBits(), ValueBits: c.valueBits(),
 		GroupSize: c.GroupSize, Rotate: c.rotate(), KeyAxis: c.keyAxis(), Sink: c.Sink,
-		Sparsity: c.Sparsity, ScaleDType: "F16", Rounding: "half_to_even", NibbleOrder: "low_first", Checksum: "crc32c"}
+		Sparsity: c.Sparsity, ScaleDType: "F16", Rounding: "half_to_even", NibbleOrder: "low_first", Checksum: "crc32c",
+		Entropy: c.entropy()}
 }
 
 // Payload locates one stored payload and describes how to check and expand it.
@@ -155,8 +159,8 @@ func ReadIndex(f *safetensors.File) (*Index, error) {
 	}
 	md := f.Metadata
 	v, err := strconv.Atoi(md[MetaFormatVersion])
-	if err != nil || v != FormatVersion {
-		return nil, fmt.Errorf("%w: %q (this build reads version %d)", ErrVersion, md[MetaFormatVersion], FormatVersion)
+	if err != nil || !slices.Contains(ReadableVersions, v) || md[MetaFormatVersion] != strconv.Itoa(v) {
+		return nil, fmt.Errorf("%w: %q (this build reads versions %v)", ErrVersion, md[MetaFormatVersion], ReadableVersions)
 	}
 	if got, want := md[MetaIndexChecksum], indexChecksum(md[MetaCodec], md[MetaTensors], md[MetaSourceMetadata]); got != want {
 		return nil, fmt.Errorf("%w: index checksum %q, computed %q", ErrChecksum, got, want)
@@ -167,7 +171,10 @@ func ReadIndex(f *safetensors.File) (*Index, error) {
 	}
 	c := idx.Codec
 	cfg := Config{GroupSize: c.GroupSize, Sparsity: c.Sparsity, Scheme: c.Scheme, Rotate: c.Rotate, KeyAxis: c.KeyAxis,
-		Sink: c.Sink, Bits: c.Bits, KeyBits: c.KeyBits, ValueBits: c.ValueBits}
+		Sink: c.Sink, Bits: c.Bits, KeyBits: c.KeyBits, ValueBits: c.ValueBits, Entropy: c.Entropy}
+	if err := checkVersionedCodec(v, c); err != nil {
+		return nil, err
+	}
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrCorrupt, err)
 	}
@@ -193,6 +200,9 @@ func ReadIndex(f *safetensors.File) (*Index, error) {
 			return nil, fmt.Errorf("%w: tensor %q listed twice", ErrCorrupt, e.Name)
 		}
 		names[e.Name] = true
+		if err := checkEncodings(v, e); err != nil {
+			return nil, fmt.Errorf("tensor %q: %w", e.Name, err)
+		}
 	}
 	for _, t := range f.Tensors {
 		if !used[t.Name] {
@@ -232,10 +242,10 @@ func checkEntry(f *safetensors.File, e *Entry, g int, used map[string]bool) erro
 		if p.RawBytes != want {
 			return fmt.Errorf("%w: %s payload declares %d bytes, shape needs %d", ErrCorrupt, role, p.RawBytes, want)
 		}
-		if p.Encoding == EncodingLZ4 && want > int64(len(t.Data))*maxLZ4Ratio+16 {
+		if p.Encoding != EncodingStored && want > int64(len(t.Data))*maxExpansion+16 {
 			return fmt.Errorf("%w: %s payload of %d bytes cannot expand to %d", ErrCorrupt, role, len(t.Data), want)
 		}
-		if p.Encoding != EncodingLZ4 && p.Encoding != EncodingStored {
+		if !slices.Contains(encodingsOf(FormatVersion), p.Encoding) {
 			return fmt.Errorf("%w: unknown payload encoding %q", ErrCorrupt, p.Encoding)
 		}
 		return nil

@@ -38,6 +38,9 @@ type Result struct {
 	QuantizedElements, QuantizedPayloadBytes int64
 	// FileSize is the exact size in bytes of the container once written.
 	FileSize int64
+	// Parts splits FileSize by content; Stages counts payloads by entropy stage.
+	Parts  PartBytes
+	Stages Stages
 }
 
 // workerScratch is the per-goroutine working memory of Compress.
@@ -46,7 +49,7 @@ type workerScratch struct {
 	codes      []byte
 	scales     []uint16
 	scaleBytes []byte
-	lz         lz4Encoder
+	pe         payloadEncoder
 	general    generalScratch
 }
 
@@ -72,6 +75,9 @@ func Compress(src *safetensors.File, cfg Config) (*Result, error) {
 	}
 	out := make([]compressedTensor, len(src.Tensors))
 	scratch := make([]workerScratch, cfg.workers())
+	for i := range scratch {
+		scratch[i].pe.policy = cfg.entropy()
+	}
 	err := parallel(len(src.Tensors), len(scratch), func(w, i int) error {
 		t := &src.Tensors[i]
 		ct, err := compressTensor(t, cfg, &scratch[w])
@@ -107,6 +113,7 @@ func Compress(src *safetensors.File, cfg Config) (*Result, error) {
 		return nil, err
 	}
 	res.FileSize = 8 + int64(len(hdr)) + dataLen
+	res.Parts, res.Stages = partsOf(entries, res.Tensors, res.FileSize)
 	return res, nil
 }
 
@@ -117,7 +124,7 @@ func compressTensor(t *safetensors.Tensor, cfg Config, ws *workerScratch) (compr
 		report: TensorReport{Name: t.Name, Shape: t.Shape, DType: string(t.DType), Elements: n, OriginalBytes: int64(len(t.Data))},
 	}
 	if !t.DType.IsFloat() || n == 0 {
-		data, enc := ws.lz.encode(t.Data)
+		data, enc := ws.pe.encode(t.Data)
 		p := Payload{Tensor: t.Name + SuffixRaw, Encoding: enc, RawBytes: int64(len(t.Data)), CRC32C: checksum(data)}
 		ct.entry.Mode, ct.entry.Raw = ModeStored, &p
 		ct.payload = []safetensors.Tensor{{Name: p.Tensor, DType: safetensors.U8, Shape: []int64{int64(len(data))}, Data: data}}
@@ -159,8 +166,8 @@ func compressTensor(t *safetensors.Tensor, cfg Config, ws *workerScratch) (compr
 		}
 		scalesToBytes(ws.scaleBytes, ws.scales)
 	}
-	codes, cenc := ws.lz.encode(ws.codes)
-	scales, senc := ws.lz.encode(ws.scaleBytes)
+	codes, cenc := ws.pe.encode(ws.codes)
+	scales, senc := ws.pe.encode(ws.scaleBytes)
 	cp := Payload{Tensor: t.Name + SuffixCodes, Encoding: cenc, RawBytes: int64(len(ws.codes)), CRC32C: checksum(codes)}
 	sp := Payload{Tensor: t.Name + SuffixScales, Encoding: senc, RawBytes: int64(len(ws.scaleBytes)), CRC32C: checksum(scales)}
 	ct.entry.Mode, ct.entry.Codes, ct.entry.Scales = ModeInt4, &cp, &sp
@@ -185,7 +192,7 @@ func compressGeneral(t *safetensors.Tensor, plan tensorPlan, cfg Config, ws *wor
 	e := &ct.entry
 	e.Mode, e.Scheme, e.Axis, e.Rotate, e.Sink = modeName(plan.Bits), plan.Scheme, plan.Axis, plan.Rotate, plan.Sink
 	add := func(suffix string, raw []byte) *Payload {
-		data, encoding := ws.lz.encode(raw)
+		data, encoding := ws.pe.encode(raw)
 		p := &Payload{Tensor: t.Name + suffix, Encoding: encoding, RawBytes: int64(len(raw)), CRC32C: checksum(data)}
 		ct.payload = append(ct.payload, u8Tensor(p.Tensor, data))
 		ct.report.CompressedBytes += int64(len(data))
