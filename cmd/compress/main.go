@@ -81,7 +81,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 	fs.IntVar(&o.cfg.Bits, "bits", compression.DefaultBits, "code width: 2, 3, 4 or 8")
 	fs.IntVar(&o.cfg.KeyBits, "key-bits", 0, "code width of key tensors (0: --bits)")
 	fs.IntVar(&o.cfg.ValueBits, "value-bits", 0, "code width of value tensors (0: --bits)")
-	seed := fs.Bool("seed-scheme", false, "the seed's scheme: sym, no rotation, key axis token, no sink (codec flags given explicitly still apply)")
+	fs.StringVar(&o.cfg.Entropy, "entropy", compression.DefaultEntropy, "entropy stage policy: auto (measure huff0, zstd, lz4 per payload), lz4 or none")
+	preset := fs.String("preset", compression.PresetDefault, "codec preset: a built-in name ("+strings.Join(compression.PresetNames(), ", ")+") or a JSON preset file; codec flags given explicitly still apply")
+	seed := fs.Bool("seed-scheme", false, "same as --preset seed: sym, G = 64, no rotation, key axis token, no sink, LZ4")
 	fs.IntVar(&o.cfg.Workers, "workers", 0, "tensors processed in parallel (0: one per CPU)")
 	fs.BoolVar(&o.verbose, "verbose", false, "print per-tensor diagnostics to stderr")
 	fs.BoolVar(&o.verbose, "v", false, "same as --verbose")
@@ -96,22 +98,21 @@ func run(args []string, stdout, stderr io.Writer) int {
 		}
 		return fail(stdout, stderr, cmd, fmt.Errorf("%w: %v", errUsage, err))
 	}
-	if *seed { // the seed's codec, except where a flag says otherwise
-		set := map[string]bool{}
-		fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
-		sc := compression.SeedConfig()
-		if !set["scheme"] {
-			o.cfg.Scheme = sc.Scheme
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	if *seed {
+		if set["preset"] && *preset != compression.PresetSeed {
+			return fail(stdout, stderr, cmd, fmt.Errorf("%w: --seed-scheme is --preset seed; it conflicts with --preset %s", errUsage, *preset))
 		}
-		if !set["rotate"] {
-			o.cfg.Rotate = sc.Rotate
+		*preset = compression.PresetSeed
+	}
+	var modifiedBy []string
+	if cmd == "compress" || cmd == "metrics" {
+		p, err := compression.LoadPreset(*preset)
+		if err != nil {
+			return fail(stdout, stderr, cmd, err)
 		}
-		if !set["key-axis"] {
-			o.cfg.KeyAxis = sc.KeyAxis
-		}
-		if !set["sink"] {
-			o.cfg.Sink = sc.Sink
-		}
+		o.cfg, modifiedBy = p.ApplyFlags(o.cfg, func(name string) bool { return set[name] })
 	}
 	if fs.NArg() > 0 {
 		return fail(stdout, stderr, cmd, fmt.Errorf("%w: unexpected argument %q", errUsage, fs.Arg(0)))
@@ -140,6 +141,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		var r *compression.Report
 		if r, err = compression.CompressFile(o.in, o.out, o.cfg); err == nil {
 			r.Command = cmd
+			r.PresetModifiedBy = append(r.PresetModifiedBy, modifiedBy...)
 			if o.verbose {
 				for _, t := range r.Tensors {
 					fmt.Fprintf(stderr, "%-32s %-5s %-8s %v rmse=%.6f snr=%.2fdB cos=%.6f\n", t.Name, t.DType, t.Mode, t.Shape, t.RMSE, t.SNRdB, t.CosineSimilarity)
@@ -173,6 +175,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 			"format": compression.FormatName, "format_version": compression.FormatVersion,
 			"go_version": runtime.Version(), "group_sizes": compression.GroupSizes,
 			"default_codec": compression.DefaultCodec(), "encoder": compression.Encoder(),
+			"presets": compression.PresetList(), "readable_format_versions": compression.ReadableVersions,
 		}
 	default:
 		err = fmt.Errorf("%w: unknown subcommand %q (want compress, decompress, metrics, inspect or version)", errUsage, cmd)
@@ -190,7 +193,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 // exitCode maps an error to the documented exit codes.
 func exitCode(err error) int {
 	switch {
-	case errors.Is(err, errUsage), errors.Is(err, compression.ErrConfig), errors.Is(err, atomicfile.ErrSamePath):
+	case errors.Is(err, errUsage), errors.Is(err, compression.ErrConfig), errors.Is(err, compression.ErrPreset), errors.Is(err, atomicfile.ErrSamePath):
 		return exitUsage
 	case isInputError(err):
 		return exitInput

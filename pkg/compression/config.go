@@ -97,6 +97,11 @@ type Config struct {
 	// Entropy is the payloads' entropy policy: "auto", "lz4" (also "": LZ4
 	// or stored, the seed's) or "none".
 	Entropy string
+	// Roles, when not nil, gives keys and values (of all layers or of some)
+	// plans of their own on top of the fields above.
+	Roles *RolePlans
+	// Preset names the preset the configuration came from ("" for none).
+	Preset string
 }
 
 // DefaultConfig returns the recommended codec parameters, the command line's defaults.
@@ -161,6 +166,9 @@ func (c Config) Validate() error {
 		if b.v != 0 && !slices.Contains(BitWidths, b.v) {
 			return fmt.Errorf("%w: %s must be one of %v, got %d", ErrConfig, b.name, BitWidths, b.v)
 		}
+	}
+	if err := c.Roles.Validate(); err != nil {
+		return err
 	}
 	if c.Workers < 0 {
 		return fmt.Errorf("%w: workers must be >= 0, got %d", ErrConfig, c.Workers)

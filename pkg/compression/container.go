@@ -53,6 +53,10 @@ type Codec struct {
 	Checksum    string  `json:"checksum"`
 	// Entropy is the entropy policy (version 2; absent in version 1, which is "lz4").
 	Entropy string `json:"entropy,omitempty"`
+	// Preset names the preset that chose these parameters (version 2, optional).
+	Preset string `json:"preset,omitempty"`
+	// Roles are the per-role, per-layer plans applied on top (version 2, optional).
+	Roles *RolePlans `json:"roles,omitempty"`
 }
 
 // DefaultCodec is the codec record of DefaultConfig: what compress uses without flags.
@@ -62,7 +66,7 @@ func newCodec(c Config) Codec {
 	return Codec{Scheme: c.scheme(), Bits: c.bits(), KeyBits: c.keyBits(), ValueBits: c.valueBits(),
 		GroupSize: c.GroupSize, Rotate: c.rotate(), KeyAxis: c.keyAxis(), Sink: c.Sink,
 		Sparsity: c.Sparsity, ScaleDType: "F16", Rounding: "half_to_even", NibbleOrder: "low_first", Checksum: "crc32c",
-		Entropy: c.entropy()}
+		Entropy: c.entropy(), Preset: c.Preset, Roles: c.Roles}
 }
 
 // Payload locates one stored payload and describes how to check and expand it.
@@ -77,25 +81,27 @@ type Payload struct {
 // (mode "int2", "int3", "int4" or "int8") say how they were encoded; an
 // omitted field takes its version-1 default (sym, last axis, no rotation, no sink).
 type Entry struct {
-	Name   string   `json:"name"`
-	DType  string   `json:"dtype"`
-	Shape  []int64  `json:"shape"`
-	Mode   string   `json:"mode"`
-	Scheme string   `json:"scheme,omitempty"`
-	Axis   string   `json:"axis,omitempty"`
-	Rotate string   `json:"rotate,omitempty"`
-	Sink   int      `json:"sink,omitempty"`
-	Codes  *Payload `json:"codes,omitempty"`
-	Scales *Payload `json:"scales,omitempty"`
-	Mins   *Payload `json:"mins,omitempty"`
-	SinkP  *Payload `json:"sink_rows,omitempty"`
-	Raw    *Payload `json:"raw,omitempty"`
+	Name   string  `json:"name"`
+	DType  string  `json:"dtype"`
+	Shape  []int64 `json:"shape"`
+	Mode   string  `json:"mode"`
+	Scheme string  `json:"scheme,omitempty"`
+	Axis   string  `json:"axis,omitempty"`
+	Rotate string  `json:"rotate,omitempty"`
+	Sink   int     `json:"sink,omitempty"`
+	// GroupSize is the tensor's own group size when it differs from the codec's (version 2).
+	GroupSize int      `json:"group_size,omitempty"`
+	Codes     *Payload `json:"codes,omitempty"`
+	Scales    *Payload `json:"scales,omitempty"`
+	Mins      *Payload `json:"mins,omitempty"`
+	SinkP     *Payload `json:"sink_rows,omitempty"`
+	Raw       *Payload `json:"raw,omitempty"`
 }
 
 // plan reconstructs the encoding plan of a quantized entry.
 func (e *Entry) plan(group int) tensorPlan {
 	return tensorPlan{Scheme: or(e.Scheme, SchemeSym), Bits: bitsOfMode(e.Mode), Axis: or(e.Axis, AxisLast),
-		Rotate: or(e.Rotate, RotateNone), Sink: e.Sink, Group: group}
+		Rotate: or(e.Rotate, RotateNone), Sink: e.Sink, Group: or(e.GroupSize, group)}
 }
 
 // Index is the parsed, validated metadata of a container.
@@ -171,7 +177,7 @@ func ReadIndex(f *safetensors.File) (*Index, error) {
 	}
 	c := idx.Codec
 	cfg := Config{GroupSize: c.GroupSize, Sparsity: c.Sparsity, Scheme: c.Scheme, Rotate: c.Rotate, KeyAxis: c.KeyAxis,
-		Sink: c.Sink, Bits: c.Bits, KeyBits: c.KeyBits, ValueBits: c.ValueBits, Entropy: c.Entropy}
+		Sink: c.Sink, Bits: c.Bits, KeyBits: c.KeyBits, ValueBits: c.ValueBits, Entropy: c.Entropy, Roles: c.Roles}
 	if err := checkVersionedCodec(v, c); err != nil {
 		return nil, err
 	}
@@ -193,6 +199,9 @@ func ReadIndex(f *safetensors.File) (*Index, error) {
 	names := make(map[string]bool, len(idx.Entries))
 	for i := range idx.Entries {
 		e := &idx.Entries[i]
+		if err := checkEncodings(v, e, c.GroupSize); err != nil {
+			return nil, fmt.Errorf("tensor %q: %w", e.Name, err)
+		}
 		if err := checkEntry(f, e, c.GroupSize, used); err != nil {
 			return nil, fmt.Errorf("tensor %q: %w", e.Name, err)
 		}
@@ -200,9 +209,6 @@ func ReadIndex(f *safetensors.File) (*Index, error) {
 			return nil, fmt.Errorf("%w: tensor %q listed twice", ErrCorrupt, e.Name)
 		}
 		names[e.Name] = true
-		if err := checkEncodings(v, e); err != nil {
-			return nil, fmt.Errorf("tensor %q: %w", e.Name, err)
-		}
 	}
 	for _, t := range f.Tensors {
 		if !used[t.Name] {

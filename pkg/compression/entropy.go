@@ -279,14 +279,27 @@ func encodingsOf(version int) []string {
 
 // checkVersionedCodec refuses codec fields a container's version cannot hold.
 func checkVersionedCodec(version int, c Codec) error {
-	if version == 1 && c.Entropy != "" {
-		return fmt.Errorf("%w: a version-1 codec has no entropy policy, got %q", ErrCorrupt, c.Entropy)
+	if version == 1 && (c.Entropy != "" || c.Preset != "" || c.Roles != nil) {
+		return fmt.Errorf("%w: a version-1 codec has no entropy policy, preset or role plans", ErrCorrupt)
 	}
 	return nil
 }
 
-// checkEncodings refuses payload encodings that entry's container version does not know.
-func checkEncodings(version int, e *Entry) error {
+// checkEncodings refuses what an entry's container version does not know
+// (payload encodings, a group size of its own), and a group size its axis
+// does not allow. It runs before any size is computed from the entry.
+func checkEncodings(version int, e *Entry, codecGroup int) error {
+	if e.GroupSize != 0 {
+		if version == 1 {
+			return fmt.Errorf("%w: a version-1 entry has no group size of its own", ErrCorrupt)
+		}
+		if e.Mode == ModeStored || bitsOfMode(e.Mode) == 0 {
+			return fmt.Errorf("%w: group size on an entry of mode %q", ErrCorrupt, e.Mode)
+		}
+		if err := e.plan(codecGroup).checkGroup(); err != nil {
+			return err
+		}
+	}
 	for _, p := range []*Payload{e.Codes, e.Scales, e.Mins, e.SinkP, e.Raw} {
 		if p != nil && !slices.Contains(encodingsOf(version), p.Encoding) {
 			return fmt.Errorf("%w: payload %q: encoding %q does not exist in version %d (want one of %v)",

@@ -139,7 +139,8 @@ func compressTensor(t *safetensors.Tensor, cfg Config, ws *workerScratch) (compr
 	if !plan.fast() {
 		return compressGeneral(t, plan, cfg, ws, ct)
 	}
-	g := cfg.GroupSize
+	g := plan.Group
+	ct.entry.GroupSize = ownGroup(plan, cfg)
 	var sparse []float32
 	if cfg.Sparsity > 0 {
 		ws.x = grow(ws.x, int(n))
@@ -191,6 +192,7 @@ func compressGeneral(t *safetensors.Tensor, plan tensorPlan, cfg Config, ws *wor
 	}
 	e := &ct.entry
 	e.Mode, e.Scheme, e.Axis, e.Rotate, e.Sink = modeName(plan.Bits), plan.Scheme, plan.Axis, plan.Rotate, plan.Sink
+	e.GroupSize = ownGroup(plan, cfg)
 	add := func(suffix string, raw []byte) *Payload {
 		data, encoding := ws.pe.encode(raw)
 		p := &Payload{Tensor: t.Name + suffix, Encoding: encoding, RawBytes: int64(len(raw)), CRC32C: checksum(data)}
@@ -289,7 +291,7 @@ func Decompress(f *safetensors.File, workers int) (*Restored, error) {
 				}
 			}
 			t.Data = make([]byte, n*int64(dt.Bits())/8)
-			dequantizeTensor(s.codes, s.scales, g, dt, t.Data)
+			dequantizeTensor(s.codes, s.scales, plan.Group, dt, t.Data)
 		}
 		out[i] = t
 		return nil

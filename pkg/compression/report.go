@@ -42,9 +42,11 @@ type Report struct {
 	BytesByPart PartBytes          `json:"bytes_by_part"`
 	BitsByPart  map[string]float64 `json:"bits_per_element_by_part"`
 	Stages      Stages             `json:"entropy_stages"`
-	// Preset names the preset that chose the codec ("custom" when flags changed it).
-	Preset  string         `json:"preset,omitempty"`
-	Tensors []TensorReport `json:"tensors"`
+	// Preset names the preset that ran; PresetModifiedBy lists the codec
+	// flags given explicitly on top of it (empty when it ran as defined).
+	Preset           string         `json:"preset,omitempty"`
+	PresetModifiedBy []string       `json:"preset_modified_by"`
+	Tensors          []TensorReport `json:"tensors"`
 }
 
 // NewReport summarises a compression of a file of originalSize bytes.
@@ -62,6 +64,8 @@ func NewReport(res *Result, originalSize int64, codec, total time.Duration) Repo
 		Tensors:             res.PerTensor,
 		Timings:             map[string]float64{"codec": ms(codec), "total": ms(total)},
 		BytesByPart:         res.Parts,
+		Preset:              res.Codec.Preset,
+		PresetModifiedBy:    []string{},
 		Stages:              res.Stages,
 	}
 	r.Passed = len(r.Violations) == 0
