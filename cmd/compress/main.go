@@ -1,9 +1,9 @@
-// Command kv-compress compresses safetensors KV caches with per-group INT4
-// quantization and LZ4, restores them, and reports quality metrics.
+// Command kv-compress compresses safetensors KV caches with per-group
+// quantization and an entropy stage, restores them, and reports quality metrics.
 //
 // Usage:
 //
-//	kv-compress compress   -i IN -o OUT [--group-size 64] [--scheme sym] [--rotate none] [--bits 4] [--strict]
+//	kv-compress compress   -i IN -o OUT [--preset default|NAME|FILE] [--group-size 64] [--bits 4] ... [--strict]
 //	kv-compress decompress -i IN -o OUT
 //	kv-compress metrics    -i IN [--group-size 64] [--sparsity 0] [--strict]
 //	kv-compress inspect    -i FILE
@@ -237,7 +237,7 @@ func emit(w io.Writer, v any, pretty bool) error {
 }
 
 func usage(w io.Writer) {
-	fmt.Fprint(w, `kv-compress: per-group INT4 + LZ4 compression of safetensors KV caches
+	fmt.Fprint(w, `kv-compress: per-group quantization + entropy coding of safetensors KV caches
 
 usage:
   kv-compress compress   -i IN -o OUT [codec flags] [--strict]
@@ -246,8 +246,10 @@ usage:
   kv-compress inspect    -i FILE
   kv-compress version
 
-codec flags: --group-size 32|64|128, --scheme sym|asym, --rotate none|hadamard,
-  --key-axis token|channel, --sink N, --bits 2|3|4|8, --key-bits, --value-bits, --sparsity S
+codec flags: --preset seed|default|compact|near-lossless|FILE.json (--seed-scheme = --preset seed),
+  then, on top of the preset: --group-size 32|64|128, --scheme sym|asym, --rotate none|hadamard,
+  --key-axis token|channel, --sink N, --bits 2|3|4|8, --key-bits, --value-bits, --sparsity S,
+  --entropy auto|lz4|none
 common flags: --workers N, --verbose, --pretty. Run 'kv-compress SUBCOMMAND -h' for details.
 stdout is one JSON object; diagnostics go to stderr.
 exit codes: 0 ok, 1 I/O or internal error, 2 usage, 3 invalid input, 4 quality gate failed (--strict)
