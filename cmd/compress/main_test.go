@@ -177,6 +177,7 @@ func TestPresetFlag(t *testing.T) {
 		{"seed", []string{"--preset", "seed"}, 0, "seed", []any{}, map[string]any{"entropy": "lz4", "rotate": "none", "key_axis": "token"}, ""},
 		{"seed-scheme alias", []string{"--seed-scheme"}, 0, "seed", []any{}, map[string]any{"entropy": "lz4"}, ""},
 		{"modified by a flag", []string{"--preset", "compact", "--bits", "4"}, 0, "compact", []any{"--bits"}, map[string]any{"bits": 4.0}, ""},
+		{"a flag repeating the preset's value", []string{"--preset", "seed", "--group-size", "64", "--sparsity", "0"}, 0, "seed", []any{}, map[string]any{"group_size": 64.0}, ""},
 		{"file", []string{"--preset", file}, 0, "long-keys", []any{}, map[string]any{"preset": "long-keys"}, ""},
 		{"unknown name", []string{"--preset", "tiny"}, 2, "", nil, nil, "neither a built-in preset"},
 		{"invalid file", []string{"--preset", bad}, 2, "", nil, nil, "values.bits"},

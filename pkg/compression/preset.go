@@ -174,7 +174,8 @@ var CodecFlags = []string{"group-size", "sparsity", "scheme", "rotate", "key-axi
 
 // ApplyFlags returns the preset's configuration with every codec flag the
 // user set (isSet reports which) taken from flags instead, and the names of
-// those flags. Workers always comes from flags.
+// the flags that changed a value (a flag repeating the preset's value is not
+// a change). Workers always comes from flags.
 func (p Preset) ApplyFlags(flags Config, isSet func(name string) bool) (Config, []string) {
 	c := p.Config
 	c.Workers = flags.Workers
@@ -183,7 +184,7 @@ func (p Preset) ApplyFlags(flags Config, isSet func(name string) bool) (Config, 
 		if !isSet(name) {
 			continue
 		}
-		changed = append(changed, "--"+name)
+		before := c
 		switch name {
 		case "group-size":
 			c.GroupSize = flags.GroupSize
@@ -205,6 +206,9 @@ func (p Preset) ApplyFlags(flags Config, isSet func(name string) bool) (Config, 
 			c.ValueBits = flags.ValueBits
 		case "entropy":
 			c.Entropy = flags.Entropy
+		}
+		if newCodec(before) != newCodec(c) {
+			changed = append(changed, "--"+name)
 		}
 	}
 	return c, changed
