@@ -38,6 +38,8 @@ CASES: List[Tuple[str, str, List[str]]] = [
     ("mixed.safetensors", "bits8-sink1", ["--bits", "8", "--group-size", "32"]),
     ("ties_f32.safetensors", "seed-g32", ["--seed-scheme", "--group-size", "32"]),
     ("long_f16.safetensors", "sparse-zstd", ["--sparsity", "0.97", "--rotate", "none"]),
+    ("long_f16.safetensors", "preset-compact", ["--preset", "compact"]),
+    ("cache_f16.safetensors", "preset-near-lossless", ["--preset", "near-lossless"]),
 ]
 
 
