@@ -116,12 +116,17 @@ func (e *payloadEncoder) encode(raw []byte) ([]byte, string) {
 		}
 	}
 	// The Huffman estimate from the histogram is cheap: only run huff0 when
-	// the order-0 entropy promises a saving.
+	// the order-0 entropy promises a saving. zstd adds matches to what huff0
+	// does, so it is only worth its time when LZ4 finds matches, or when
+	// huff0 found nothing.
 	if order0Bytes(sample) < float64(bestSize) {
 		try(EncodingHuff0)
 	}
+	huff := best
 	try(EncodingLZ4)
-	try(EncodingZstd)
+	if best == EncodingLZ4 || huff == EncodingStored {
+		try(EncodingZstd)
+	}
 	if best == EncodingStored {
 		return append([]byte(nil), raw...), EncodingStored
 	}
