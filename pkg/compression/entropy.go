@@ -49,6 +49,10 @@ const (
 // larger declared size before allocating anything.
 const maxExpansion = maxLZ4Ratio
 
+// maxZstdPayload is the largest payload written as zstd: one frame's window
+// is its whole content, and klauspost's decoder refuses windows over 512 MiB.
+const maxZstdPayload = 256 << 20
+
 // sampleBytes is the sample a large payload's stages are measured on.
 const sampleBytes = 16 << 10
 
@@ -156,6 +160,9 @@ func (e *payloadEncoder) apply(enc string, src []byte) ([]byte, bool) {
 	case EncodingHuff0:
 		out = e.huffEncode(src)
 	case EncodingZstd:
+		if len(src) > maxZstdPayload {
+			return nil, false
+		}
 		out = zstdEncoder().EncodeAll(src, e.buf[:0])
 		e.buf = out[:0]
 	default:
