@@ -59,8 +59,12 @@ type Codec struct {
 	Roles *RolePlans `json:"roles,omitempty"`
 }
 
-// DefaultCodec is the codec record of DefaultConfig: what compress uses without flags.
-func DefaultCodec() Codec { return newCodec(DefaultConfig()) }
+// DefaultCodec is the codec record of the default preset: what compress writes without flags.
+func DefaultCodec() Codec {
+	c := DefaultConfig()
+	c.Preset = PresetDefault
+	return newCodec(c)
+}
 
 func newCodec(c Config) Codec {
 	return Codec{Scheme: c.scheme(), Bits: c.bits(), KeyBits: c.keyBits(), ValueBits: c.valueBits(),
