@@ -86,6 +86,8 @@ fuzz:
 	$(GOX) test -run '^$$' -fuzz 'FuzzDecompress$$' -fuzztime $(FUZZTIME) ./pkg/compression
 	$(GOX) test -run '^$$' -fuzz FuzzDecompressIndex -fuzztime $(FUZZTIME) ./pkg/compression
 	$(GOX) test -run '^$$' -fuzz FuzzDecodeEntropy -fuzztime $(FUZZTIME) -fuzzminimizetime 200x ./pkg/compression
+	$(GOX) test -run '^$$' -fuzz FuzzDecompressOutputParses -fuzztime $(FUZZTIME) -fuzzminimizetime 200x ./pkg/compression
+	$(GOX) test -run '^$$' -fuzz FuzzIndexSizes -fuzztime $(FUZZTIME) -fuzzminimizetime 200x ./pkg/compression
 	$(GOX) test -run '^$$' -fuzz FuzzRowEncoder -fuzztime $(FUZZTIME) -fuzzminimizetime 200x ./pkg/compression
 	$(GOX) test -run '^$$' -fuzz FuzzRowDecoder -fuzztime $(FUZZTIME) -fuzzminimizetime 200x ./pkg/compression
 	$(GOX) test -run '^$$' -fuzz FuzzRoundTrip -fuzztime $(FUZZTIME) -fuzzminimizetime 200x ./pkg/compression

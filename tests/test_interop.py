@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -217,6 +218,25 @@ def test_cache_shorter_than_the_sink(codec, tmp_path: Path, kv_compress_bin: str
     rebuilt, metrics = cb.roundtrip_kv_cache(cache, str(tmp_path), group_size=32, **{**codec, "sink": 2})
     for (k, v), (k2, v2) in zip(cache_to_layers(cache), cache_to_layers(rebuilt)):
         assert torch.equal(k, k2) and torch.equal(v, v2)
+
+
+@pytest.mark.parametrize("codec", list(SCHEMES.values()), ids=list(SCHEMES))
+def test_float16_limit_saturates_bit_exact(codec, tmp_path: Path, kv_compress_bin: str) -> None:
+    # Values at float16's limit used to reconstruct to ±Inf (and compress failed after
+    # writing); both implementations now saturate to ±65504, bit for bit. (Without
+    # rotation: a rotated row of 65504s leaves float16's range and is refused.)
+    layers = random_layers(2, 2, 40, 64, torch.float16, seed=5)
+    for k, v in layers:
+        for t in (k, v):
+            t[:, :, :, 3] = 65504.0
+            t[:, :, 5, :] = -65504.0
+    cache = layers_to_cache(layers)
+    rebuilt, metrics = cb.roundtrip_kv_cache(cache, str(tmp_path), group_size=32, **{**codec, "rotate": "none"})
+    assert_bit_exact(cache, rebuilt, metrics)
+    for k2, v2 in cache_to_layers(rebuilt):
+        assert torch.isfinite(k2).all() and torch.isfinite(v2).all()
+        assert k2.abs().max().item() <= 65504.0 and v2.abs().max().item() <= 65504.0
+    assert all(math.isfinite(getattr(metrics, f)) for f in ("rmse", "snr_db", "cosine_similarity", "max_error"))
 
 
 def test_schemes_on_a_model_cache(tiny_llama, tiny_tokenizer, tmp_path: Path, kv_compress_bin: str) -> None:

@@ -26,7 +26,9 @@ shape ``[..., S, D]`` (a vector is ``[1, D]``), with ``N`` sink positions:
 7. Codes (two's complement for ``sym``) are packed LSB-first into a bit stream.
 8. Reconstruction: ``code · scale`` (plus ``minimum`` for ``asym``: two roundings),
    back to the tensor layout, inverse rotation ``signs ⊙ (c · H v)``, then rounded
-   half to even to the original dtype; the sink rows are the original values.
+   half to even to the original dtype, saturating: a value that would round past
+   the dtype's largest finite value (65504 for float16) becomes that value, never
+   Inf (``to_dtype_saturating``); the sink rows are the original values.
 
 Format version 2 adds per-role, per-layer plans (``plan_for(..., roles=...)``, the
 ``keys`` / ``values`` / ``layers`` objects of a preset file): a tensor may carry its own
@@ -267,7 +269,7 @@ def encode_reference(x: torch.Tensor, group_size: int, sparsity: float = 0.0, *,
     if p.rotate == "hadamard":
         y = _rotate(y.reshape(-1, d), inverse=True).reshape(outer, keep, d)
     recon = x3.clone()
-    recon[:, p.sink :, :] = y.to(x.dtype)
+    recon[:, p.sink :, :] = to_dtype_saturating(y, x.dtype)
     return ReferenceEncoding(
         codes=_pack(codes & (2**p.bits - 1), p.bits),
         scales=scales,
@@ -277,9 +279,22 @@ def encode_reference(x: torch.Tensor, group_size: int, sparsity: float = 0.0, *,
     )
 
 
+def to_dtype_saturating(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Round float32 ``y`` (any shape) half to even to ``dtype``, saturating at its largest finite value.
+
+    Clamping to ``±finfo(dtype).max`` first and rounding after is the same as
+    saturating the rounded value, because rounding is monotonic. Float32 and
+    float64 receive the float32 values as they are (they are finite).
+    """
+    if dtype in (torch.float16, torch.bfloat16):
+        m = torch.finfo(dtype).max
+        y = torch.clamp(y, -m, m)
+    return y.to(dtype)
+
+
 def decode_reference(codes: torch.Tensor, scales: torch.Tensor, group_size: int, shape, dtype: torch.dtype) -> torch.Tensor:
     """Rebuild a version-1 tensor (sym, 4 bits, last axis) from packed uint8 codes and float16 scales."""
     numel = math.prod(shape)
     q = _unpack(codes, 4, numel)
     q = torch.where(q >= 8, q - 16, q).to(torch.float32).reshape(-1, group_size)
-    return (q * scales.to(torch.float32)[:, None]).to(dtype).reshape(shape)
+    return to_dtype_saturating(q * scales.to(torch.float32)[:, None], dtype).reshape(shape)

@@ -6,7 +6,7 @@
 //	kv-compress compress   -i IN -o OUT [--preset default|NAME|FILE] [--group-size 64] [--bits 4] ... [--strict]
 //	kv-compress decompress -i IN -o OUT
 //	kv-compress metrics    -i IN [--group-size 64] [--sparsity 0] [--strict]
-//	kv-compress inspect    -i FILE
+//	kv-compress inspect    -i FILE [--verify]
 //	kv-compress version
 //
 // stdout carries exactly one JSON object (the report, or {"error": ...} on
@@ -54,6 +54,7 @@ type options struct {
 	verbose bool
 	strict  bool
 	pretty  bool
+	verify  bool
 }
 
 func run(args []string, stdout, stderr io.Writer) int {
@@ -84,7 +85,13 @@ func run(args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&o.cfg.Entropy, "entropy", compression.DefaultEntropy, "entropy stage policy: auto (measure huff0, zstd, lz4 per payload), lz4 or none")
 	preset := fs.String("preset", compression.PresetDefault, "codec preset: a built-in name ("+strings.Join(compression.PresetNames(), ", ")+") or a JSON preset file; codec flags given explicitly still apply")
 	seed := fs.Bool("seed-scheme", false, "same as --preset seed: sym, G = 64, no rotation, key axis token, no sink, LZ4")
-	fs.IntVar(&o.cfg.Workers, "workers", 0, "tensors processed in parallel (0: one per CPU)")
+	fs.IntVar(&o.cfg.Workers, "workers", 0, "tensors processed in parallel (0: one per CPU; at most 4 per CPU)")
+	fs.Func("max-memory", "memory budget, e.g. 2GiB or 500MB (default: 3/4 of the machine's memory or cgroup limit, less under a ulimit -v)", func(v string) error {
+		n, err := compression.ParseSize(v)
+		o.cfg.MaxMemory = n
+		return err
+	})
+	fs.BoolVar(&o.verify, "verify", false, "inspect: also decode every tensor in memory, as decompress would")
 	fs.BoolVar(&o.verbose, "verbose", false, "print per-tensor diagnostics to stderr")
 	fs.BoolVar(&o.verbose, "v", false, "same as --verbose")
 	fs.BoolVar(&o.strict, "strict", false, "exit 4 when the quality thresholds are violated")
@@ -159,7 +166,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 			break
 		}
 		var r *compression.DecompressReport
-		if r, err = compression.DecompressFile(o.in, o.out, o.cfg.Workers); err == nil {
+		if r, err = compression.DecompressFile(o.in, o.out, o.cfg.Workers, o.cfg.MaxMemory); err == nil {
 			if o.verbose {
 				fmt.Fprintf(stderr, "%s: %d -> %d bytes, %d tensors in %.1f ms\n", o.in, r.CompressedSizeBytes, r.OriginalSizeBytes, len(r.Tensors), r.ProcessingTimeMS)
 			}
@@ -167,7 +174,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		}
 	case "inspect":
 		if err = need(true, false); err == nil {
-			report, err = compression.Inspect(o.in)
+			report, err = compression.Inspect(o.in, compression.InspectOptions{Verify: o.verify, Workers: o.cfg.Workers, MaxMemory: o.cfg.MaxMemory})
 		}
 	case "version":
 		report = map[string]any{
@@ -183,9 +190,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 	if err != nil {
 		return fail(stdout, stderr, cmd, err)
 	}
-	if err := emit(stdout, report, o.pretty); err != nil {
-		fmt.Fprintf(stderr, "kv-compress: %v\n", err)
-		return exitFailure
+	if err := emit(stdout, report, o.pretty); err != nil { // nothing was written: still one JSON object
+		return fail(stdout, stderr, cmd, fmt.Errorf("%w: report: %v", compression.ErrInternal, err))
 	}
 	return code
 }
@@ -211,7 +217,7 @@ func isInputError(err error) bool {
 		safetensors.ErrTruncated, safetensors.ErrTrailing, safetensors.ErrName,
 		compression.ErrGroupSize, compression.ErrNonFinite, compression.ErrScaleOverflow,
 		compression.ErrNotContainer, compression.ErrAlreadyContainer, compression.ErrVersion,
-		compression.ErrCorrupt, compression.ErrChecksum,
+		compression.ErrCorrupt, compression.ErrChecksum, compression.ErrTooLarge,
 	} {
 		if errors.Is(err, target) {
 			return true
@@ -228,6 +234,9 @@ func fail(stdout, stderr io.Writer, cmd string, err error) int {
 	return code
 }
 
+// emit writes v as one JSON document and a newline. encoding/json encodes
+// the whole document before writing it, so when v does not encode nothing is
+// written and the caller can still print its error object.
 func emit(w io.Writer, v any, pretty bool) error {
 	enc := json.NewEncoder(w)
 	if pretty {
@@ -243,14 +252,14 @@ usage:
   kv-compress compress   -i IN -o OUT [codec flags] [--strict]
   kv-compress decompress -i IN -o OUT
   kv-compress metrics    -i IN [codec flags] [--strict]
-  kv-compress inspect    -i FILE
+  kv-compress inspect    -i FILE [--verify]
   kv-compress version
 
 codec flags: --preset seed|default|compact|near-lossless|FILE.json (--seed-scheme = --preset seed),
   then, on top of the preset: --group-size 32|64|128, --scheme sym|asym, --rotate none|hadamard,
   --key-axis token|channel, --sink N, --bits 2|3|4|8, --key-bits, --value-bits, --sparsity S,
   --entropy auto|lz4|none
-common flags: --workers N, --verbose, --pretty. Run 'kv-compress SUBCOMMAND -h' for details.
+common flags: --workers N, --max-memory SIZE, --verbose, --pretty; inspect: --verify. Run 'kv-compress SUBCOMMAND -h' for details.
 stdout is one JSON object; diagnostics go to stderr.
 exit codes: 0 ok, 1 I/O or internal error, 2 usage, 3 invalid input, 4 quality gate failed (--strict)
 `)

@@ -12,7 +12,6 @@ import (
 	"errors"
 	"fmt"
 	"math"
-	"runtime"
 	"slices"
 )
 
@@ -76,8 +75,13 @@ type Config struct {
 	// Sparsity is the fraction in [0, 1) of each tensor's smallest-magnitude
 	// elements set to zero before quantizing.
 	Sparsity float64
-	// Workers bounds the number of tensors processed at once; 0 means GOMAXPROCS.
+	// Workers bounds the number of tensors processed at once; 0 means
+	// GOMAXPROCS, and more than MaxWorkersPerCPU per CPU count as that many.
 	Workers int
+	// MaxMemory is the memory budget in bytes for working buffers and
+	// decoded data; 0 means DefaultMaxMemory(). A job that cannot fit in it
+	// even with one worker is refused with ErrTooLarge before allocating.
+	MaxMemory int64
 	// Scheme is "sym" (scale only) or "asym" (float16 minimum and scale).
 	// Like every field, its zero value means the seed's choice ("sym");
 	// DefaultConfig holds the recommended ones.
@@ -173,12 +177,12 @@ func (c Config) Validate() error {
 	if c.Workers < 0 {
 		return fmt.Errorf("%w: workers must be >= 0, got %d", ErrConfig, c.Workers)
 	}
+	if c.MaxMemory < 0 {
+		return fmt.Errorf("%w: memory budget must be >= 0, got %d", ErrConfig, c.MaxMemory)
+	}
 	return nil
 }
 
-func (c Config) workers() int {
-	if c.Workers > 0 {
-		return c.Workers
-	}
-	return runtime.GOMAXPROCS(0)
-}
+func (c Config) workers() int { return capWorkers(c.Workers) }
+
+func (c Config) maxMemory() int64 { return or(c.MaxMemory, DefaultMaxMemory()) }

@@ -79,6 +79,9 @@ type Payload struct {
 	Encoding string `json:"encoding"`
 	RawBytes int64  `json:"raw_bytes"`
 	CRC32C   string `json:"crc32c"`
+
+	// data is the payload's bytes as stored, located by ReadIndex.
+	data []byte
 }
 
 // Entry describes one original tensor of a container. Quantized entries
@@ -199,6 +202,10 @@ func ReadIndex(f *safetensors.File) (*Index, error) {
 			return nil, fmt.Errorf("%w: source metadata: %v", ErrCorrupt, err)
 		}
 	}
+	payloads := make(map[string]*safetensors.Tensor, len(f.Tensors))
+	for i := range f.Tensors {
+		payloads[f.Tensors[i].Name] = &f.Tensors[i]
+	}
 	used := make(map[string]bool, len(f.Tensors))
 	names := make(map[string]bool, len(idx.Entries))
 	for i := range idx.Entries {
@@ -206,7 +213,7 @@ func ReadIndex(f *safetensors.File) (*Index, error) {
 		if err := checkEncodings(v, e, c.GroupSize); err != nil {
 			return nil, fmt.Errorf("tensor %q: %w", e.Name, err)
 		}
-		if err := checkEntry(f, e, c.GroupSize, used); err != nil {
+		if err := checkEntry(payloads, e, c.GroupSize, used); err != nil {
 			return nil, fmt.Errorf("tensor %q: %w", e.Name, err)
 		}
 		if names[e.Name] {
@@ -222,7 +229,11 @@ func ReadIndex(f *safetensors.File) (*Index, error) {
 	return idx, nil
 }
 
-func checkEntry(f *safetensors.File, e *Entry, g int, used map[string]bool) error {
+// checkEntry validates one index entry against the payload tensors of the
+// file (by name). Every size is computed without wrapping, and each payload's
+// stored length is checked against the size its raw_bytes claims, so nothing
+// is allocated from a claim the file cannot back.
+func checkEntry(payloads map[string]*safetensors.Tensor, e *Entry, g int, used map[string]bool) error {
 	dt, err := safetensors.ParseDType(e.DType)
 	if err != nil {
 		return fmt.Errorf("%w: %v", ErrCorrupt, err)
@@ -231,14 +242,15 @@ func checkEntry(f *safetensors.File, e *Entry, g int, used map[string]bool) erro
 	if err != nil {
 		return fmt.Errorf("%w: %v", ErrCorrupt, err)
 	}
-	if nb := n * int64(dt.Bits()); nb%8 != 0 {
-		return fmt.Errorf("%w: shape %v of %s is not a whole number of bytes", ErrCorrupt, e.Shape, dt)
+	size, ok := safetensors.ByteSize(n, dt)
+	if !ok {
+		return fmt.Errorf("%w: shape %v of %s is not a whole number of bytes or does not fit in 2^62", ErrCorrupt, e.Shape, dt)
 	}
 	check := func(role string, p *Payload, want int64) error {
 		if p == nil {
 			return fmt.Errorf("%w: missing %s payload", ErrCorrupt, role)
 		}
-		t, ok := f.Lookup(p.Tensor)
+		t, ok := payloads[p.Tensor]
 		if !ok {
 			return fmt.Errorf("%w: %s payload %q not in file", ErrCorrupt, role, p.Tensor)
 		}
@@ -252,19 +264,26 @@ func checkEntry(f *safetensors.File, e *Entry, g int, used map[string]bool) erro
 		if p.RawBytes != want {
 			return fmt.Errorf("%w: %s payload declares %d bytes, shape needs %d", ErrCorrupt, role, p.RawBytes, want)
 		}
-		if p.Encoding != EncodingStored && want > int64(len(t.Data))*maxExpansion+16 {
-			return fmt.Errorf("%w: %s payload of %d bytes cannot expand to %d", ErrCorrupt, role, len(t.Data), want)
+		switch p.Encoding {
+		case EncodingStored:
+			if int64(len(t.Data)) != want {
+				return fmt.Errorf("%w: %s payload is stored raw in %d bytes but declares %d", ErrCorrupt, role, len(t.Data), want)
+			}
+		case EncodingLZ4, EncodingHuff0, EncodingZstd: // every stage obeys LZ4's bound (entropy.go); versions are checked by checkEncodings
+			if want > maxLZ4Expansion(int64(len(t.Data))) {
+				return fmt.Errorf("%w: %s payload of %d bytes cannot expand to %d", ErrCorrupt, role, len(t.Data), want)
+			}
+		default:
+			return fmt.Errorf("%w: unknown payload encoding %q (want one of %v)", ErrCorrupt, p.Encoding, encodingsOf(FormatVersion))
 		}
-		if !slices.Contains(encodingsOf(FormatVersion), p.Encoding) {
-			return fmt.Errorf("%w: unknown payload encoding %q", ErrCorrupt, p.Encoding)
-		}
+		p.data = t.Data
 		return nil
 	}
 	if e.Mode == ModeStored {
 		if e.Codes != nil || e.Scales != nil || e.Mins != nil || e.SinkP != nil {
 			return fmt.Errorf("%w: stored entry with quantized payloads", ErrCorrupt)
 		}
-		return check("raw", e.Raw, n*int64(dt.Bits())/8)
+		return check("raw", e.Raw, size)
 	}
 	bits := bitsOfMode(e.Mode)
 	if bits == 0 {

@@ -347,15 +347,13 @@ func encodeGeneral(t *safetensors.Tensor, p tensorPlan, sparsity float64, ws *ge
 	var gs groupStats
 	round := t.DType == safetensors.F16 || t.DType == safetensors.BF16
 	for o := range l.outer {
-		for i := o * l.seq * l.dim; i < (o*l.seq+p.Sink)*l.dim; i++ {
-			gs.add(x[i], x[i])
-		}
+		enc.stats.addExact(x[o*l.seq*l.dim : (o*l.seq+p.Sink)*l.dim])
 		region := y[o*l.keep*l.dim : (o+1)*l.keep*l.dim]
 		orig := x[(o*l.seq+p.Sink)*l.dim : (o+1)*l.seq*l.dim]
 		orig = orig[:len(region):len(region)]
 		for i, v := range region {
 			if round {
-				v = safetensors.RoundTo(t.DType, v)
+				v = safetensors.RoundTo(t.DType, saturate(t.DType, v))
 			}
 			gs.add(orig[i], v)
 			if i%64 == 63 { // flush float32 partial sums often enough to stay accurate
@@ -416,18 +414,12 @@ func encodeSym4Rows(t *safetensors.Tensor, p tensorPlan, ws *generalScratch) (ge
 			if safetensors.DecodeFloat32(t.DType, sink, ws.x) != nil {
 				return enc, false
 			}
-			var gs groupStats
-			for i, v := range ws.x {
+			for _, v := range ws.x {
 				if math.Float32bits(v)&0x7fffffff >= 0x7f800000 {
 					return enc, false
 				}
-				gs.add(v, v)
-				if i%64 == 63 {
-					enc.stats.addGroup(&gs, 0)
-					gs = groupStats{}
-				}
 			}
-			enc.stats.addGroup(&gs, len(ws.x))
+			enc.stats.addExact(ws.x)
 		}
 		src := t.Data[base+sinkBytes : base+seqBytes]
 		codes, scales := enc.codes[o*codesPer:(o+1)*codesPer], enc.scales[o*scalesPer:(o+1)*scalesPer]
@@ -488,6 +480,7 @@ func decodeGeneral(e *Entry, p tensorPlan, codes, scales, mins, sink []byte, dst
 	}
 	seqBytes := l.seq * l.dim * width
 	sinkBytes := p.Sink * l.dim * width
+	saturateAll(dt, y)
 	for o := range l.outer {
 		base := o * seqBytes
 		copy(dst[base:base+sinkBytes], sink[o*sinkBytes:(o+1)*sinkBytes])

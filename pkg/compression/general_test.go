@@ -99,7 +99,7 @@ func TestGeneralPathMatchesTunedPath(t *testing.T) {
 					}
 				}
 				a, b := st.quality(), enc.stats.quality()
-				if !near(a.RMSE, b.RMSE) || math.Abs(a.CosineSimilarity-b.CosineSimilarity) > 1e-5 || a.MaxError != b.MaxError {
+				if !near(a.RMSE, b.RMSE) || math.Abs(float64(a.CosineSimilarity-b.CosineSimilarity)) > 1e-5 || a.MaxError != b.MaxError {
 					t.Fatalf("%s %s G%d: quality %+v vs %+v", dt, tn.Name, g, a, b)
 				}
 				// And the general decoder rebuilds what the tuned one does.
@@ -167,10 +167,10 @@ func TestSchemesRoundTrip(t *testing.T) {
 					}
 				}
 				got := st.quality()
-				if !near(got.RMSE, res.Quality.RMSE) || math.Abs(got.CosineSimilarity-res.Quality.CosineSimilarity) > 1e-5 || got.MaxError != res.Quality.MaxError {
+				if !near(got.RMSE, res.Quality.RMSE) || math.Abs(float64(got.CosineSimilarity-res.Quality.CosineSimilarity)) > 1e-5 || got.MaxError != res.Quality.MaxError {
 					t.Errorf("quality from files %+v, report %+v", got, res.Quality)
 				}
-				minCos := map[int]float64{2: 0.75, 3: 0.9, 4: 0.96, 8: 0.9999}[cfg.bits()]
+				minCos := map[int]Metric{2: 0.75, 3: 0.9, 4: 0.96, 8: 0.9999}[cfg.bits()]
 				if res.Quality.CosineSimilarity < minCos {
 					t.Errorf("cosine %v below %v", res.Quality.CosineSimilarity, minCos)
 				}

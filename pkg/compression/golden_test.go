@@ -32,13 +32,13 @@ type GoldenCase struct {
 	GroupSize int     `json:"group_size"`
 	Sparsity  float64 `json:"sparsity"`
 	// Codec options beyond version 1's; empty or zero means the default.
-	Scheme    string                  `json:"scheme,omitempty"`
-	Rotate    string                  `json:"rotate,omitempty"`
-	KeyAxis   string                  `json:"key_axis,omitempty"`
-	Sink      int                     `json:"sink,omitempty"`
-	Bits      int                     `json:"bits,omitempty"`
-	KeyBits   int                     `json:"key_bits,omitempty"`
-	ValueBits int                     `json:"value_bits,omitempty"`
+	Scheme    string `json:"scheme,omitempty"`
+	Rotate    string `json:"rotate,omitempty"`
+	KeyAxis   string `json:"key_axis,omitempty"`
+	Sink      int    `json:"sink,omitempty"`
+	Bits      int    `json:"bits,omitempty"`
+	KeyBits   int    `json:"key_bits,omitempty"`
+	ValueBits int    `json:"value_bits,omitempty"`
 	// Roles are per-role, per-layer plans (golden_v2.json only).
 	Roles   *RolePlans              `json:"roles,omitempty"`
 	Tensors map[string]GoldenTensor `json:"tensors"`

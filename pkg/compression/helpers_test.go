@@ -65,7 +65,9 @@ func decode(tb testing.TB, t *safetensors.Tensor) []float32 {
 
 func f16(v float64) float32 { return safetensors.F16ToF32(safetensors.F32ToF16(float32(v))) }
 
-func near(a, b float64) bool { return math.Abs(a-b) <= 1e-5*math.Max(1, math.Abs(b)) }
+func near[T ~float64](a, b T) bool {
+	return math.Abs(float64(a-b)) <= 1e-5*math.Max(1, math.Abs(float64(b)))
+}
 
 func f32Bytes(x []float32) []byte {
 	b := make([]byte, 4*len(x))

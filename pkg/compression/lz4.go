@@ -19,6 +19,9 @@ const (
 // are refused before anything is allocated.
 const maxLZ4Ratio = 255
 
+// maxLZ4Expansion is the most an LZ4 block of n bytes can decode to.
+func maxLZ4Expansion(n int64) int64 { return n*maxLZ4Ratio + 16 }
+
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 
 // checksum is the CRC-32C of b as 8 lower-case hex digits, big-endian.
@@ -65,7 +68,7 @@ func decodePayload(data []byte, encoding string, dst []byte) error {
 		}
 		copy(dst, data)
 	case EncodingLZ4:
-		if int64(len(dst)) > int64(len(data))*maxLZ4Ratio+16 {
+		if int64(len(dst)) > maxLZ4Expansion(int64(len(data))) {
 			return fmt.Errorf("%w: %d bytes cannot expand to %d", ErrCorrupt, len(data), len(dst))
 		}
 		n, err := lz4.UncompressBlock(data, dst)

@@ -1,6 +1,7 @@
 package compression
 
 import (
+	"encoding/json"
 	"math"
 	"strconv"
 )
@@ -22,26 +23,38 @@ const (
 	QualityPoor       = "POOR"
 )
 
+// Metric is one error measure. It encodes to JSON as a number, or as null
+// when it is NaN or infinite, so a report is always valid JSON.
+type Metric float64
+
+// MarshalJSON writes m as encoding/json writes a float64, or null when m is not finite.
+func (m Metric) MarshalJSON() ([]byte, error) {
+	if math.IsNaN(float64(m)) || math.IsInf(float64(m), 0) {
+		return []byte("null"), nil
+	}
+	return json.Marshal(float64(m))
+}
+
 // Quality holds the error measures of a reconstruction against its original.
 type Quality struct {
-	RMSE             float64 `json:"rmse"`
-	SNRdB            float64 `json:"snr_db"`
-	CosineSimilarity float64 `json:"cosine_similarity"`
-	MaxError         float64 `json:"max_error"`
+	RMSE             Metric `json:"rmse"`
+	SNRdB            Metric `json:"snr_db"`
+	CosineSimilarity Metric `json:"cosine_similarity"`
+	MaxError         Metric `json:"max_error"`
 }
 
 func (s tensorStats) quality() Quality {
-	q := Quality{CosineSimilarity: 1, SNRdB: snrCapDB, MaxError: s.maxErr}
+	q := Quality{CosineSimilarity: 1, SNRdB: snrCapDB, MaxError: Metric(s.maxErr)}
 	if s.n == 0 {
 		return q
 	}
-	q.RMSE = math.Sqrt(s.sumEE / float64(s.n))
+	q.RMSE = Metric(math.Sqrt(s.sumEE / float64(s.n)))
 	if s.sumEE > 0 {
-		q.SNRdB = math.Max(-snrCapDB, math.Min(snrCapDB, 10*math.Log10(s.sumXX/s.sumEE)))
+		q.SNRdB = Metric(math.Max(-snrCapDB, math.Min(snrCapDB, 10*math.Log10(s.sumXX/s.sumEE))))
 	}
 	switch {
 	case s.sumXX > 0 && s.sumYY > 0:
-		q.CosineSimilarity = s.sumXY / (math.Sqrt(s.sumXX) * math.Sqrt(s.sumYY))
+		q.CosineSimilarity = Metric(s.sumXY / (math.Sqrt(s.sumXX) * math.Sqrt(s.sumYY)))
 	case s.sumXX == 0 && s.sumYY == 0:
 		q.CosineSimilarity = 1
 	default:
@@ -69,13 +82,13 @@ func (q Quality) Level() string {
 func (q Quality) Violations() []string {
 	v := []string{}
 	if !(q.RMSE < MaxRMSE) {
-		v = append(v, "rmse "+fmtFloat(q.RMSE)+" >= "+fmtFloat(MaxRMSE))
+		v = append(v, "rmse "+fmtFloat(float64(q.RMSE))+" >= "+fmtFloat(MaxRMSE))
 	}
 	if !(q.SNRdB > MinSNRdB) {
-		v = append(v, "snr_db "+fmtFloat(q.SNRdB)+" <= "+fmtFloat(MinSNRdB))
+		v = append(v, "snr_db "+fmtFloat(float64(q.SNRdB))+" <= "+fmtFloat(MinSNRdB))
 	}
 	if !(q.CosineSimilarity > MinCosine) {
-		v = append(v, "cosine_similarity "+fmtFloat(q.CosineSimilarity)+" <= "+fmtFloat(MinCosine))
+		v = append(v, "cosine_similarity "+fmtFloat(float64(q.CosineSimilarity))+" <= "+fmtFloat(MinCosine))
 	}
 	return v
 }

@@ -73,12 +73,16 @@ func Compress(src *safetensors.File, cfg Config) (*Result, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
+	workers, err := compressBudget(src, cfg)
+	if err != nil {
+		return nil, err
+	}
 	out := make([]compressedTensor, len(src.Tensors))
-	scratch := make([]workerScratch, cfg.workers())
+	scratch := make([]workerScratch, workers)
 	for i := range scratch {
 		scratch[i].pe.policy = cfg.entropy()
 	}
-	err := parallel(len(src.Tensors), len(scratch), func(w, i int) error {
+	err = parallel(len(src.Tensors), len(scratch), func(w, i int) error {
 		t := &src.Tensors[i]
 		ct, err := compressTensor(t, cfg, &scratch[w])
 		if err != nil {
@@ -222,15 +226,28 @@ type Restored struct {
 }
 
 // Decompress validates container f (index, checksums, sizes) and rebuilds the
-// original tensors with their names, shapes and dtypes.
+// original tensors with their names, shapes and dtypes, within the default
+// memory budget.
 func Decompress(f *safetensors.File, workers int) (*Restored, error) {
+	return DecompressWithin(f, workers, 0)
+}
+
+// DecompressWithin is Decompress with a memory budget of maxMemory bytes (0:
+// DefaultMaxMemory()). A container whose restored tensors and working buffers
+// would not fit is refused with ErrTooLarge before anything is allocated;
+// fewer workers run when that is what fits.
+func DecompressWithin(f *safetensors.File, workers int, maxMemory int64) (*Restored, error) {
 	idx, err := ReadIndex(f)
 	if err != nil {
 		return nil, err
 	}
 	g := idx.Codec.GroupSize
-	if workers <= 0 {
-		workers = (Config{}).workers()
+	workers = capWorkers(workers)
+	if maxMemory <= 0 {
+		maxMemory = DefaultMaxMemory()
+	}
+	if workers, err = budgetWorkers(maxMemory, idx.outputBytes(), idx.maxScratch(), workers); err != nil {
+		return nil, err
 	}
 	out := make([]safetensors.Tensor, len(idx.Entries))
 	type scratch struct {
@@ -299,21 +316,45 @@ func Decompress(f *safetensors.File, workers int) (*Restored, error) {
 	if err != nil {
 		return nil, err
 	}
+	for i := range out { // a worker that stopped early must not leave a hole
+		e := &idx.Entries[i]
+		n, _ := safetensors.NumElements(e.Shape)
+		if want, _ := safetensors.ByteSize(n, safetensors.DType(e.DType)); out[i].Name != e.Name || int64(len(out[i].Data)) != want {
+			return nil, fmt.Errorf("tensor %q: %w: restored %d bytes, want %d", e.Name, ErrInternal, len(out[i].Data), want)
+		}
+	}
 	return &Restored{Tensors: out, Metadata: idx.SourceMetadata, Index: idx}, nil
 }
 
-func readPayload(f *safetensors.File, p *Payload, dst []byte) error {
-	t, _ := f.Lookup(p.Tensor) // presence checked by ReadIndex
-	if got := checksum(t.Data); got != p.CRC32C {
+func readPayload(_ *safetensors.File, p *Payload, dst []byte) error {
+	if err := verifyPayload(p); err != nil {
+		return err
+	}
+	return decodePayload(p.data, p.Encoding, dst)
+}
+
+// verifyPayload checks a payload's bytes (located by ReadIndex) against its CRC-32C.
+func verifyPayload(p *Payload) error {
+	if got := checksum(p.data); got != p.CRC32C {
 		return fmt.Errorf("%w: payload %q has crc32c %s, index says %s", ErrChecksum, p.Tensor, got, p.CRC32C)
 	}
-	return decodePayload(t.Data, p.Encoding, dst)
+	return nil
 }
 
 // parallel runs fn(worker, i) for i in [0, n) on up to workers goroutines and
 // returns the error of the lowest failing i, so the reported error does not
-// depend on scheduling.
+// depend on scheduling. A panic in fn is recovered and returned as an error
+// wrapping ErrInternal: the caller never goes on with a tensor left undone.
 func parallel(n, workers int, fn func(worker, i int) error) error {
+	inner := fn
+	fn = func(w, i int) (err error) {
+		defer func() {
+			if r := recover(); r != nil {
+				err = fmt.Errorf("%w: %v", ErrInternal, r)
+			}
+		}()
+		return inner(w, i)
+	}
 	workers = max(1, min(workers, n))
 	errs := make([]error, n)
 	var next atomic.Int64

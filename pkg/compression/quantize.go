@@ -95,10 +95,10 @@ func dequantTable(lut *[16]float32, s float32, dt safetensors.DType) {
 		return
 	}
 	for c := 1; c < 8; c++ {
-		v := safetensors.RoundTo(dt, float32(c)*s)
+		v := safetensors.RoundTo(dt, saturate(dt, float32(c)*s))
 		lut[c], lut[16-c] = v, -v
 	}
-	lut[8] = safetensors.RoundTo(dt, -8*s)
+	lut[8] = safetensors.RoundTo(dt, saturate(dt, -8*s))
 }
 
 // tensorStats accumulates the error of one tensor's reconstruction.
@@ -348,7 +348,8 @@ func selectKth(a []float32, k int) float32 {
 }
 
 // halfTable fills dst with the F16 or BF16 bits of every code's reconstruction
-// for scale s: the float32 product rounded half to even. Rounding is symmetric,
+// for scale s: the float32 product rounded half to even, saturated to the
+// dtype's largest finite value. Rounding is symmetric,
 // so each negative code is its positive twin with the sign bit set.
 func halfTable(dst *[16]uint16, s float32, dt safetensors.DType) {
 	conv := safetensors.F32ToF16
@@ -357,10 +358,10 @@ func halfTable(dst *[16]uint16, s float32, dt safetensors.DType) {
 	}
 	dst[0] = 0
 	for c := 1; c < 8; c++ {
-		h := conv(float32(c) * s)
+		h := conv(saturate(dt, float32(c)*s))
 		dst[c], dst[16-c] = h, h|0x8000
 	}
-	dst[8] = conv(-8 * s)
+	dst[8] = conv(saturate(dt, -8*s))
 }
 
 // dequantizeTensor writes the reconstruction of packed codes with float16

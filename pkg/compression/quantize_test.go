@@ -234,13 +234,13 @@ func TestStatsQuality(t *testing.T) {
 	}
 	st.addGroup(&gs, len(x))
 	q := st.quality()
-	if want := 0.5; math.Abs(q.RMSE-want) > 1e-12 {
+	if want := 0.5; math.Abs(float64(q.RMSE)-want) > 1e-12 {
 		t.Errorf("rmse %v, want %v", q.RMSE, want)
 	}
-	if want := 10 * math.Log10(30.0/1.0); math.Abs(q.SNRdB-want) > 1e-9 {
+	if want := 10 * math.Log10(30.0/1.0); math.Abs(float64(q.SNRdB)-want) > 1e-9 {
 		t.Errorf("snr %v, want %v", q.SNRdB, want)
 	}
-	if want := 34 / (math.Sqrt(30) * math.Sqrt(39)); math.Abs(q.CosineSimilarity-want) > 1e-12 {
+	if want := 34 / (math.Sqrt(30) * math.Sqrt(39)); math.Abs(float64(q.CosineSimilarity)-want) > 1e-12 {
 		t.Errorf("cos %v, want %v", q.CosineSimilarity, want)
 	}
 	if q.MaxError != 1 {
@@ -275,7 +275,8 @@ func TestQuantizePairMatchesDivision(t *testing.T) {
 	}
 }
 
-// TestDequantTableFastPath compares the table's shortcut with converting every code.
+// TestDequantTableFastPath compares the table's shortcut with converting every
+// code, saturated to the dtype's largest finite value (format.md, section 3).
 func TestDequantTableFastPath(t *testing.T) {
 	for _, dt := range []safetensors.DType{safetensors.F16, safetensors.BF16, safetensors.F32} {
 		for h := 0; h < 0x7c00; h++ {
@@ -283,7 +284,10 @@ func TestDequantTableFastPath(t *testing.T) {
 			var lut [16]float32
 			dequantTable(&lut, s, dt)
 			for c := range 16 {
-				want := safetensors.RoundTo(dt, float32(int8(c<<4)>>4)*s)
+				want := safetensors.RoundTo(dt, saturate(dt, float32(int8(c<<4)>>4)*s))
+				if math.IsInf(float64(want), 0) {
+					t.Fatalf("%s scale %#04x code %d reconstructs to %v", dt, h, c, want)
+				}
 				if lut[c] != want {
 					t.Fatalf("%s scale %#04x code %d: %v, want %v", dt, h, c, lut[c], want)
 				}

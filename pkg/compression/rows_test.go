@@ -155,7 +155,7 @@ func TestRowEncoderMatchesScalar(t *testing.T) {
 					}
 					for i, r := range vec.PerTensor {
 						s := scalar.PerTensor[i]
-						for _, q := range [][2]float64{{r.RMSE, s.RMSE}, {r.SNRdB, s.SNRdB}, {r.CosineSimilarity, s.CosineSimilarity}} {
+						for _, q := range [][2]Metric{{r.RMSE, s.RMSE}, {r.SNRdB, s.SNRdB}, {r.CosineSimilarity, s.CosineSimilarity}} {
 							if !near(q[0], q[1]) && !sameSpecial(q[0], q[1]) {
 								t.Errorf("%s: quality %+v, scalar %+v", r.Name, r.Quality, s.Quality)
 								break
@@ -218,7 +218,8 @@ func TestRowEncoderRefusesWhatScalarRefuses(t *testing.T) {
 }
 
 // sameSpecial reports whether a and b are both NaN or the same infinity.
-func sameSpecial(a, b float64) bool {
+func sameSpecial(x, y Metric) bool {
+	a, b := float64(x), float64(y)
 	return (math.IsNaN(a) && math.IsNaN(b)) || (math.IsInf(a, 0) && a == b)
 }
 

@@ -2,13 +2,14 @@ package safetensors
 
 import (
 	"bytes"
+	"cmp"
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
 	"io"
 	"math/bits"
 	"os"
-	"sort"
+	"slices"
 	"strconv"
 	"unicode/utf8"
 )
@@ -85,6 +86,10 @@ func headerLength(b []byte, fileSize int64) (int64, error) {
 // parseHeader decodes the JSON header and checks every tensor against a data
 // buffer of dataLen bytes. It returns the tensors in offset order together with
 // their [begin, end) offsets.
+//
+// Its memory is a small multiple of the header: each tensor is validated as
+// soon as its entry is read and kept only as a Tensor and its offsets, and one
+// map serves both to detect duplicate names and for File.Lookup.
 func parseHeader(hb []byte, dataLen int64) (*File, [][2]int64, error) {
 	if !utf8.Valid(hb) {
 		return nil, nil, ErrHeaderEncoding
@@ -92,50 +97,81 @@ func parseHeader(hb []byte, dataLen int64) (*File, [][2]int64, error) {
 	if len(hb) == 0 || hb[0] != '{' {
 		return nil, nil, ErrHeaderStart
 	}
-	entries, meta, err := decodeHeaderJSON(hb)
+	if !json.Valid(hb) {
+		var v json.RawMessage
+		err := json.Unmarshal(hb, &v) // only to say where the syntax breaks
+		return nil, nil, fmt.Errorf("%w: %v", ErrHeaderJSON, err)
+	}
+	f := &File{HeaderSize: int64(len(hb)), byName: make(map[string]int)}
+	var offsets [][2]int64
+	sc := &scanner{b: hb}
+	metaSeen := false
+	err := sc.members(func(key string) error {
+		if key == MetadataKey {
+			if metaSeen {
+				return fmt.Errorf("%w %q", ErrDuplicate, key)
+			}
+			metaSeen = true
+			var err error
+			f.Metadata, err = sc.metadata()
+			return err
+		}
+		if _, dup := f.byName[key]; dup {
+			return fmt.Errorf("%w %q", ErrDuplicate, key)
+		}
+		e, err := sc.entry(key)
+		if err != nil {
+			return err
+		}
+		t, off, err := e.validate()
+		if err != nil {
+			return fmt.Errorf("tensor %q: %w", key, err)
+		}
+		f.byName[key] = len(f.Tensors)
+		f.Tensors = append(f.Tensors, t)
+		offsets = append(offsets, off)
+		return nil
+	})
 	if err != nil {
 		return nil, nil, err
 	}
-	f := &File{Metadata: meta, Tensors: make([]Tensor, 0, len(entries)), HeaderSize: int64(len(hb))}
-	offsets := make([][2]int64, 0, len(entries))
-	for _, e := range entries {
-		t, off, err := e.validate()
-		if err != nil {
-			return nil, nil, fmt.Errorf("tensor %q: %w", e.name, err)
+	// Writers lay tensors out in header order, so sorting is rarely needed.
+	sorted := slices.IsSortedFunc(offsets, cmpOffsets)
+	if !sorted {
+		order := make([]int, len(offsets))
+		for i := range order {
+			order[i] = i
 		}
-		f.Tensors = append(f.Tensors, t)
-		offsets = append(offsets, off)
-	}
-	idx := make([]int, len(offsets))
-	for i := range idx {
-		idx[i] = i
-	}
-	sort.SliceStable(idx, func(a, b int) bool {
-		oa, ob := offsets[idx[a]], offsets[idx[b]]
-		if oa[0] != ob[0] {
-			return oa[0] < ob[0]
+		slices.SortStableFunc(order, func(a, b int) int { return cmpOffsets(offsets[a], offsets[b]) })
+		ts, offs := make([]Tensor, len(order)), make([][2]int64, len(order))
+		for i, j := range order {
+			ts[i], offs[i] = f.Tensors[j], offsets[j]
+			f.byName[ts[i].Name] = i
 		}
-		return oa[1] < ob[1]
-	})
-	sortedT := make([]Tensor, len(idx))
-	sortedO := make([][2]int64, len(idx))
+		f.Tensors, offsets = ts, offs
+	}
 	var end int64
-	for i, j := range idx {
-		sortedT[i], sortedO[i] = f.Tensors[j], offsets[j]
-		if offsets[j][0] != end {
+	for i, off := range offsets {
+		if off[0] != end {
 			return nil, nil, fmt.Errorf("tensor %q: %w (starts at %d, previous tensor ends at %d)",
-				f.Tensors[j].Name, ErrOverlap, offsets[j][0], end)
+				f.Tensors[i].Name, ErrOverlap, off[0], end)
 		}
-		end = offsets[j][1]
+		end = off[1]
 	}
-	f.Tensors = sortedT
 	switch {
 	case end > dataLen:
 		return nil, nil, fmt.Errorf("%w (tensors need %d bytes, %d present)", ErrTruncated, end, dataLen)
 	case end < dataLen:
 		return nil, nil, fmt.Errorf("%w (%d bytes after offset %d)", ErrTrailing, dataLen-end, end)
 	}
-	return f, sortedO, nil
+	return f, offsets, nil
+}
+
+func cmpOffsets(a, b [2]int64) int {
+	if c := cmp.Compare(a[0], b[0]); c != 0 {
+		return c
+	}
+	return cmp.Compare(a[1], b[1])
 }
 
 type rawEntry struct {
@@ -143,96 +179,6 @@ type rawEntry struct {
 	dtype   *string
 	shape   []json.RawMessage
 	offsets []json.RawMessage
-}
-
-// decodeHeaderJSON walks the top-level object token by token so that
-// duplicate keys are detected rather than silently overwritten.
-func decodeHeaderJSON(hb []byte) ([]rawEntry, map[string]string, error) {
-	dec := json.NewDecoder(bytes.NewReader(hb))
-	if tok, err := dec.Token(); err != nil || tok != json.Delim('{') {
-		return nil, nil, fmt.Errorf("%w: expected an object", ErrHeaderJSON)
-	}
-	seen := make(map[string]bool)
-	var entries []rawEntry
-	var meta map[string]string
-	for dec.More() {
-		tok, err := dec.Token()
-		if err != nil {
-			return nil, nil, fmt.Errorf("%w: %v", ErrHeaderJSON, err)
-		}
-		key, ok := tok.(string)
-		if !ok {
-			return nil, nil, fmt.Errorf("%w: expected a key", ErrHeaderJSON)
-		}
-		if seen[key] {
-			return nil, nil, fmt.Errorf("%w %q", ErrDuplicate, key)
-		}
-		seen[key] = true
-		var raw json.RawMessage
-		if err := dec.Decode(&raw); err != nil {
-			return nil, nil, fmt.Errorf("%w: value of %q: %v", ErrHeaderJSON, key, err)
-		}
-		if key == MetadataKey {
-			if meta, err = decodeMetadata(raw); err != nil {
-				return nil, nil, err
-			}
-			continue
-		}
-		// Field names are matched exactly: encoding/json's struct decoding
-		// would also accept "Dtype" or "DATA_OFFSETS".
-		var info map[string]json.RawMessage
-		if err := json.Unmarshal(raw, &info); err != nil || info == nil {
-			return nil, nil, fmt.Errorf("tensor %q: %w: tensor info must be an object", key, ErrHeaderJSON)
-		}
-		e := rawEntry{name: key}
-		if d, ok := info["dtype"]; ok {
-			var s string
-			if err := json.Unmarshal(d, &s); err != nil {
-				return nil, nil, fmt.Errorf("tensor %q: %w: dtype must be a string", key, ErrDType)
-			}
-			e.dtype = &s
-		}
-		sh, ok := info["shape"]
-		if !ok {
-			return nil, nil, fmt.Errorf("tensor %q: %w: missing \"shape\"", key, ErrHeaderJSON)
-		}
-		if err := json.Unmarshal(sh, &e.shape); err != nil || e.shape == nil {
-			return nil, nil, fmt.Errorf("tensor %q: %w: shape must be an array", key, ErrShape)
-		}
-		if off, ok := info["data_offsets"]; ok {
-			if err := json.Unmarshal(off, &e.offsets); err != nil {
-				return nil, nil, fmt.Errorf("tensor %q: %w: data_offsets must be an array", key, ErrOffsets)
-			}
-		}
-		entries = append(entries, e)
-	}
-	if tok, err := dec.Token(); err != nil || tok != json.Delim('}') {
-		return nil, nil, fmt.Errorf("%w: unterminated object", ErrHeaderJSON)
-	}
-	rest := hb[dec.InputOffset():]
-	if len(bytes.TrimLeft(rest, " \t\r\n")) != 0 {
-		return nil, nil, fmt.Errorf("%w: data after the header object", ErrHeaderJSON)
-	}
-	return entries, meta, nil
-}
-
-func decodeMetadata(raw json.RawMessage) (map[string]string, error) {
-	if string(bytes.TrimSpace(raw)) == "null" {
-		return nil, nil
-	}
-	var m map[string]json.RawMessage
-	if err := json.Unmarshal(raw, &m); err != nil {
-		return nil, fmt.Errorf("%w: %v", ErrMetadata, err)
-	}
-	out := make(map[string]string, len(m))
-	for k, v := range m {
-		var s string
-		if err := json.Unmarshal(v, &s); err != nil {
-			return nil, fmt.Errorf("%w: value of %q is not a string", ErrMetadata, k)
-		}
-		out[k] = s
-	}
-	return out, nil
 }
 
 // parseUint accepts only a plain non-negative JSON integer literal.

@@ -3,6 +3,7 @@ package safetensors
 import (
 	"bytes"
 	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"os"
 	"path/filepath"
@@ -208,6 +209,27 @@ func FuzzReadHeader(f *testing.F) {
 		file, err := Parse(data)
 		if err != nil {
 			return
+		}
+		// encoding/json must read the same header: valid JSON, the same
+		// names, and each entry's dtype as the fast scanner read it.
+		n := binary.LittleEndian.Uint64(data)
+		var top map[string]json.RawMessage
+		if err := json.Unmarshal(data[8:8+n], &top); err != nil {
+			t.Fatalf("encoding/json refuses a header Parse accepted: %v", err)
+		}
+		for _, tn := range file.Tensors {
+			var e map[string]json.RawMessage
+			var dt string
+			if json.Unmarshal(top[tn.Name], &e) != nil || json.Unmarshal(e["dtype"], &dt) != nil || DType(dt) != tn.DType {
+				t.Fatalf("tensor %q: encoding/json reads %s", tn.Name, top[tn.Name])
+			}
+		}
+		want := len(file.Tensors)
+		if _, ok := top[MetadataKey]; ok {
+			want++
+		}
+		if len(top) != want {
+			t.Fatalf("encoding/json finds %d keys, Parse %d tensors", len(top), len(file.Tensors))
 		}
 		// A file that parses must re-encode to a file that parses to the same tensors.
 		var buf bytes.Buffer

@@ -15,6 +15,7 @@ package safetensors
 import (
 	"errors"
 	"fmt"
+	"math/bits"
 )
 
 // MaxHeaderSize is the largest header length accepted, as in the reference implementation.
@@ -147,16 +148,39 @@ func NumElements(shape []int64) (int64, error) {
 	return n, nil
 }
 
+// ByteSize returns the bytes that n elements of dt occupy, and false when
+// that is not a whole number of bytes or does not fit in 2^62 bytes: the
+// product n · bits is computed without wrapping, so a huge shape cannot pass
+// for a small one.
+func ByteSize(n int64, dt DType) (int64, bool) {
+	if n < 0 || dt.Bits() == 0 {
+		return 0, false
+	}
+	hi, nbits := bits.Mul64(uint64(n), uint64(dt.Bits()))
+	if hi != 0 || nbits > 1<<62 || nbits%8 != 0 {
+		return 0, false
+	}
+	return int64(nbits / 8), true
+}
+
 // File is a parsed safetensors file. Tensors are in data-offset order.
 type File struct {
 	Metadata map[string]string
 	Tensors  []Tensor
 	// HeaderSize is the JSON header's length in bytes, padding included.
 	HeaderSize int64
+	// byName maps each name to its index in Tensors; Parse and ReadHeader
+	// fill it. A File built by hand has none and is searched linearly.
+	byName map[string]int
 }
 
-// Lookup returns the tensor with the given name.
+// Lookup returns the tensor with the given name: through the name index of
+// a parsed file (constant time, safe for concurrent use), by a linear search
+// for a File built by hand or whose Tensors were rearranged since parsing.
 func (f *File) Lookup(name string) (*Tensor, bool) {
+	if i, ok := f.byName[name]; ok && i < len(f.Tensors) && f.Tensors[i].Name == name {
+		return &f.Tensors[i], true
+	}
 	for i := range f.Tensors {
 		if f.Tensors[i].Name == name {
 			return &f.Tensors[i], true

@@ -69,7 +69,10 @@ func EncodeHeader(tensors []Tensor, metadata map[string]string) ([]byte, int64, 
 				return nil, 0, fmt.Errorf("tensor %q: %w: negative dimension", t.Name, ErrShape)
 			}
 		}
-		if nbits := n * int64(t.DType.Bits()); nbits%8 != 0 || nbits/8 != int64(len(t.Data)) {
+		if n > (1<<62)/int64(t.DType.Bits()) { // the byte size would not fit: refuse rather than wrap
+			return nil, 0, fmt.Errorf("tensor %q: %w: shape %v of %s", t.Name, ErrOverflow, t.Shape, t.DType)
+		}
+		if size, ok := ByteSize(n, t.DType); !ok || size != int64(len(t.Data)) {
 			return nil, 0, fmt.Errorf("tensor %q: %w: %d bytes for shape %v of %s", t.Name, ErrSizeMismatch, len(t.Data), t.Shape, t.DType)
 		}
 		sep()
