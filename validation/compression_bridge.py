@@ -17,6 +17,7 @@ Typical use::
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -40,25 +41,51 @@ ALLOWED_ENTROPY: Tuple[str, ...] = ("auto", "lz4", "none")
 # ``preset`` must be the path of a JSON preset file (schema in docs/cli.md).
 BUILTIN_PRESETS: Tuple[str, ...] = ("seed", "default", "compact", "near-lossless")
 DEFAULT_TIMEOUT_S = 600.0
+# The binary's scale-free verdict (docs/cli.md): passed = SNR > 18 dB and cosine > 0.99.
+VERDICT_MIN_SNR_DB = 18.0
+VERDICT_MIN_COSINE = 0.99
 BUILD_HINT = "build it with `make build-compress` from the repository root, or set KV_COMPRESS_PATH"
 
 
+# How much of the binary's stderr an exception keeps: the head and the tail, with a note of the cut.
+STDERR_HEAD_BYTES = 2048
+STDERR_TAIL_BYTES = 1024
+
+
 class KVCompressError(subprocess.CalledProcessError):
-    """The binary exited with a non-zero status.
+    """The binary exited with a non-zero status, or printed output that cannot be read.
 
     ``returncode`` is its exit code (2 usage error, 3 invalid input file, 4 quality
-    gate failed, 1 anything else), ``cmd`` the argument list and ``stderr`` its
-    one-line diagnostic; all three appear in ``str(err)``.
+    gate failed, 1 anything else; 0 when it exited cleanly but its stdout was not
+    UTF-8), ``cmd`` the argument list and ``stderr`` its diagnostic, decoded with
+    replacement characters and capped at :data:`STDERR_HEAD_BYTES` +
+    :data:`STDERR_TAIL_BYTES` bytes (``stderr_bytes`` is the full size; a note in the
+    text says how much was cut). ``reason`` says what went wrong when the exit
+    status alone does not. All of these appear in ``str(err)``.
     """
+
+    def __init__(
+        self,
+        returncode: int,
+        cmd: Any,
+        output: Any = None,
+        stderr: Any = None,
+        reason: str = "",
+        stderr_bytes: Optional[int] = None,
+    ) -> None:
+        super().__init__(returncode, cmd, output=output, stderr=stderr)
+        self.reason = reason
+        self.stderr_bytes = len(stderr or "") if stderr_bytes is None else stderr_bytes
 
     def __str__(self) -> str:
         cmd = " ".join(str(c) for c in self.cmd) if isinstance(self.cmd, (list, tuple)) else str(self.cmd)
         detail = (self.stderr or "").strip() or "(no stderr)"
-        return f"kv-compress exited with status {self.returncode}: {detail} [command: {cmd}]"
+        what = self.reason or f"exited with status {self.returncode}"
+        return f"kv-compress {what}: {detail} [command: {cmd}]"
 
 
 class KVCompressTimeout(subprocess.TimeoutExpired):
-    """The binary did not finish within the timeout and was killed."""
+    """The binary did not finish within the timeout and was killed (its temporary output removed)."""
 
     def __str__(self) -> str:
         cmd = " ".join(str(c) for c in self.cmd) if isinstance(self.cmd, (list, tuple)) else str(self.cmd)
@@ -173,16 +200,82 @@ def _check_sparsity(sparsity: float) -> None:
         raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
 
 
-def _run(args: Sequence[str], timeout: Optional[float] = DEFAULT_TIMEOUT_S) -> Dict[str, Any]:
-    """Run the binary with ``args`` and return its parsed JSON report."""
-    cmd = [find_cli_binary(), *[str(a) for a in args]]
+def _read_capped(f: Any) -> Tuple[str, int]:
+    """The head and tail of a file the binary wrote its stderr to, and its full size in bytes.
+
+    At most ``STDERR_HEAD_BYTES + STDERR_TAIL_BYTES`` bytes are read, however much was
+    written; bytes that are not UTF-8 become U+FFFD.
+    """
+    size = f.seek(0, os.SEEK_END)
+    f.seek(0)
+    if size <= STDERR_HEAD_BYTES + STDERR_TAIL_BYTES:
+        return f.read().decode("utf-8", errors="replace"), size
+    head = f.read(STDERR_HEAD_BYTES).decode("utf-8", errors="replace")
+    f.seek(size - STDERR_TAIL_BYTES)
+    tail = f.read().decode("utf-8", errors="replace")
+    cut = size - STDERR_HEAD_BYTES - STDERR_TAIL_BYTES
+    return f"{head} ... [{cut:,} of {size:,} bytes of stderr cut] ... {tail}", size
+
+
+# The binary writes its output to a temporary file beside it, named by pkg/atomicfile
+# (".<name>.tmp-<random>"), and renames it into place; a killed binary leaves it behind.
+def _temp_outputs(output: Optional[str]) -> set:
+    if output is None:
+        return set()
+    full = os.path.abspath(output)
+    folder, name = os.path.dirname(full), "." + os.path.basename(full) + ".tmp-"
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired as e:
-        raise KVCompressTimeout(cmd, e.timeout, output=e.output, stderr=e.stderr) from None
+        return {os.path.join(folder, e) for e in os.listdir(folder) if e.startswith(name)}
+    except OSError:
+        return set()
+
+
+def _remove_new_temp_outputs(output: Optional[str], before: set) -> None:
+    for leftover in _temp_outputs(output) - before:
+        try:
+            os.unlink(leftover)
+        except OSError:
+            pass
+
+
+def _require_input(path: str) -> None:
+    """FileNotFoundError (the seed's contract) for an input that does not exist, before the binary runs."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(errno.ENOENT, "kv-compress input file not found", str(path))
+
+
+def _run(args: Sequence[str], timeout: Optional[float] = DEFAULT_TIMEOUT_S, output: Optional[str] = None) -> Dict[str, Any]:
+    """Run the binary with ``args`` and return its parsed JSON report.
+
+    stderr goes to an anonymous temporary file, so a binary that floods it costs disk, not
+    memory, and only its head and tail reach an exception. ``output`` is the file the
+    command writes: if the binary is killed (timeout, Ctrl-C), the temporary file it was
+    writing beside ``output`` is removed.
+    """
+    cmd = [find_cli_binary(), *[str(a) for a in args]]
+    before = _temp_outputs(output)
+    with tempfile.TemporaryFile(prefix="kv-compress-stderr-") as err_file:
+        try:
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err_file, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired as e:
+            _remove_new_temp_outputs(output, before)
+            raise KVCompressTimeout(cmd, e.timeout, output=e.output, stderr=_read_capped(err_file)[0]) from None
+        except BaseException:
+            _remove_new_temp_outputs(output, before)
+            raise
+        stderr, stderr_bytes = _read_capped(err_file)
+    if proc.returncode < 0:  # killed by a signal: it could not clean up after itself
+        _remove_new_temp_outputs(output, before)
+    try:
+        out = proc.stdout.decode("utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise KVCompressError(
+            proc.returncode, cmd, output=proc.stdout, stderr=stderr, stderr_bytes=stderr_bytes,
+            reason=f"printed output that is not UTF-8 (byte 0x{proc.stdout[e.start]:02x} at offset {e.start}; "
+                   f"exit status {proc.returncode})",
+        ) from None
     if proc.returncode != 0:
-        raise KVCompressError(proc.returncode, cmd, output=proc.stdout, stderr=proc.stderr)
-    out = proc.stdout.strip()
+        raise KVCompressError(proc.returncode, cmd, output=out, stderr=stderr, stderr_bytes=stderr_bytes)
     try:
         doc = json.loads(out)
     except json.JSONDecodeError as e:
@@ -284,12 +377,15 @@ def compress_kv_cache(
 
     Raises:
         ValueError: a bad argument (before the binary runs) or output that is not JSON.
-        FileNotFoundError: the binary is missing.
-        KVCompressError: the binary failed (a ``subprocess.CalledProcessError``).
-        KVCompressTimeout: the binary hung (a ``subprocess.TimeoutExpired``).
+        FileNotFoundError: ``input_path`` does not exist, or the binary is missing.
+        KVCompressError: the binary failed, or printed output that is not UTF-8 (a
+            ``subprocess.CalledProcessError``; its stderr capped to a few KB).
+        KVCompressTimeout: the binary hung and was killed; the temporary file it was
+            writing is removed (a ``subprocess.TimeoutExpired``).
     """
     args = ["compress", "-i", str(input_path), "-o", str(output_path), *_codec_args(group_size, sparsity, verbose, **codec)]
-    return CompressionMetrics.from_dict(_run(args, timeout))
+    _require_input(input_path)
+    return CompressionMetrics.from_dict(_run(args, timeout, output=str(output_path)))
 
 
 def decompress_kv_cache(
@@ -306,7 +402,8 @@ def decompress_kv_cache(
     args = ["decompress", "-i", str(input_path), "-o", str(output_path)]
     if verbose:
         args.append("--verbose")
-    return CompressionMetrics.from_dict(_run(args, timeout))
+    _require_input(input_path)
+    return CompressionMetrics.from_dict(_run(args, timeout, output=str(output_path)))
 
 
 def get_compression_metrics(
@@ -319,11 +416,13 @@ def get_compression_metrics(
 ) -> CompressionMetrics:
     """Compress in memory and report, writing nothing (``kv-compress metrics``); ``codec`` as for compress."""
     args = ["metrics", "-i", str(input_path), *_codec_args(group_size, sparsity, verbose, **codec)]
+    _require_input(input_path)
     return CompressionMetrics.from_dict(_run(args, timeout))
 
 
 def inspect_file(path: str, timeout: Optional[float] = DEFAULT_TIMEOUT_S) -> Dict[str, Any]:
     """``kv-compress inspect``: tensors, dtypes, shapes and, for containers, codec parameters."""
+    _require_input(path)
     return _run(["inspect", "-i", str(path)], timeout)
 
 
@@ -372,18 +471,28 @@ def roundtrip_kv_cache(
     return rebuilt, metrics
 
 
+def relative_rmse(snr_db: float) -> float:
+    """The RMSE as a fraction of the original's RMS, ``10 ** (-snr_db / 20)`` (NaN stays NaN)."""
+    return 10.0 ** (-snr_db / 20.0) if not math.isnan(snr_db) else math.nan
+
+
 def print_metrics_report(metrics: CompressionMetrics, title: str = "Compression Metrics") -> None:
-    """Print a human-readable summary of ``metrics`` to stdout."""
+    """Print a human-readable summary of ``metrics`` to stdout.
+
+    The verdict line is the binary's own: scale-free, on SNR (the RMSE relative to the
+    signal's RMS) and cosine, as docs/cli.md describes.
+    """
     width = 60
     print("=" * width)
     print(f"  {title}")
     print("=" * width)
+    rel = relative_rmse(metrics.snr_db)
     rows = [
         ("Compression ratio", f"{metrics.compression_ratio:.2f}x"),
         ("Original size", f"{metrics.original_size_bytes:,} bytes"),
         ("Compressed size", f"{metrics.compressed_size_bytes:,} bytes"),
         ("Bits per element", f"{metrics.bits_per_element:.3f}"),
-        ("RMSE", f"{metrics.rmse:.6f}"),
+        ("RMSE", f"{metrics.rmse:.6f} ({100 * rel:.1f}% of the signal's RMS)"),
         ("SNR", f"{metrics.snr_db:.2f} dB"),
         ("Cosine similarity", f"{metrics.cosine_similarity:.6f}"),
         ("Max error", f"{metrics.max_error:.6f}"),
@@ -394,7 +503,8 @@ def print_metrics_report(metrics: CompressionMetrics, title: str = "Compression 
         print(f"  {name + ':':<22}{value}")
     print("-" * width)
     if metrics.passed:
-        print("  [OK] quality thresholds met (RMSE < 0.10, SNR > 18 dB, cosine > 0.99)")
+        print(f"  [OK] {metrics.quality_level}: SNR > {VERDICT_MIN_SNR_DB:g} dB "
+              f"(RMSE under 12.6% of the signal's RMS) and cosine > {VERDICT_MIN_COSINE:g}")
     else:
-        print("  [FAIL] " + ("; ".join(metrics.violations) or "quality thresholds not met"))
+        print(f"  [{metrics.quality_level}] " + ("; ".join(metrics.violations) or "quality thresholds not met"))
     print("=" * width)

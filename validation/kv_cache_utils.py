@@ -23,6 +23,7 @@ import json
 import math
 import os
 import re
+import stat
 import tempfile
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -492,6 +493,71 @@ def _read_layers(path: str, device: str) -> KVLayers:
     return layers
 
 
+# A sidecar is a few hundred bytes of flat JSON; anything far larger is not one.
+MAX_METADATA_BYTES = 1 << 20
+
+
+def read_metadata(metadata_path: str) -> KVCacheMetadata:
+    """Read and check a JSON sidecar written by :func:`save_kv_cache`.
+
+    Only a regular file (or a link to one) of at most :data:`MAX_METADATA_BYTES` is read:
+    a FIFO, a directory or a device such as ``/dev/zero`` is refused before anything
+    blocks or fills memory. It is opened non-blocking and checked with ``fstat`` on the
+    open descriptor, so swapping the path between the check and the read changes nothing.
+
+    Raises FileNotFoundError when it does not exist and ValueError naming the file for
+    anything else: not a regular file, too large, not UTF-8, not JSON, nested too deeply
+    for the parser, or not valid metadata.
+    """
+    fd = os.open(metadata_path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        st = os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise ValueError(f"{metadata_path}: the KV cache metadata must be a regular file, got {_file_kind(st.st_mode)}")
+    with os.fdopen(fd, "rb") as f:
+        raw = f.read(MAX_METADATA_BYTES + 1)
+    if len(raw) > MAX_METADATA_BYTES:
+        raise ValueError(f"{metadata_path}: KV cache metadata must be at most {MAX_METADATA_BYTES:,} bytes, "
+                         f"got {st.st_size:,}")
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise ValueError(f"{metadata_path}: invalid KV cache metadata: JSON nested too deeply") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{metadata_path}: invalid KV cache metadata: {e}") from e
+    try:
+        return KVCacheMetadata.from_dict(doc)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{metadata_path}: invalid KV cache metadata: {e}") from e
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return f"file mode {stat.filemode(mode)}"
+
+
+def _cast_checked(t: torch.Tensor, dtype: torch.dtype, name: str, path: str, metadata_path: str) -> torch.Tensor:
+    """``t.to(dtype)``; ValueError when a finite value becomes Inf (it does not fit in ``dtype``)."""
+    out = t.to(dtype)
+    if out.is_floating_point() and t.is_floating_point() and dtype.itemsize < t.dtype.itemsize:
+        overflow = torch.isinf(out) & torch.isfinite(t)
+        if bool(overflow.any()):
+            worst = t[overflow].abs().max().item()
+            raise ValueError(
+                f"{metadata_path}: dtype {dtype_name(dtype)!r} cannot hold {name} of {path} "
+                f"(|x| up to {worst:.6g}, {int(overflow.sum())} values beyond {torch.finfo(dtype).max:g}); "
+                f"the sidecar must name the dtype the values were saved from"
+            )
+    return out
+
+
 def load_kv_cache(
     path: str, metadata_path: Optional[str] = None, device: str = "cpu"
 ) -> Tuple[DynamicCache, KVCacheMetadata]:
@@ -506,7 +572,9 @@ def load_kv_cache(
 
     Raises ValueError naming the file for tensors not named ``layer_{i}_key`` /
     ``layer_{i}_value`` with i = 0..n-1, non-4-D tensors, unsupported dtypes, layers of
-    different shapes, or a sidecar that disagrees with the tensors.
+    different shapes, a sidecar that disagrees with the tensors, a sidecar dtype the
+    values do not fit in (float32 values beyond float16's range would become Inf), or a
+    sidecar that :func:`read_metadata` refuses.
     """
     path = os.fspath(path)
     explicit = metadata_path is not None
@@ -519,11 +587,7 @@ def load_kv_cache(
     if not explicit and not os.path.exists(metadata_path):
         return layers_to_cache(layers), file_meta
 
-    with open(metadata_path, "r", encoding="utf-8") as f:
-        try:
-            sidecar = KVCacheMetadata.from_dict(json.load(f))
-        except (json.JSONDecodeError, ValueError, TypeError) as e:
-            raise ValueError(f"{metadata_path}: invalid KV cache metadata: {e}") from e
+    sidecar = read_metadata(metadata_path)
 
     for name in ("num_layers", "num_kv_heads", "seq_len", "head_dim", "batch_size"):
         want, got = getattr(sidecar, name), getattr(file_meta, name)
@@ -531,6 +595,10 @@ def load_kv_cache(
             raise ValueError(f"{metadata_path}: {name} is {want} but {path} holds {got}")
 
     if sidecar.torch_dtype != file_meta.torch_dtype:
-        layers = [(k.to(sidecar.torch_dtype), v.to(sidecar.torch_dtype)) for k, v in layers]
+        layers = [
+            (_cast_checked(k, sidecar.torch_dtype, f"layer_{i}_key", path, metadata_path),
+             _cast_checked(v, sidecar.torch_dtype, f"layer_{i}_value", path, metadata_path))
+            for i, (k, v) in enumerate(layers)
+        ]
     sidecar.stored_dtype = file_meta.dtype
     return layers_to_cache(layers), sidecar

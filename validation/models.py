@@ -20,6 +20,7 @@ import torch
 from validation import assets
 from validation.compat import dtype_kwargs
 from validation.options import DEFAULT_HUB_TIMEOUT, DEFAULT_MODEL, EMBEDDED_ALIASES, ValidationError
+from validation.progress import library_bars_fit
 
 
 @dataclass
@@ -224,8 +225,10 @@ def load_model_and_tokenizer(
     dev = select_device(device)
     dtype = dtype or default_dtype(dev)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_name, local_files_only=local_files_only)
-        model = AutoModelForCausalLM.from_pretrained(model_name, local_files_only=local_files_only, **dtype_kwargs(dtype))
+        with library_bars_fit():
+            tokenizer = AutoTokenizer.from_pretrained(model_name, local_files_only=local_files_only)
+            model = AutoModelForCausalLM.from_pretrained(model_name, local_files_only=local_files_only,
+                                                         **dtype_kwargs(dtype))
     except (OSError, ValueError, EnvironmentError) as e:
         raise ValidationError(f"cannot load model {model_name!r}: {str(e).splitlines()[0]}") from e
     model.to(dev)

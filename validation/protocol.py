@@ -14,7 +14,6 @@ import inspect
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -144,13 +143,13 @@ def plain_window_nlls(
     model's mean loss over the ``stride`` scored tokens times ``stride`` is the window's sum.
     Returns [num_windows].
     """
-    from tqdm.auto import tqdm
+    from validation.progress import progress_bar
 
     device = _model_device(model)
     context = windows.shape[1] - stride
     out = torch.empty(windows.shape[0], dtype=torch.float64)
     with torch.inference_mode():
-        for i in tqdm(range(windows.shape[0]), desc="plain pass", unit="window", disable=not progress, file=sys.stderr):
+        for i in progress_bar(range(windows.shape[0]), desc="plain pass", unit="window", enabled=progress):
             input_ids = windows[i:i + 1].to(device)
             labels = input_ids.clone()
             labels[:, :context] = -100
@@ -341,9 +340,8 @@ def run_protocol(
     omitted options take its defaults. With ``snr_diagnostics`` the per-layer, per-KV-head key
     and value SNR of every batch is accumulated into ``outcome.diagnostics``.
     """
-    from tqdm.auto import tqdm
-
     from validation.compression_bridge import roundtrip_kv_cache
+    from validation.progress import progress_bar
 
     check_codec(codec, group_size, sparsity)
     snr = SNRAccumulator() if snr_diagnostics else None
@@ -367,7 +365,7 @@ def run_protocol(
         owned_tmp = work_dir = make_work_dir(model, batch_windows, num_windows, context, "kv-validate-")
     bridge_steps: Dict[str, float] = {}
     wall_start = time.perf_counter()
-    bar = tqdm(total=num_windows, desc="windows", unit="window", disable=not progress, file=sys.stderr)
+    bar = progress_bar(total=num_windows, desc="windows", unit="window", enabled=progress)
     try:
         for b0 in range(0, num_windows, batch_windows):
             batch = windows[b0:b0 + batch_windows].to(device)

@@ -114,6 +114,8 @@ def print_results(result: ValidationResult, console: Console, outcome: Optional[
     console.line(f"  RMSE:                  {result.rmse:.6f}")
     console.line(f"  SNR:                   {result.snr_db:.2f} dB")
     console.line(f"  Cosine Similarity:     {result.cosine_similarity:.6f}")
+    if result.quality_level:
+        console.line(f"  Quality Level:         {result.quality_level} (kv-compress's verdict on the cache, from SNR)")
     console.line(f"  KL(base||compressed):  {result.kl_divergence:.6f} nats/token")
     console.line(f"  Top-1 Agreement:       {100 * result.top1_agreement:.2f}%")
     if outcome is not None and outcome.diagnostics is not None:

@@ -10,6 +10,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from validation.compression_bridge import VERDICT_MIN_COSINE, VERDICT_MIN_SNR_DB, relative_rmse
 from validation.corpora import load_corpus, tokenize_corpus
 from validation.diagnostics import HEATMAP_FILENAME, plot_snr_heatmap
 from validation.models import (
@@ -94,7 +95,7 @@ def evaluate(
                  + ("" if options.codec else " (the binary's defaults)"))
     console.info(f"Bits per element: {result.bits_per_element:.3f}; on disk {result.disk_ratio_vs_fp16:.2f}x "
                  f"smaller than the cache as float16")
-    console.info(f"RMSE: {result.rmse:.6f}")
+    console.info(f"RMSE: {result.rmse:.6f} ({100 * relative_rmse(result.snr_db):.1f}% of the cache's RMS)")
     console.info(f"SNR: {result.snr_db:.2f} dB")
     diag = outcome.diagnostics
     if diag is not None:
@@ -106,6 +107,9 @@ def evaluate(
     if failed:
         console.info(f"kv-compress's own quality gate: {agg['quality_level']} in {len(failed)}/{len(outcome.metrics)} "
                      f"calls, e.g. {'; '.join(failed[0].violations) or 'failed'} (reported; the perplexity gate decides)")
+    else:
+        console.info(f"kv-compress's own quality gate: {agg['quality_level']}, passed in {len(outcome.metrics)}/"
+                     f"{len(outcome.metrics)} calls (SNR > {VERDICT_MIN_SNR_DB:g} dB, cosine > {VERDICT_MIN_COSINE:g})")
     console.step(5, 6, "Loading reconstructed KV cache...")
     console.info(f"Reconstructed: {outcome.num_layers} layers, cosine similarity {result.cosine_similarity:.6f}, "
                  f"max error {result.max_error:.4g} ({result.quality_level})")

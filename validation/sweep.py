@@ -32,7 +32,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -197,7 +196,7 @@ def run_sweep_protocol(
     timings in seconds: prefill, baseline scoring, total. Per-configuration timings (bridge,
     scoring, metrics, diagnostics) are in each outcome's ``timings``.
     """
-    from tqdm.auto import tqdm
+    from validation.progress import progress_bar
 
     check_grid(configs)
     num_windows, max_length = windows.shape
@@ -222,8 +221,7 @@ def run_sweep_protocol(
     if work_dir is None:
         owned_tmp = work_dir = protocol.make_work_dir(model, batch_windows, num_windows, context, "kv-sweep-")
     wall = time.perf_counter()
-    bar = tqdm(total=num_windows * len(configs), desc="windows x configs", unit="window", disable=not progress,
-               file=sys.stderr)
+    bar = progress_bar(total=num_windows * len(configs), desc="windows x configs", unit="window", enabled=progress)
     try:
         for b0 in range(0, num_windows, batch_windows):
             batch = windows[b0:b0 + batch_windows].to(device)

@@ -201,26 +201,78 @@ func TestConfigValidate(t *testing.T) {
 
 func TestQualityLevel(t *testing.T) {
 	tests := []struct {
-		q    Quality
-		want string
+		name       string
+		q          Quality
+		want       string
+		violations int
 	}{
-		{Quality{RMSE: 0.005, SNRdB: 45, CosineSimilarity: 1}, QualityExcellent},
-		{Quality{RMSE: 0.005, SNRdB: 35, CosineSimilarity: 1}, QualityGood},
-		{Quality{RMSE: 0.04, SNRdB: 31, CosineSimilarity: 1}, QualityGood},
-		{Quality{RMSE: 0.06, SNRdB: 25, CosineSimilarity: 1}, QualityAcceptable},
-		{Quality{RMSE: 0.10, SNRdB: 25, CosineSimilarity: 1}, QualityPoor},
-		{Quality{RMSE: 0.01, SNRdB: 17, CosineSimilarity: 1}, QualityPoor},
+		{"excellent", Quality{RMSE: 0.005, SNRdB: 45, CosineSimilarity: 1}, QualityExcellent, 0},
+		{"good", Quality{RMSE: 0.005, SNRdB: 35, CosineSimilarity: 1}, QualityGood, 0},
+		{"acceptable", Quality{RMSE: 0.06, SNRdB: 25, CosineSimilarity: 0.999}, QualityAcceptable, 0},
+		// The seed's absolute rule called this POOR (RMSE >= 0.10); the
+		// error is 8.9 % of the signal's RMS, whatever its scale.
+		{"large values, high snr", Quality{RMSE: 0.15, SNRdB: 21, CosineSimilarity: 0.996}, QualityAcceptable, 0},
+		{"huge values, excellent", Quality{RMSE: 3, SNRdB: 41, CosineSimilarity: 1}, QualityExcellent, 0},
+		// Small values, small RMSE, but the error is as large as a fifth of the signal.
+		{"tiny rmse, low snr", Quality{RMSE: 0.001, SNRdB: 14, CosineSimilarity: 0.98}, QualityPoor, 2},
+		{"snr at the limit", Quality{RMSE: 0.01, SNRdB: 18, CosineSimilarity: 0.995}, QualityPoor, 1},
+		{"cosine at the limit", Quality{RMSE: 0.01, SNRdB: 45, CosineSimilarity: 0.99}, QualityPoor, 1},
+		{"nan", Quality{RMSE: Metric(math.NaN()), SNRdB: Metric(math.NaN()), CosineSimilarity: Metric(math.NaN())}, QualityPoor, 2},
 	}
 	for _, tc := range tests {
-		if got := tc.q.Level(); got != tc.want {
-			t.Errorf("%+v: %s, want %s", tc.q, got, tc.want)
-		}
+		t.Run(tc.name, func(t *testing.T) {
+			if got := tc.q.Level(); got != tc.want {
+				t.Errorf("Level() = %s, want %s", got, tc.want)
+			}
+			if v := tc.q.Violations(); len(v) != tc.violations {
+				t.Errorf("Violations() = %q, want %d", v, tc.violations)
+			}
+		})
 	}
-	if v := (Quality{RMSE: 0.2, SNRdB: 10, CosineSimilarity: 0.9}).Violations(); len(v) != 3 {
-		t.Errorf("violations = %v, want 3", v)
+}
+
+func TestQualityViolationText(t *testing.T) {
+	v := (Quality{RMSE: 0.5, SNRdB: 10, CosineSimilarity: 0.995}).Violations()
+	want := "snr_db 10 <= 18 (rmse is 31.6% of the signal's rms, limit 12.6%)"
+	if len(v) != 1 || v[0] != want {
+		t.Fatalf("Violations() = %q, want [%q]", v, want)
 	}
-	if v := (Quality{RMSE: 0.01, SNRdB: 30, CosineSimilarity: 0.999}).Violations(); len(v) != 0 {
-		t.Errorf("violations = %v, want none", v)
+	if r := (Quality{SNRdB: 20}).RelativeRMSE(); !near(r, 0.1) {
+		t.Errorf("RelativeRMSE at 20 dB = %g, want 0.1", r)
+	}
+}
+
+// The verdict does not depend on the scale of the values: the same cache
+// multiplied by 1/64 or by 64 (exact in float32) gets the same level.
+func TestQualityLevelScaleFree(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		cfg  Config
+	}{
+		{"default", DefaultConfig()},
+		{"2-bit no rotation", Config{GroupSize: 64, Bits: 2}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			levels := map[string]bool{}
+			for _, scale := range []float32{1.0 / 64, 1, 64} {
+				f := kvCache(t, 2, 2, 32, 64, safetensors.F32, 7)
+				for i := range f.Tensors {
+					x := decode(t, &f.Tensors[i])
+					for j := range x {
+						x[j] *= scale
+					}
+					f.Tensors[i].Data = f32Bytes(x)
+				}
+				res, err := Compress(f, tc.cfg)
+				if err != nil {
+					t.Fatal(err)
+				}
+				levels[res.Quality.Level()] = true
+			}
+			if len(levels) != 1 {
+				t.Errorf("levels across scales = %v, want one", levels)
+			}
+		})
 	}
 }
 
