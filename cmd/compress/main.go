@@ -92,6 +92,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return err
 	})
 	fs.BoolVar(&o.verify, "verify", false, "inspect: also decode every tensor in memory, as decompress would")
+	fs.BoolVar(&o.cfg.ExactMetrics, "exact-metrics", false, "measure the error of rotated tensors after the inverse rotation and the rounding to the stored dtype (slower; by default it is measured in the rotated basis)")
 	fs.BoolVar(&o.verbose, "verbose", false, "print per-tensor diagnostics to stderr")
 	fs.BoolVar(&o.verbose, "v", false, "same as --verbose")
 	fs.BoolVar(&o.strict, "strict", false, "exit 4 when the quality thresholds are violated")

@@ -226,3 +226,34 @@ func TestPresetFlag(t *testing.T) {
 		t.Errorf("version lists presets %v", names)
 	}
 }
+
+// TestExactMetricsFlag: --exact-metrics changes how the error of rotated
+// tensors is measured (original basis), never the container's bytes; RMSE
+// stays within the bound docs/cli.md gives, the largest error is the
+// element-wise one, at least the rotated-basis one.
+func TestExactMetricsFlag(t *testing.T) {
+	dir := t.TempDir()
+	in := filepath.Join(dir, "cache.safetensors")
+	copyFile(t, golden+"cache_f16.safetensors", in)
+	fast, exact := filepath.Join(dir, "fast.kvc"), filepath.Join(dir, "exact.kvc")
+	code, a, stderr := runCLI(t, "compress", "-i", in, "-o", fast)
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, stderr)
+	}
+	code, b, stderr := runCLI(t, "compress", "--exact-metrics", "-i", in, "-o", exact)
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, stderr)
+	}
+	fa, _ := os.ReadFile(fast)
+	fb, _ := os.ReadFile(exact)
+	if !bytes.Equal(fa, fb) {
+		t.Fatal("--exact-metrics changed the container")
+	}
+	ra, rb := a["rmse"].(float64), b["rmse"].(float64)
+	if d := (ra - rb) / rb; d > 0.01 || d < -0.01 {
+		t.Errorf("rmse %g in the rotated basis, %g in the original one", ra, rb)
+	}
+	if ma, mb := a["max_error"].(float64), b["max_error"].(float64); !(ma > 0 && ma <= mb) {
+		t.Errorf("max_error %g in the rotated basis, %g element-wise", ma, mb)
+	}
+}

@@ -106,6 +106,13 @@ type Config struct {
 	Roles *RolePlans
 	// Preset names the preset the configuration came from ("" for none).
 	Preset string
+	// ExactMetrics measures the error of rotated tensors in the original
+	// basis, after the inverse rotation and the rounding to the tensor's
+	// dtype, as the restored file holds them. By default the error is
+	// measured in the rotated basis, which the orthonormal rotation leaves
+	// unchanged up to that rounding and costs no inverse rotation (see
+	// rotatedMetrics).
+	ExactMetrics bool
 }
 
 // DefaultConfig returns the recommended codec parameters, the command line's defaults.

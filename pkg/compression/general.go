@@ -189,6 +189,34 @@ func (c groupCodec) decode(r *bitReader, s, mv float32, deq []float32) {
 		r.pos += len(in)
 		return
 	}
+	if (c.bits == 2 || c.bits == 3) && r.nacc == 0 && len(deq)%8 == 0 {
+		// Byte-aligned 2- or 3-bit group: 8 codes in bits bytes at a time,
+		// through a table of the 4 or 8 reconstructions.
+		var lut [8]float32
+		shift := 32 - c.bits
+		for u := range 1 << c.bits {
+			q := int32(u)
+			if !c.asym {
+				q = int32(uint32(u)<<shift) >> shift
+			}
+			lut[u] = c.value(q, s, mv)
+		}
+		b := int(c.bits)
+		in := r.in[r.pos : r.pos+len(deq)*b/8]
+		for k := 0; k < len(deq); k += 8 {
+			o := in[k*b/8 : k*b/8+b]
+			v := uint32(o[0]) | uint32(o[1])<<8
+			if b == 3 {
+				v |= uint32(o[2]) << 16
+			}
+			d := deq[k : k+8 : k+8]
+			for j := range d {
+				d[j] = lut[(v>>(c.bits*uint(j)))&(1<<c.bits-1)]
+			}
+		}
+		r.pos += len(in)
+		return
+	}
 	shift := 32 - c.bits
 	for i := range deq {
 		u := r.get(c.bits)
@@ -263,8 +291,8 @@ type generalEncoding struct {
 
 // encodeGeneral quantizes t with plan p and measures the reconstruction.
 func encodeGeneral(t *safetensors.Tensor, p tensorPlan, sparsity float64, ws *generalScratch) (generalEncoding, error) {
-	if p.Scheme == SchemeSym && p.Bits == 4 && sparsity == 0 {
-		if enc, ok := encodeSym4Rows(t, p, ws); ok {
+	if sparsity == 0 && vectorWidth(p.Bits) {
+		if enc, ok := encodeVectorRows(t, p, ws); ok {
 			return enc, nil
 		}
 	}
@@ -337,6 +365,10 @@ func encodeGeneral(t *safetensors.Tensor, p tensorPlan, sparsity float64, ws *ge
 		}
 	}
 	enc.codes = bw.flush()
+	if p.rotatedMetrics(t.DType, sparsity) && maxMagnitude(rows[:q]) < rotatedMetricsLimit(t.DType, rot.n) {
+		enc.stats = rotatedStats(x, rows, ws.deq, l, p.Sink)
+		return enc, nil
+	}
 	// Reconstruct as the decoder will, then measure against the original.
 	y := fromLayout(l, p.Axis, ws.deq, ws.w)
 	if rot != nil {
@@ -367,12 +399,49 @@ func encodeGeneral(t *safetensors.Tensor, p tensorPlan, sparsity float64, ws *ge
 	return enc, nil
 }
 
+// maxMagnitude returns the largest |v| of v (NaN and Inf were refused).
+func maxMagnitude(v []float32) float32 {
+	var mb uint32
+	for _, x := range v {
+		mb = max(mb, math.Float32bits(x)&0x7fffffff)
+	}
+	return math.Float32frombits(mb)
+}
+
+// rotatedStats measures a rotated tensor's error in the rotated basis
+// (tensorPlan.rotatedMetrics): rot holds the rotated values in the plan's row
+// order and deq their reconstruction in the same order; the sink positions of
+// x, kept exact, add their energy and no error.
+func rotatedStats(x, rot, deq []float32, l layout, sink int) tensorStats {
+	var st tensorStats
+	var gs groupStats
+	add := func(a, b []float32) {
+		b = b[:len(a):len(a)]
+		for i, v := range a {
+			gs.add(v, b[i])
+			if i%64 == 63 { // flush float32 partial sums often enough to stay accurate
+				st.addGroup(&gs, 0)
+				gs = groupStats{maxErr: gs.maxErr}
+			}
+		}
+		st.addGroup(&gs, 0)
+		gs = groupStats{maxErr: gs.maxErr}
+	}
+	for o := range l.outer {
+		st.addExact(x[o*l.seq*l.dim : (o*l.seq+sink)*l.dim]) // in float64: a sink may hold values near float32's limit
+	}
+	q := l.quantized()
+	add(rot[:q], deq[:q])
+	st.n = int64(l.outer * l.seq * l.dim)
+	return st
+}
+
 // errRotationOverflow is the error for a row whose rotation left float32's
 // range: finite inputs near 3.4e38 can sum to Inf, and Inf − Inf gives NaN.
 var errRotationOverflow = fmt.Errorf("%w: the Hadamard rotation of a row leaves float32's range; use --rotate none", ErrScaleOverflow)
 
-// vectorPlan returns the rotation of a symmetric 4-bit plan and whether the
-// vector encoders and decoders take tensors of this dtype and layout.
+// vectorPlan returns the rotation of a plan and whether the vector encoders
+// and decoders take tensors of this dtype and layout (the code width aside).
 func vectorPlan(p tensorPlan, dt safetensors.DType, l layout) (*rotation, bool) {
 	var rot *rotation
 	if p.Rotate == RotateHadamard {
@@ -385,22 +454,28 @@ func vectorPlan(p tensorPlan, dt safetensors.DType, l layout) (*rotation, bool) 
 	return rot, rowsSupported(dt, l.dim, group, rot)
 }
 
-// encodeSym4Rows is encodeGeneral for symmetric 4-bit groups (the default
-// codec) through the vector encoders: rows for groups along the last axis,
-// channels for per-channel keys. It returns false, having written nothing the
-// caller keeps, when the vector encoder declines.
-func encodeSym4Rows(t *safetensors.Tensor, p tensorPlan, ws *generalScratch) (generalEncoding, bool) {
+// encodeVectorRows is encodeGeneral through the vector encoders (2, 3 or
+// 4-bit codes, either scheme, no sparsity): rows for groups along the last
+// axis, channels for per-channel keys. It returns false, having written
+// nothing the caller keeps, when the vector encoder declines.
+func encodeVectorRows(t *safetensors.Tensor, p tensorPlan, ws *generalScratch) (generalEncoding, bool) {
 	var enc generalEncoding
 	l := p.layout(t.Shape)
 	rot, ok := vectorPlan(p, t.DType, l)
 	if !ok {
 		return enc, false
 	}
+	spec := specOf(p)
+	rotated := p.rotatedMetrics(t.DType, 0)
 	width := t.DType.Bits() / 8
 	seqBytes, sinkBytes := l.seq*l.dim*width, p.Sink*l.dim*width
-	codesPer, scalesPer := l.perOuter()
+	_, scalesPer := l.perOuter()
+	codesPer := l.keep * l.dim * p.Bits / 8 // dim is a multiple of 8: whole bytes
 	enc.codes = make([]byte, l.outer*codesPer)
 	enc.scales = make([]byte, l.outer*scalesPer)
+	if spec.asym && l.groups() > 0 { // no groups: no minimums, as the index rules say
+		enc.mins = make([]byte, l.outer*scalesPer)
+	}
 	if p.Sink > 0 {
 		enc.sink = make([]byte, l.outer*sinkBytes)
 		ws.x = grow(ws.x, p.Sink*l.dim)
@@ -423,13 +498,19 @@ func encodeSym4Rows(t *safetensors.Tensor, p tensorPlan, ws *generalScratch) (ge
 		}
 		src := t.Data[base+sinkBytes : base+seqBytes]
 		codes, scales := enc.codes[o*codesPer:(o+1)*codesPer], enc.scales[o*scalesPer:(o+1)*scalesPer]
+		var mins []byte
+		if enc.mins != nil {
+			mins = enc.mins[o*scalesPer : (o+1)*scalesPer]
+		}
 		if p.Axis == AxisSeq {
 			ws.t, ws.deq = grow(ws.t, p.Group*l.dim), grow(ws.deq, p.Group*l.dim)
 			ws.packed = grow(ws.packed, 4*l.dim*((l.keep+7)/8))
-			job := channelJob{src: src, dt: t.DType, dim: l.dim, keep: l.keep, group: p.Group, rot: rot, codes: codes, scales: scales, x: ws.t, w: ws.deq, packed: ws.packed}
+			job := channelJob{src: src, dt: t.DType, dim: l.dim, keep: l.keep, group: p.Group, rot: rot, codes: codes, scales: scales,
+				mins: mins, spec: spec, rotated: rotated, x: ws.t, w: ws.deq, packed: ws.packed}
 			ok = encodeChannels(job, &enc.stats)
 		} else {
-			ok = encodeRows(rowJob{src: src, dt: t.DType, dim: l.dim, group: p.Group, rot: rot, codes: codes, scales: scales}, &enc.stats)
+			ok = encodeRows(rowJob{src: src, dt: t.DType, dim: l.dim, group: p.Group, rot: rot, codes: codes, scales: scales,
+				mins: mins, spec: spec, rotated: rotated}, &enc.stats)
 		}
 		if !ok {
 			return enc, false

@@ -139,7 +139,11 @@ func TestSchemesRoundTrip(t *testing.T) {
 			name := codecName(cfg) + "/" + string(dt)
 			t.Run(name, func(t *testing.T) {
 				src := kvCache(t, 2, 3, 37, 128, dt, 5) // 37 tokens: partial groups along the sequence
-				res, restored, _ := roundTrip(t, src, cfg)
+				// The report must be what the restored files show: measured
+				// in the original basis (TestRotatedMetrics covers the other).
+				exact := cfg
+				exact.ExactMetrics = true
+				res, restored, _ := roundTrip(t, src, exact)
 				var st tensorStats
 				for i := range src.Tensors {
 					a, b := &src.Tensors[i], &restored.Tensors[i]
@@ -226,6 +230,39 @@ func TestRoles(t *testing.T) {
 	for name, want := range map[string]string{"layer_0_key": "key", "layer_12_value": "value", "layer_01_key": "other", "k": "other", "layer_3_keys": "other"} {
 		if got := Role(name); got != want {
 			t.Errorf("Role(%q) = %q, want %q", name, got, want)
+		}
+	}
+}
+
+// TestGroupDecodeTables checks the table-driven decoding of byte-aligned 2-
+// and 3-bit groups against decoding code by code, for both schemes.
+func TestGroupDecodeTables(t *testing.T) {
+	rng := rand.New(rand.NewPCG(8, 9))
+	for _, scheme := range []string{SchemeSym, SchemeAsym} {
+		for _, bits := range []int{2, 3} {
+			gc := newGroupCodec(tensorPlan{Scheme: scheme, Bits: bits})
+			codes := make([]byte, 3*64*bits/8)
+			for i := range codes {
+				codes[i] = byte(rng.Uint32())
+			}
+			s, mv := float32(0.37), float32(-1.25)
+			got := make([]float32, 3*64)
+			r := bitReader{in: codes}
+			for g := range 3 {
+				gc.decode(&r, s, mv, got[64*g:64*(g+1)])
+			}
+			ref := bitReader{in: codes}
+			shift := 32 - uint(bits)
+			for i, v := range got {
+				u := ref.get(uint(bits))
+				q := int32(u)
+				if scheme == SchemeSym {
+					q = int32(u<<shift) >> shift
+				}
+				if want := gc.value(q, s, mv); v != want {
+					t.Fatalf("%s %d bits, element %d: %g, want %g", scheme, bits, i, v, want)
+				}
+			}
 		}
 	}
 }

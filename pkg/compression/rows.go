@@ -7,18 +7,41 @@ import (
 )
 
 // This file holds the entry points of the vectorised encoders and decoders:
-// symmetric 4-bit groups along the last axis (rows) or, for per-channel keys,
-// along the sequence (channels), optionally after the Hadamard rotation. That
-// covers both the version-1 scheme and the default codec. The vector
-// code (rows_simd_amd64.go) exists only in builds with GOEXPERIMENT=simd on
+// groups along the last axis (rows) or, for per-channel keys, along the
+// sequence (channels), optionally after the Hadamard rotation. The encoders
+// take the symmetric and asymmetric schemes at 2, 3 and 4 bits, which covers
+// the version-1 scheme, the default codec and the narrower options; the
+// decoders take symmetric 4-bit codes. The vector
+// code (rows_*simd_amd64.go) exists only in builds with GOEXPERIMENT=simd on
 // amd64, runs only on CPUs with AVX2, and must produce the same bytes as the
 // scalar encoders; anything it does not handle, it declines, and the caller
 // takes the scalar path. See docs/decisions/ADR-005-simd.md.
 
+// codeSpec is the code range of a scheme and width, as levels gives it.
+type codeSpec struct {
+	asym   bool
+	bits   int
+	lo, hi int32
+	div    float32
+}
+
+// sym4 is the version-1 scheme's code range: symmetric 4-bit codes.
+var sym4 = codeSpec{bits: 4, lo: qmin, hi: qmax, div: qmax}
+
+func specOf(p tensorPlan) codeSpec {
+	lo, hi, div := levels(p.Scheme, p.Bits)
+	return codeSpec{asym: p.Scheme == SchemeAsym, bits: p.Bits, lo: lo, hi: hi, div: div}
+}
+
+// vectorWidth reports whether the vector encoders take codes of this width.
+func vectorWidth(bits int) bool { return bits == 2 || bits == 3 || bits == 4 }
+
 // rowJob is one run of consecutive rows to encode: rows·dim elements of
 // dtype dt, little-endian, in src. Groups of group elements never span rows.
-// codes receives rows·dim/2 bytes, two codes per byte, low nibble first;
-// scales receives the little-endian float16 scale of each group, 2 bytes each.
+// codes receives rows·dim·bits/8 bytes, the codes packed LSB-first as the
+// general encoder's bitWriter packs them; scales (and mins, asym only)
+// receive the little-endian float16 scale (minimum) of each group, 2 bytes
+// each. A zero spec means sym4.
 type rowJob struct {
 	src    []byte
 	dt     safetensors.DType
@@ -27,6 +50,12 @@ type rowJob struct {
 	rot    *rotation // nil: no rotation
 	codes  []byte
 	scales []byte
+	mins   []byte
+	spec   codeSpec
+	// rotated: with a rotation, measure the error between the rotated
+	// values and their quantized reconstruction (no inverse rotation, no
+	// rounding to dt); see rotatedMetrics.
+	rotated bool
 }
 
 // Encoder names the compression path this build and CPU run: "avx2" for the
@@ -63,6 +92,12 @@ func encodeRows(job rowJob, st *tensorStats) bool {
 	if !rowsSupported(job.dt, job.dim, job.group, job.rot) {
 		return false
 	}
+	if job.spec.bits == 0 {
+		job.spec = sym4
+	}
+	if !vectorWidth(job.spec.bits) {
+		return false
+	}
 	var local tensorStats
 	if !encodeRowsSIMD(&job, &local) {
 		return false
@@ -75,26 +110,36 @@ func encodeRows(job rowJob, st *tensorStats) bool {
 // (per-channel keys): keep rows of dim elements of dtype dt in src, rotated
 // along each row first when rot is not nil, then cut per channel into groups
 // of group consecutive positions (the last one shorter). codes receives the
-// keep·dim/2 bytes of the block, channel d's codes at nibbles [d·keep,
-// (d+1)·keep); scales the dim·⌈keep/group⌉ float16 scales, channel-major.
+// keep·dim·bits/8 bytes of the block, channel d's codes at bits [d·keep·bits,
+// (d+1)·keep·bits); scales (and mins) the dim·⌈keep/group⌉ float16 scales
+// (minimums), channel-major. A zero spec means sym4.
 type channelJob struct {
-	src    []byte
-	dt     safetensors.DType
-	dim    int
-	keep   int
-	group  int
-	rot    *rotation
-	codes  []byte
-	scales []byte
+	src     []byte
+	dt      safetensors.DType
+	dim     int
+	keep    int
+	group   int
+	rot     *rotation
+	codes   []byte
+	scales  []byte
+	mins    []byte
+	spec    codeSpec
+	rotated bool
 	// x and w are working memory of at least group·dim elements each, packed
 	// of 4·dim·⌈keep/8⌉ bytes.
 	x, w   []float32
 	packed []byte
 }
 
-// encodeChannels is encodeRows for a channelJob (symmetric 4-bit only).
+// encodeChannels is encodeRows for a channelJob.
 func encodeChannels(job channelJob, st *tensorStats) bool {
 	if !rowsSupported(job.dt, job.dim, 8, job.rot) || job.group < 8 || job.group%8 != 0 {
+		return false
+	}
+	if job.spec.bits == 0 {
+		job.spec = sym4
+	}
+	if !vectorWidth(job.spec.bits) {
 		return false
 	}
 	var local tensorStats
@@ -134,6 +179,31 @@ func packNibbles(dst []byte, at int, src []byte, n int) {
 			b |= src[i] << 4
 		}
 		out[i] |= b
+	}
+}
+
+// packBits ORs the first n bits of src (LSB-first) into dst from bit index
+// at on; dst's bits there must be zero.
+func packBits(dst []byte, at int, src []byte, n int) {
+	if n == 0 {
+		return
+	}
+	sh := uint(at % 8)
+	out := dst[at/8 : (at+n+7)/8]
+	nb := (n + 7) / 8 // source bytes holding the n bits
+	// Output byte i takes the bottom bits of source byte i and the top bits
+	// of source byte i−1; bits past n are masked off.
+	var prev byte
+	for i := range out {
+		var cur byte
+		if i < nb {
+			cur = src[i]
+			if i == nb-1 && n%8 != 0 {
+				cur &= byte(1)<<(n%8) - 1
+			}
+		}
+		out[i] |= cur<<sh | prev>>(8-sh)
+		prev = cur
 	}
 }
 

@@ -83,19 +83,25 @@ func stages64(x0, x1, x2, x3, x4, x5, x6, x7 archsimd.Float32x8) (y0, y1, y2, y3
 func blocks64(v []float32, bf *butterflies, signs []float32) {
 	for i := 0; i < len(v); i += 64 {
 		b := v[i : i+64 : i+64]
-		var x [8]archsimd.Float32x8
-		for k := range x {
-			x[k] = archsimd.LoadFloat32x8Slice(b[8*k : 8*k+8])
+		// Eight named vectors rather than an array, which Go would zero
+		// first with legacy SSE stores (clearUpper).
+		load := func(k int) archsimd.Float32x8 {
+			x := archsimd.LoadFloat32x8Slice(b[8*k : 8*k+8])
 			if signs != nil {
 				s := signs[(i+8*k)%len(signs):]
-				x[k] = x[k].Mul(archsimd.LoadFloat32x8Slice(s[:8]))
+				x = x.Mul(archsimd.LoadFloat32x8Slice(s[:8]))
 			}
-			x[k] = bf.inVector(x[k])
+			return bf.inVector(x)
 		}
-		x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7] = stages64(x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7])
-		for k := range x {
-			x[k].StoreSlice(b[8*k : 8*k+8])
-		}
+		x0, x1, x2, x3, x4, x5, x6, x7 := stages64(load(0), load(1), load(2), load(3), load(4), load(5), load(6), load(7))
+		x0.StoreSlice(b[0:8])
+		x1.StoreSlice(b[8:16])
+		x2.StoreSlice(b[16:24])
+		x3.StoreSlice(b[24:32])
+		x4.StoreSlice(b[32:40])
+		x5.StoreSlice(b[40:48])
+		x6.StoreSlice(b[48:56])
+		x7.StoreSlice(b[56:64])
 	}
 }
 
@@ -182,11 +188,28 @@ func decodeRow(in []byte, dt safetensors.DType, x []float32) bool {
 	}
 }
 
+// maxLane returns the largest lane of v. It ends the vector work of its
+// caller: see clearUpper.
 func maxLane(v archsimd.Uint32x8) uint32 {
-	var a [8]uint32
-	v.Store(&a)
-	return max(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7])
+	// Reduced in registers: a local array would be zeroed with legacy SSE
+	// stores first.
+	v = v.Max(v.Permute(archsimd.LoadUint32x8(&permH4)))
+	v = v.Max(v.Permute(archsimd.LoadUint32x8(&permH2)))
+	v = v.Max(v.Permute(archsimd.LoadUint32x8(&permH1)))
+	m := v.GetLo().GetElem(0)
+	clearUpper()
+	return m
 }
+
+// clearUpper zeroes the upper halves of the vector registers (VZEROUPPER)
+// before scalar code runs. Go compiles scalar floating-point code, and
+// parts of the runtime such as memmove, to legacy SSE instructions, and does
+// not insert VZEROUPPER itself; on some x86 CPUs (the Intel Xeon hosts this
+// project's benchmarks ran on in December 2026) every SSE instruction run
+// while those halves hold data costs hundreds of cycles, which made the
+// vector encoders ten times slower than the scalar ones there. The compiler
+// knows the instruction clobbers every vector register and saves live ones.
+func clearUpper() { archsimd.ClearAVXUpperBits() }
 
 // errorSums accumulates the error of a reconstruction in 8 float32 lanes,
 // flushed to the float64 totals every flushEvery elements.
@@ -248,10 +271,12 @@ func (s *errorSums) flush(st *tensorStats) {
 	if s.pending == 0 {
 		return
 	}
+	clearUpper() // before the arrays are zeroed
 	var xx, ee, yy [8]float32
 	s.xx.Store(&xx)
 	s.ee.Store(&ee)
 	s.yy.Store(&yy)
+	clearUpper()
 	var sxx, see, syy float64
 	for i := range 8 {
 		sxx += float64(xx[i])
@@ -265,95 +290,6 @@ func (s *errorSums) flush(st *tensorStats) {
 	st.sumXY += (sxx + syy - see) / 2 // Σxy from Σx², Σy² and Σ(x−y)²
 	st.maxErr = max(st.maxErr, float64(math.Float32frombits(maxLane(s.maxErr))))
 	*s = errorSums{maxErr: s.maxErr}
-}
-
-// quantizeGroup writes the codes of group v (symmetric 4-bit, scale s > 0)
-// into out (len(v)/2 bytes) and the codes' values, float32(q)·s, into y. The
-// quotient is the exact division v/s, rounded half to even and clamped, as
-// quantizeCode defines it.
-func quantizeGroup(v []float32, s float32, out []byte, y []float32) {
-	sv := archsimd.BroadcastFloat32x8(s)
-	lo := archsimd.BroadcastFloat32x8(qmin)
-	hi := archsimd.BroadcastFloat32x8(qmax)
-	nib := archsimd.BroadcastInt32x8(0xf)
-	var packed [4]uint64
-	for i := 0; i < len(v); i += 8 {
-		q := archsimd.LoadFloat32x8Slice(v[i : i+8]).Div(sv).RoundToEven().Max(lo).Min(hi)
-		q.Mul(sv).StoreSlice(y[i : i+8])
-		// Each 64-bit lane holds codes c0 (low half) and c1: c0 | c1<<4 is
-		// its low byte after folding the high half down by 28 bits.
-		w := q.ConvertToInt32().And(nib).AsUint64x4()
-		w.Or(w.ShiftAllRight(28)).Store(&packed)
-		o := out[i/2 : i/2+4 : i/2+4]
-		o[0], o[1], o[2], o[3] = byte(packed[0]), byte(packed[1]), byte(packed[2]), byte(packed[3])
-	}
-}
-
-// groupMax returns the largest |v| of a group, as float32 bits.
-func groupMax(v []float32) uint32 {
-	absMask := archsimd.BroadcastUint32x8(0x7fffffff)
-	var mx archsimd.Uint32x8
-	for i := 0; i < len(v); i += 8 {
-		mx = mx.Max(archsimd.LoadFloat32x8Slice(v[i : i+8]).AsUint32x8().And(absMask))
-	}
-	return maxLane(mx)
-}
-
-func encodeRowsSIMD(job *rowJob, st *tensorStats) bool {
-	dim, g := job.dim, job.group
-	width := job.dt.Bits() / 8
-	rows := len(job.src) / (dim * width)
-	x := make([]float32, dim) // the row as read
-	w := make([]float32, dim) // rotated, then the reconstruction
-	var bf butterflies
-	if job.rot != nil {
-		bf = newButterflies()
-	}
-	var sums errorSums
-	groupsRow := dim / g
-	for r := range rows {
-		if !decodeRow(job.src[r*dim*width:(r+1)*dim*width], job.dt, x) {
-			return false
-		}
-		v := x
-		if job.rot != nil {
-			copy(w, x)
-			rotateForward(job.rot, &bf, w)
-			v = w
-		}
-		for k := range groupsRow {
-			gi := r*groupsRow + k
-			grp := v[k*g : (k+1)*g : (k+1)*g]
-			mb := groupMax(grp)
-			if mb >= 0x7f800000 {
-				return false // the rotation overflowed: the scalar path reports it
-			}
-			s16 := groupScale(math.Float32frombits(mb))
-			if s16 == 0x7c00 {
-				return false // the scalar path reports the overflow
-			}
-			job.scales[2*gi], job.scales[2*gi+1] = byte(s16), byte(s16>>8)
-			out := job.codes[gi*g/2 : (gi+1)*g/2]
-			y := w[k*g : (k+1)*g]
-			if s16 == 0 {
-				clear(out)
-				clear(y)
-				continue
-			}
-			quantizeGroup(grp, safetensors.F16ToF32(s16), out, y)
-		}
-		if job.rot != nil {
-			rotateInverse(job.rot, &bf, w)
-		}
-		if !sums.add(x, w, job.dt) {
-			return false
-		}
-		if sums.pending >= vectorFlushEvery {
-			sums.flush(st)
-		}
-	}
-	sums.flush(st)
-	return true
 }
 
 // nibbleShifts moves code i of a 32-bit word (4 bytes, low nibble first) to
@@ -377,66 +313,79 @@ func dequantizeGroup(in []byte, s float32, y []float32) {
 		qi := q.ShiftAllLeft(28).AsInt32x8().ShiftAllRight(28)
 		qi.ConvertToFloat32().Mul(sv).StoreSlice(y[i : i+8])
 	}
+	clearUpper() // the caller converts the next scale in scalar code
 }
 
 // encodeRow writes y (len a multiple of 8) as little-endian elements of dt
-// into out, rounding half to even as safetensors.EncodeFloat32 does. It
-// returns false if a float16 element is too large for the shortcut (|y| ≥ 65504).
-func encodeRow(y []float32, dt safetensors.DType, out []byte) bool {
-	switch dt {
-	case safetensors.F32:
+// into out, rounding half to even as safetensors.EncodeFloat32 does, with c
+// (from newHalfConv, made once per job) for float16 and bfloat16. It returns
+// false if a float16 element of this row or an earlier one converted with c
+// is too large for the shortcut (|y| ≥ 65504).
+func encodeRow(y []float32, dt safetensors.DType, out []byte, c *halfConv) bool {
+	if dt == safetensors.F32 {
 		for i := 0; i < len(y); i += 8 {
 			archsimd.LoadFloat32x8Slice(y[i : i+8]).AsUint8x32().StoreSlice(out[4*i : 4*i+32])
 		}
 		return true
-	case safetensors.F16:
-		// Round |y| to float16's spacing as roundToDType does, then scale by
-		// 2^−112: the float32 bits of the result, shifted down by 13, are the
-		// float16's exponent and mantissa (subnormals included: the product
-		// is then an exact float32 subnormal). The sign is put back last, so
-		// −0 and tiny negatives keep it, as in F32ToF16.
-		expMask := archsimd.BroadcastUint32x8(0x7f800000)
-		minExp := archsimd.BroadcastUint32x8(113 << 23)
-		offset := archsimd.BroadcastUint32x8(13<<23 | 0x400000)
-		absMask := archsimd.BroadcastUint32x8(0x7fffffff)
-		signBit := archsimd.BroadcastUint32x8(0x80000000)
-		down := archsimd.BroadcastFloat32x8(0x1p-112)
-		var mx archsimd.Uint32x8
-		half := func(v archsimd.Float32x8) archsimd.Int32x8 {
-			u := v.AsUint32x8()
-			a := u.And(absMask)
-			mx = mx.Max(a)
-			c := a.And(expMask).Max(minExp).Add(offset).AsFloat32x8()
-			r := a.AsFloat32x8().Add(c).Sub(c).Mul(down).AsUint32x8().ShiftAllRight(13)
-			return r.Or(u.And(signBit).ShiftAllRight(16)).AsInt32x8()
-		}
-		packHalves(y, out, half)
-		return maxLane(mx) < 0x477fe000
-	default: // BF16
-		one := archsimd.BroadcastUint32x8(1)
-		bias := archsimd.BroadcastUint32x8(0x7fff)
-		bf := func(v archsimd.Float32x8) archsimd.Int32x8 {
-			u := v.AsUint32x8()
-			return u.Add(bias).Add(u.ShiftAllRight(16).And(one)).ShiftAllRight(16).AsInt32x8()
-		}
-		packHalves(y, out, bf)
-		return true
+	}
+	packHalves(y, out, c)
+	return !c.f16 || maxLane(c.mx) < 0x477fe000
+}
+
+// halfConv converts float32 vectors to float16 or bfloat16 bit patterns.
+// It is a struct rather than a closure, and its shifts take their counts
+// from vectors: a closure's captured state and scalar shift counts went
+// through legacy SSE moves on every call (clearUpper).
+type halfConv struct {
+	f16                                                            bool
+	expMask, minExp, offset, absMask, signBit, one, bias, s13, s16 archsimd.Uint32x8
+	down                                                           archsimd.Float32x8
+	mx                                                             archsimd.Uint32x8 // largest |y| seen, float16 only
+}
+
+func newHalfConv(f16 bool) halfConv {
+	return halfConv{
+		f16:     f16,
+		expMask: archsimd.BroadcastUint32x8(0x7f800000), minExp: archsimd.BroadcastUint32x8(113 << 23),
+		offset: archsimd.BroadcastUint32x8(13<<23 | 0x400000), absMask: archsimd.BroadcastUint32x8(0x7fffffff),
+		signBit: archsimd.BroadcastUint32x8(0x80000000), one: archsimd.BroadcastUint32x8(1),
+		bias: archsimd.BroadcastUint32x8(0x7fff), s13: archsimd.BroadcastUint32x8(13), s16: archsimd.BroadcastUint32x8(16),
+		down: archsimd.BroadcastFloat32x8(0x1p-112),
 	}
 }
 
-// packHalves converts y to 16-bit patterns with conv (each lane's result in
-// its low 16 bits) and stores them little-endian in out.
-func packHalves(y []float32, out []byte, conv func(archsimd.Float32x8) archsimd.Int32x8) {
+// conv returns the 16-bit patterns of v, each in the low half of its lane.
+func (c *halfConv) conv(v archsimd.Float32x8) archsimd.Int32x8 {
+	u := v.AsUint32x8()
+	if !c.f16 {
+		// Bfloat16: round half to even on the bit pattern.
+		return u.Add(c.bias).Add(u.ShiftRight(c.s16).And(c.one)).ShiftRight(c.s16).AsInt32x8()
+	}
+	// Float16: round |y| to float16's spacing as roundToDType does, then
+	// scale by 2^−112: the float32 bits of the result, shifted down by 13,
+	// are the float16's exponent and mantissa (subnormals included: the
+	// product is then an exact float32 subnormal). The sign is put back
+	// last, so −0 and tiny negatives keep it, as in F32ToF16.
+	a := u.And(c.absMask)
+	c.mx = c.mx.Max(a)
+	k := a.And(c.expMask).Max(c.minExp).Add(c.offset).AsFloat32x8()
+	r := a.AsFloat32x8().Add(k).Sub(k).Mul(c.down).AsUint32x8().ShiftRight(c.s13)
+	return r.Or(u.And(c.signBit).ShiftRight(c.s16)).AsInt32x8()
+}
+
+// packHalves converts y with c and stores the 16-bit patterns little-endian
+// in out.
+func packHalves(y []float32, out []byte, c *halfConv) {
 	order := archsimd.LoadUint32x8(&packOrder)
 	i := 0
 	for ; i+16 <= len(y); i += 16 {
-		a := conv(archsimd.LoadFloat32x8Slice(y[i : i+8]))
-		b := conv(archsimd.LoadFloat32x8Slice(y[i+8 : i+16]))
+		a := c.conv(archsimd.LoadFloat32x8Slice(y[i : i+8]))
+		b := c.conv(archsimd.LoadFloat32x8Slice(y[i+8 : i+16]))
 		a.SaturateToUint16ConcatGrouped(b).AsUint32x8().Permute(order).AsUint8x32().StoreSlice(out[2*i : 2*i+32])
 	}
 	if i < len(y) { // one last vector of 8
 		var h [8]int32
-		conv(archsimd.LoadFloat32x8Slice(y[i : i+8])).Store(&h)
+		c.conv(archsimd.LoadFloat32x8Slice(y[i : i+8])).Store(&h)
 		for k, v := range h {
 			out[2*(i+k)], out[2*(i+k)+1] = byte(v), byte(v>>8)
 		}
@@ -448,6 +397,7 @@ func decodeRowsSIMD(job *rowDecodeJob) bool {
 	width := job.dt.Bits() / 8
 	rows := len(job.dst) / (dim * width)
 	y := make([]float32, dim)
+	hc := newHalfConv(job.dt == safetensors.F16)
 	var bf butterflies
 	if job.rot != nil {
 		bf = newButterflies()
@@ -465,109 +415,9 @@ func decodeRowsSIMD(job *rowDecodeJob) bool {
 		if job.rot != nil {
 			rotateInverse(job.rot, &bf, y)
 		}
-		if !encodeRow(y, job.dt, job.dst[r*dim*width:(r+1)*dim*width]) {
+		if !encodeRow(y, job.dt, job.dst[r*dim*width:(r+1)*dim*width], &hc) {
 			return false
 		}
-	}
-	return true
-}
-
-func encodeChannelsSIMD(job *channelJob, st *tensorStats) bool {
-	dim, keep, g := job.dim, job.keep, job.group
-	width := job.dt.Bits() / 8
-	groupsRow := (keep + g - 1) / g
-	// One group of positions at a time (g rows, a few KiB), so the block
-	// stays in cache: decode and rotate its rows, quantize each channel,
-	// then undo the rotation and measure.
-	x := job.x[:g*dim] // the rows as read
-	w := job.w[:g*dim] // rotated, then the reconstruction
-	var bf butterflies
-	if job.rot != nil {
-		bf = newButterflies()
-	}
-	// Each lane packs its channel's codes, 8 positions to a 32-bit word, low
-	// nibble first; col holds every channel's packed stream, (keep+7)/8
-	// words each, until they are copied to their nibble offsets at the end.
-	wordsPer := (keep + 7) / 8
-	col := job.packed[:4*dim*wordsPer]
-	absMask := archsimd.BroadcastUint32x8(0x7fffffff)
-	nib := archsimd.BroadcastUint32x8(0xf)
-	lo := archsimd.BroadcastFloat32x8(qmin)
-	hi := archsimd.BroadcastFloat32x8(qmax)
-	var mx, words [8]uint32
-	var div, live [8]float32
-	var sums errorSums
-	for k := range groupsRow {
-		t0, t1 := k*g, min((k+1)*g, keep)
-		n := (t1 - t0) * dim
-		for t := t0; t < t1; t++ {
-			r := (t - t0) * dim
-			if !decodeRow(job.src[t*dim*width:(t+1)*dim*width], job.dt, x[r:r+dim]) {
-				return false
-			}
-		}
-		copy(w[:n], x[:n])
-		if job.rot != nil {
-			for r := 0; r < n; r += dim {
-				rotateForward(job.rot, &bf, w[r:r+dim])
-			}
-		}
-		for cb := 0; cb < dim; cb += 8 {
-			var m archsimd.Uint32x8
-			for r := cb; r < n; r += dim {
-				m = m.Max(archsimd.LoadFloat32x8Slice(w[r : r+8]).AsUint32x8().And(absMask))
-			}
-			m.Store(&mx)
-			for l := range 8 {
-				if mx[l] >= 0x7f800000 {
-					return false // the rotation overflowed: the scalar path reports it
-				}
-				s16 := groupScale(math.Float32frombits(mx[l]))
-				if s16 == 0x7c00 {
-					return false // the scalar path reports the overflow
-				}
-				gi := (cb+l)*groupsRow + k
-				job.scales[2*gi], job.scales[2*gi+1] = byte(s16), byte(s16>>8)
-				// A zero scale gives code 0: divide by 1, then zero the lane.
-				div[l], live[l] = safetensors.F16ToF32(s16), 1
-				if s16 == 0 {
-					div[l], live[l] = 1, 0
-				}
-			}
-			sv, lv := archsimd.LoadFloat32x8(&div), archsimd.LoadFloat32x8(&live)
-			var acc archsimd.Uint32x8
-			for t := t0; t < t1; t++ {
-				v := w[(t-t0)*dim+cb : (t-t0)*dim+cb+8]
-				q := archsimd.LoadFloat32x8Slice(v).Div(sv).RoundToEven().Max(lo).Min(hi).Mul(lv)
-				q.Mul(sv).StoreSlice(v)
-				acc = acc.Or(q.ConvertToInt32().AsUint32x8().And(nib).ShiftAllLeft(uint64(4 * (t % 8))))
-				if t%8 == 7 || t == t1-1 {
-					acc.Store(&words)
-					for l, wd := range words {
-						o := 4 * ((cb+l)*wordsPer + t/8)
-						col[o], col[o+1], col[o+2], col[o+3] = byte(wd), byte(wd>>8), byte(wd>>16), byte(wd>>24)
-					}
-					acc = archsimd.Uint32x8{}
-				}
-			}
-		}
-		for r := 0; r < n; r += dim {
-			y := w[r : r+dim]
-			if job.rot != nil {
-				rotateInverse(job.rot, &bf, y)
-			}
-			if !sums.add(x[r:r+dim], y, job.dt) {
-				return false
-			}
-			if sums.pending >= vectorFlushEvery {
-				sums.flush(st)
-			}
-		}
-	}
-	sums.flush(st)
-	clear(job.codes)
-	for d := range dim {
-		packNibbles(job.codes, d*keep, col[4*d*wordsPer:], keep)
 	}
 	return true
 }
@@ -576,11 +426,19 @@ func decodeChannelsSIMD(job *rowDecodeJob, keep int, y []float32) bool {
 	dim, g := job.dim, job.group
 	width := job.dt.Bits() / 8
 	groupsRow := (keep + g - 1) / g
+	hc := newHalfConv(job.dt == safetensors.F16)
 	nib := archsimd.BroadcastUint32x8(0xf)
 	var words [8]uint32
 	var scl [8]float32
+	// Code j's shift within a word, as vectors: a shift by a scalar count
+	// would load it with a legacy SSE move (clearUpper).
+	var shifts [8]archsimd.Uint32x8
+	for j := range shifts {
+		shifts[j] = archsimd.BroadcastUint32x8(uint32(4 * j))
+	}
 	for cb := 0; cb < dim; cb += 8 {
 		for k := range groupsRow {
+			clearUpper() // scalar float code follows
 			for l := range 8 {
 				gi := (cb+l)*groupsRow + k
 				s16 := uint16(job.scales[2*gi]) | uint16(job.scales[2*gi+1])<<8
@@ -597,7 +455,7 @@ func decodeChannelsSIMD(job *rowDecodeJob, keep int, y []float32) bool {
 				wv := archsimd.LoadUint32x8(&words)
 				for t := t0; t < min(t0+8, keep); t++ {
 					// Lane l takes code t−t0 of its word, sign-extended.
-					q := wv.ShiftAllRight(uint64(4 * (t - t0))).And(nib)
+					q := wv.ShiftRight(shifts[t-t0]).And(nib)
 					qi := q.ShiftAllLeft(28).AsInt32x8().ShiftAllRight(28)
 					qi.ConvertToFloat32().Mul(sv).StoreSlice(y[t*dim+cb : t*dim+cb+8])
 				}
@@ -613,7 +471,7 @@ func decodeChannelsSIMD(job *rowDecodeJob, keep int, y []float32) bool {
 		if job.rot != nil {
 			rotateInverse(job.rot, &bf, row)
 		}
-		if !encodeRow(row, job.dt, job.dst[t*dim*width:(t+1)*dim*width]) {
+		if !encodeRow(row, job.dt, job.dst[t*dim*width:(t+1)*dim*width], &hc) {
 			return false
 		}
 	}

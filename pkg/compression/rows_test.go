@@ -126,6 +126,22 @@ func TestRowEncoderMatchesScalar(t *testing.T) {
 				{"channel-keys-default", Config{GroupSize: 64, Rotate: RotateHadamard, KeyAxis: KeyAxisChannel, Sink: 1}},
 				{"channel-keys-G32", Config{GroupSize: 32, KeyAxis: KeyAxisChannel}},
 				{"channel-keys-G128-sink3", Config{GroupSize: 128, Rotate: RotateHadamard, KeyAxis: KeyAxisChannel, Sink: 3}},
+				{"default-exact-metrics", Config{GroupSize: 64, Rotate: RotateHadamard, KeyAxis: KeyAxisChannel, Sink: 1, ExactMetrics: true}},
+				{"asym-G64", Config{GroupSize: 64, Scheme: SchemeAsym}},
+				{"asym-hadamard-G32-sink3", Config{GroupSize: 32, Scheme: SchemeAsym, Rotate: RotateHadamard, Sink: 3}},
+				{"asym-hadamard-G64-exact", Config{GroupSize: 64, Scheme: SchemeAsym, Rotate: RotateHadamard, ExactMetrics: true}},
+				{"asym-channel-keys-default", Config{GroupSize: 64, Scheme: SchemeAsym, Rotate: RotateHadamard, KeyAxis: KeyAxisChannel, Sink: 1}},
+				{"asym-channel-keys-G32", Config{GroupSize: 32, Scheme: SchemeAsym, KeyAxis: KeyAxisChannel}},
+				{"b3-G64", Config{GroupSize: 64, Bits: 3}},
+				{"b3-hadamard-G128-sink2", Config{GroupSize: 128, Bits: 3, Rotate: RotateHadamard, Sink: 2}},
+				{"b3-asym-channel-keys-default", Config{GroupSize: 64, Bits: 3, Scheme: SchemeAsym, Rotate: RotateHadamard, KeyAxis: KeyAxisChannel, Sink: 1}},
+				{"b3-channel-keys-G32-exact", Config{GroupSize: 32, Bits: 3, Rotate: RotateHadamard, KeyAxis: KeyAxisChannel, ExactMetrics: true}},
+				{"b2-G32", Config{GroupSize: 32, Bits: 2}},
+				{"b2-asym-hadamard-G64", Config{GroupSize: 64, Bits: 2, Scheme: SchemeAsym, Rotate: RotateHadamard}},
+				{"b2-channel-keys-default", Config{GroupSize: 64, Bits: 2, Rotate: RotateHadamard, KeyAxis: KeyAxisChannel, Sink: 1}},
+				{"b2-asym-channel-keys-G128-sink3", Config{GroupSize: 128, Bits: 2, Scheme: SchemeAsym, KeyAxis: KeyAxisChannel, Sink: 3}},
+				{"keys-b2-values-b3-asym", Config{GroupSize: 32, KeyBits: 2, ValueBits: 3, Scheme: SchemeAsym, Rotate: RotateHadamard}},
+				{"b8-hadamard-scalar", Config{GroupSize: 64, Bits: 8, Rotate: RotateHadamard}},
 			} {
 				if dim%c.cfg.GroupSize != 0 {
 					continue
@@ -238,12 +254,18 @@ func FuzzRowEncoder(f *testing.F) {
 		{GroupSize: 32}, {GroupSize: 64}, DefaultConfig(),
 		{GroupSize: 32, Rotate: RotateHadamard, Sink: 1}, {GroupSize: 64, Sink: 2},
 		{GroupSize: 64, Rotate: RotateHadamard, KeyAxis: KeyAxisChannel, Sink: 1}, {GroupSize: 32, KeyAxis: KeyAxisChannel},
+		// Asymmetric, 3-bit and 2-bit codes, along either axis, rotated or
+		// not, measured in either basis.
+		{GroupSize: 32, Scheme: SchemeAsym}, {GroupSize: 64, Scheme: SchemeAsym, Rotate: RotateHadamard, KeyAxis: KeyAxisChannel, Sink: 1},
+		{GroupSize: 32, Bits: 3, Rotate: RotateHadamard}, {GroupSize: 32, Bits: 3, Scheme: SchemeAsym, KeyAxis: KeyAxisChannel},
+		{GroupSize: 32, Bits: 2, Sink: 1}, {GroupSize: 32, Bits: 2, Scheme: SchemeAsym, Rotate: RotateHadamard, KeyAxis: KeyAxisChannel, ExactMetrics: true},
+		{GroupSize: 32, Bits: 3, Rotate: RotateHadamard, KeyAxis: KeyAxisChannel, Sink: 1},
 	}
 	dims := []int{8, 16, 32, 64}
 	f.Fuzz(func(t *testing.T, sel uint8, data []byte) {
 		dt := dtypes[int(sel)%len(dtypes)]
 		cfg := configs[int(sel/3)%len(configs)]
-		dim := max(dims[int(sel/15)%len(dims)], cfg.GroupSize)
+		dim := max(dims[int(sel/45)%len(dims)], cfg.GroupSize)
 		width := dt.Bits() / 8
 		rows := len(data) / (dim * width)
 		if rows == 0 {
@@ -377,6 +399,37 @@ func TestSignedZeroGroupsDecode(t *testing.T) {
 	}
 }
 
+// TestPackBits compares packBits with a bit-at-a-time reference for every
+// start offset within a byte and lengths up to 100 bits, next to other data.
+func TestPackBits(t *testing.T) {
+	rng := rand.New(rand.NewPCG(5, 6))
+	for at := range 16 {
+		for n := range 100 {
+			bits := make([]byte, n)
+			for i := range bits {
+				bits[i] = byte(rng.IntN(2))
+			}
+			src := make([]byte, (n+7)/8+1) // packed, zero-padded as the encoder leaves it
+			for i, b := range bits {
+				src[i/8] |= b << (i % 8)
+			}
+			want := make([]byte, (at+n+15)/8)
+			if at > 0 { // a neighbour's bit just before ours
+				want[(at-1)/8] |= 1 << ((at - 1) % 8)
+			}
+			got := append([]byte(nil), want...)
+			for i, b := range bits {
+				k := at + i
+				want[k/8] |= b << (k % 8)
+			}
+			packBits(got, at, src, n)
+			if !bytes.Equal(got, want) {
+				t.Fatalf("at %d, n %d: got %x, want %x", at, n, got, want)
+			}
+		}
+	}
+}
+
 // TestPackNibbles compares packNibbles with a nibble-at-a-time reference for
 // every start parity and length up to 80 codes, next to other data.
 func TestPackNibbles(t *testing.T) {
@@ -403,6 +456,33 @@ func TestPackNibbles(t *testing.T) {
 			packNibbles(got, at, src, n)
 			if !bytes.Equal(got, want) {
 				t.Fatalf("at %d, n %d: got %x, want %x", at, n, got, want)
+			}
+		}
+	}
+}
+
+// TestVectorEncoderTakesEveryWidth checks that the vector encoders do take
+// (and do not silently decline) the asymmetric scheme and 2- and 3-bit codes
+// along both axes, rotated or not, on ordinary data: a decline would leave
+// the bytes right and the speed gone.
+func TestVectorEncoderTakesEveryWidth(t *testing.T) {
+	src := kvCache(t, 1, 2, 40, 64, safetensors.F16, 3)
+	for _, scheme := range []string{SchemeSym, SchemeAsym} {
+		for _, bits := range []int{2, 3, 4} {
+			for _, cfg := range []Config{
+				{GroupSize: 32, Scheme: scheme, Bits: bits},
+				{GroupSize: 64, Scheme: scheme, Bits: bits, Rotate: RotateHadamard, KeyAxis: KeyAxisChannel, Sink: 1},
+			} {
+				for _, tn := range src.Tensors {
+					p, err := planFor(tn.Name, tn.Shape, cfg)
+					if err != nil {
+						t.Fatal(err)
+					}
+					_, ok := encodeVectorRows(&tn, p, &generalScratch{})
+					if ok != haveSIMD {
+						t.Errorf("%s %s: vector encoder ran %v, want %v", codecName(cfg), tn.Name, ok, haveSIMD)
+					}
+				}
 			}
 		}
 	}

@@ -5,6 +5,8 @@ import (
 	"math"
 	"regexp"
 	"strconv"
+
+	"github.com/kv-cache-p2p/validation/pkg/safetensors"
 )
 
 // Quantization schemes, rotations and key axes accepted by Config.
@@ -54,11 +56,51 @@ type tensorPlan struct {
 	Rotate string
 	Sink   int // leading positions along the sequence axis kept exact
 	Group  int
+	// exact asks for the error in the original basis (Config.ExactMetrics);
+	// it is not part of the format.
+	exact bool
 }
 
 // fast reports whether the plan is the original scheme, which has a tuned path.
 func (p tensorPlan) fast() bool {
 	return p.Scheme == SchemeSym && p.Bits == 4 && p.Axis == AxisLast && p.Rotate == RotateNone && p.Sink == 0
+}
+
+// rotatedMetrics reports whether a tensor of dtype dt is measured in the
+// rotated basis: its error taken between the rotated values and their
+// quantized reconstruction, before the inverse rotation and the rounding to
+// the stored dtype, which saves the inverse rotation. The rotation is
+// orthonormal, so Σ(x−y)², Σx², Σy² and Σxy are the same there up to float32
+// rounding and that final rounding; the largest error becomes the largest
+// over rotated coefficients (docs/cli.md). The final rounding's share of the
+// error energy is at most 2^-2p·Σy²/Σ(x−y)² for a dtype of p significant bits
+// (11 for float16, 8 for bfloat16): about 0.1% of the RMSE or less at 2 to 4 bits, but not at 8 bits in float16 or
+// bfloat16, which are measured in the original basis. So are tensors
+// sparsified before the rotation, whose sparsification error would not show,
+// and every tensor under Config.ExactMetrics.
+//
+// A tensor whose rotated values reach rotatedMetricsLimit is measured in the
+// original basis too (encodeGeneral checks it): its reconstruction might
+// leave the dtype's range, which only the original basis shows.
+func (p tensorPlan) rotatedMetrics(dt safetensors.DType, sparsity float64) bool {
+	if p.Rotate != RotateHadamard || p.exact || sparsity != 0 {
+		return false
+	}
+	return p.Bits <= 4 || dt == safetensors.F32 || dt == safetensors.F64
+}
+
+// rotatedMetricsLimit is the magnitude of a rotated value from which the
+// reconstruction of its row might reach dt's largest finite value. A
+// reconstructed coefficient is at most twice the group's largest magnitude
+// (2-bit symmetric codes reach −2·scale with scale = max), and each restored
+// element sums n coefficients times 1/√n, so it stays below 2·√n times the
+// largest rotated value.
+func rotatedMetricsLimit(dt safetensors.DType, n int) float32 {
+	top := 3.3895313892515355e38 // bfloat16's and (about) float32's largest finite value
+	if dt == safetensors.F16 {
+		top = 65504
+	}
+	return float32(top / (2 * math.Sqrt(float64(n))))
 }
 
 // geometry views a tensor of rank >= 1 as [outer, seq, dim]: dim is the last
@@ -79,7 +121,7 @@ func geometryOf(shape []int64) geometry {
 // planFor chooses the plan of a floating tensor from the configuration and
 // checks that its shape allows it.
 func planFor(name string, shape []int64, cfg Config) (tensorPlan, error) {
-	p := tensorPlan{Scheme: cfg.scheme(), Bits: cfg.bits(), Axis: AxisLast, Rotate: cfg.rotate(), Group: cfg.GroupSize}
+	p := tensorPlan{Scheme: cfg.scheme(), Bits: cfg.bits(), Axis: AxisLast, Rotate: cfg.rotate(), Group: cfg.GroupSize, exact: cfg.ExactMetrics}
 	switch Role(name) {
 	case "key":
 		p.Bits = cfg.keyBits()
