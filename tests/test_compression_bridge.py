@@ -186,8 +186,10 @@ def test_print_metrics_report(capsys, cache_file: Path, kv_compress_bin: str) ->
 
 def test_cli_version(kv_compress_bin: str) -> None:
     v = cb.cli_version()
-    assert v["format"] == "kv-compress" and v["format_version"] == 1
+    assert v["format"] == "kv-compress" and v["format_version"] == 2 and v["readable_format_versions"] == [1, 2]
     assert v["encoder"] in ("avx2", "scalar")
+    assert tuple(p["name"] for p in v["presets"]) == cb.BUILTIN_PRESETS
+    assert v["presets"][1]["codec"] == v["default_codec"]
 
 
 def test_bench_labels_the_encoder(kv_compress_bin: str) -> None:

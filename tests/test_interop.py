@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -41,7 +42,7 @@ def resolved_codec(metrics: cb.CompressionMetrics) -> dict:
     """The codec options the binary reports it used, as plan_for keyword arguments."""
     c = metrics.codec
     return dict(scheme=c["scheme"], rotate=c["rotate"], key_axis=c["key_axis"], sink=c["sink"], bits=c["bits"],
-                key_bits=c["key_bits"], value_bits=c["value_bits"])
+                key_bits=c["key_bits"], value_bits=c["value_bits"], roles=c.get("roles"))
 
 
 def assert_bit_exact(original, rebuilt, metrics: cb.CompressionMetrics) -> None:
@@ -129,7 +130,7 @@ def test_python_reads_go_container(tmp_path: Path, kv_compress_bin: str) -> None
     with safe_open(str(packed), framework="pt") as f:
         meta = f.metadata()
         payloads = {k: f.get_tensor(k) for k in f.keys()}
-    assert meta["format"] == "kv-compress" and meta["format_version"] == "1"
+    assert meta["format"] == "kv-compress" and meta["format_version"] == "2"
     assert set(payloads) == {f"layer_{i}_{kind}.{part}" for i in range(2) for kind in ("key", "value") for part in ("codes", "scales")}
     assert all(t.dtype == torch.uint8 and t.dim() == 1 for t in payloads.values())
 
@@ -159,6 +160,34 @@ def test_schemes_bit_exact(codec, dtype: str, tmp_path: Path, kv_compress_bin: s
     assert_bit_exact(cache, rebuilt, metrics)
     for k, v in codec.items():
         assert metrics.codec[k] == v
+
+
+PRESET_FILE = {
+    "name": "per-role-test",
+    "codec": {"bits": 4, "sink": 1},
+    "keys": {"scheme": "asym", "rotate": "none", "axis": "channel", "group_size": 256},
+    "values": {"bits": 3, "group_size": 32},
+    "layers": [{"layers": [1], "keys": {"bits": 8, "sink": 3}, "values": {"scheme": "asym", "axis": "channel", "group_size": 512}}],
+}
+
+
+@pytest.mark.parametrize("preset", ["seed", "default", "compact", "near-lossless", "file"])
+def test_presets_bit_exact(preset: str, tmp_path: Path, kv_compress_bin: str) -> None:
+    """Every built-in preset and a per-role, per-layer preset file reconstruct exactly as the torch
+    reference does with the plans the binary reports (groups of up to 512 along 600 tokens)."""
+    if preset == "file":
+        path = tmp_path / "preset.json"
+        path.write_text(json.dumps(PRESET_FILE))
+        preset = str(path)
+    cache = layers_to_cache(random_layers(3, 2, 600, 64, torch.float16, seed=21))
+    rebuilt, metrics = cb.roundtrip_kv_cache(cache, str(tmp_path), preset=preset)
+    assert metrics.preset == metrics.codec["preset"] and metrics.preset_modified_by == []
+    assert sum(metrics.bytes_by_part.values()) == metrics.compressed_size_bytes
+    if metrics.preset == "seed":
+        assert set(metrics.entropy_stages) <= {"lz4", "stored"}
+    else:
+        assert {"huff0", "zstd"} & set(metrics.entropy_stages), metrics.entropy_stages
+    assert_bit_exact(cache, rebuilt, metrics)
 
 
 @pytest.mark.parametrize("codec", [SCHEMES["asym"], SCHEMES["channel-keys-sink"]], ids=["asym", "channel-keys-sink"])

@@ -622,11 +622,23 @@ def test_load_model_and_tokenizer_embedded_alias(embedded_ready, offline_hub, kv
     ("argv", "want"),
     [
         ([], {}),
-        (["--seed-scheme"], {"scheme": "sym", "rotate": "none", "key_axis": "token", "sink": 0}),
-        (["--seed-scheme", "--sink", "2", "--bits", "8"], {"scheme": "sym", "rotate": "none", "key_axis": "token", "sink": 2, "bits": 8}),
+        (["--seed-scheme"], {"preset": "seed"}),
+        (["--seed-scheme", "--sink", "2", "--bits", "8"], {"preset": "seed", "sink": 2, "bits": 8}),
+        (["--preset", "compact", "--entropy", "lz4"], {"preset": "compact", "entropy": "lz4"}),
         (["--key-axis", "token"], {"key_axis": "token"}),
     ],
-    ids=["binary-defaults", "seed", "seed-with-explicit-flags", "one-flag"],
+    ids=["binary-defaults", "seed", "seed-with-explicit-flags", "preset-and-entropy", "one-flag"],
 )
 def test_codec_from_args(argv, want) -> None:
     assert cli.codec_from_args(cli.build_parser().parse_args(argv)) == want
+
+
+def test_seed_scheme_conflicts_with_another_preset() -> None:
+    with pytest.raises(vp.ValidationError, match="conflicts with --preset compact"):
+        cli.codec_from_args(cli.build_parser().parse_args(["--seed-scheme", "--preset", "compact"]))
+
+
+@pytest.mark.parametrize("preset", ["tiny", "no/such/file.json"], ids=["unknown-name", "missing-file"])
+def test_bad_preset_is_refused_before_any_work(preset: str) -> None:
+    with pytest.raises(vp.ValidationError, match="preset must be one of"):
+        cli.options_from_args(cli.build_parser().parse_args(["--preset", preset]), {"preset": preset}).check()

@@ -15,7 +15,7 @@ import traceback
 from typing import Any, Dict, Optional, Sequence
 
 from validation import distributed
-from validation.compression_bridge import ALLOWED_BITS, ALLOWED_KEY_AXES, ALLOWED_ROTATIONS, ALLOWED_SCHEMES
+from validation.compression_bridge import ALLOWED_BITS, ALLOWED_ENTROPY, ALLOWED_KEY_AXES, ALLOWED_ROTATIONS, ALLOWED_SCHEMES
 from validation.jsonio import write_json_atomic
 from validation.models import configure_threads
 from validation.options import (
@@ -33,7 +33,6 @@ from validation.options import (
     DEFAULT_WINDOWS,
     GATES,
     GROUP_SIZES,
-    SEED_CODEC,
     ValidationError,
     ValidationOptions,
 )
@@ -84,9 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     codec.add_argument("--key-axis", choices=ALLOWED_KEY_AXES,
                        help="group keys along head_dim (token) or along the sequence per channel (channel)")
     codec.add_argument("--sink", type=int, metavar="N", help="first N positions of every tensor kept exact")
+    codec.add_argument("--preset", metavar="NAME|FILE",
+                       help="kv-compress preset: seed, default, compact, near-lossless, or a JSON preset file "
+                            "(docs/cli.md); the other codec flags apply on top of it")
+    codec.add_argument("--entropy", choices=ALLOWED_ENTROPY, help="entropy stage: auto (default), lz4 or none")
     codec.add_argument("--seed-scheme", action="store_true",
-                       help="the seed's scheme: sym, no rotation, key axis token, no sink (explicit codec flags "
-                            "still apply)")
+                       help="same as --preset seed: sym, G = 64, no rotation, key axis token, no sink, LZ4 "
+                            "(explicit codec flags still apply)")
     codec.add_argument("--bits", type=int, choices=ALLOWED_BITS, help="code width of keys and values")
     codec.add_argument("--key-bits", type=int, choices=ALLOWED_BITS, help="code width of keys (overrides --bits)")
     codec.add_argument("--value-bits", type=int, choices=ALLOWED_BITS, help="code width of values (overrides --bits)")
@@ -103,11 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def codec_from_args(args: argparse.Namespace) -> Dict[str, Any]:
-    """The codec options given on the command line; ``--seed-scheme`` fills in the seed's
-    scheme, rotation, key axis and sink wherever no flag names them."""
+    """The codec options given on the command line; ``--seed-scheme`` is ``--preset seed``
+    (the binary fills in the seed's scheme, rotation, key axis, sink and LZ4 wherever no
+    flag names them)."""
     codec = {k: getattr(args, k) for k in CODEC_KEYS if getattr(args, k) is not None}
     if args.seed_scheme:
-        codec = {**{k: SEED_CODEC[k] for k in ("scheme", "rotate", "key_axis", "sink")}, **codec}
+        if codec.get("preset", "seed") != "seed":
+            raise ValidationError(f"--seed-scheme is --preset seed; it conflicts with --preset {codec['preset']}")
+        codec["preset"] = "seed"
     return codec
 
 

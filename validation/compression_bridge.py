@@ -27,7 +27,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 BINARY_NAME = "kv-compress"
 ENV_BINARY = "KV_COMPRESS_PATH"
@@ -36,6 +36,10 @@ ALLOWED_SCHEMES: Tuple[str, ...] = ("sym", "asym")
 ALLOWED_ROTATIONS: Tuple[str, ...] = ("none", "hadamard")
 ALLOWED_KEY_AXES: Tuple[str, ...] = ("token", "channel")
 ALLOWED_BITS: Tuple[int, ...] = (2, 3, 4, 8)
+ALLOWED_ENTROPY: Tuple[str, ...] = ("auto", "lz4", "none")
+# Built-in presets of the binary (``kv-compress version`` lists them); any other
+# ``preset`` must be the path of a JSON preset file (schema in docs/cli.md).
+BUILTIN_PRESETS: Tuple[str, ...] = ("seed", "default", "compact", "near-lossless")
 DEFAULT_TIMEOUT_S = 600.0
 # The binary's scale-free verdict (docs/cli.md): passed = SNR > 18 dB and cosine > 0.99.
 VERDICT_MIN_SNR_DB = 18.0
@@ -116,6 +120,11 @@ class CompressionMetrics:
     fp16_size_bytes: int = 0
     disk_ratio_vs_fp16: float = math.nan
     codec: Dict[str, Any] = field(default_factory=dict)
+    preset: str = ""
+    preset_modified_by: List[str] = field(default_factory=list)
+    bytes_by_part: Dict[str, int] = field(default_factory=dict)
+    bits_per_element_by_part: Dict[str, float] = field(default_factory=dict)
+    entropy_stages: Dict[str, Dict[str, int]] = field(default_factory=dict)
     timings_ms: Dict[str, float] = field(default_factory=dict)
     tensors: List[Dict[str, Any]] = field(default_factory=list)
     extra: Dict[str, Any] = field(default_factory=dict)
@@ -291,15 +300,27 @@ def codec_args(
     bits: Optional[int] = None,
     key_bits: Optional[int] = None,
     value_bits: Optional[int] = None,
+    preset: Optional[Union[str, os.PathLike]] = None,
+    entropy: Optional[str] = None,
 ) -> List[str]:
     """Validate codec options and turn them into ``kv-compress`` flags.
 
-    ``None`` leaves an option to the binary's default, so the Python side never
-    disagrees with the Go side about what the default codec is.
+    ``None`` leaves an option to the binary's default (or to the preset's), so
+    the Python side never disagrees with the Go side about what a codec is.
+    ``preset`` is a built-in name (``BUILTIN_PRESETS``) or a JSON preset file;
+    the other options apply on top of it, as the binary's flags do.
     """
     _check_group_size(group_size)
     _check_sparsity(sparsity)
     args = ["--group-size", str(group_size), "--sparsity", repr(float(sparsity))]
+    if preset is not None:
+        name = os.fspath(preset)
+        if name not in BUILTIN_PRESETS and not os.path.isfile(name):
+            raise ValueError(f"preset must be one of {list(BUILTIN_PRESETS)} or an existing JSON preset file, got {name!r}")
+        args += ["--preset", name]
+    if entropy is not None:
+        _check_choice("entropy", entropy, ALLOWED_ENTROPY)
+        args += ["--entropy", entropy]
     for flag, value, allowed in (
         ("scheme", scheme, ALLOWED_SCHEMES),
         ("rotate", rotate, ALLOWED_ROTATIONS),
@@ -349,8 +370,10 @@ def compress_kv_cache(
             for scratch folders whose files need not survive a crash.
         **codec: ``scheme`` ("sym" | "asym"), ``rotate`` ("none" | "hadamard"),
             ``key_axis`` ("token" | "channel"), ``sink`` (positions kept exact),
-            ``bits`` / ``key_bits`` / ``value_bits`` (2, 3, 4 or 8); omitted ones
-            take the binary's defaults (see docs/cli.md).
+            ``bits`` / ``key_bits`` / ``value_bits`` (2, 3, 4 or 8), ``entropy``
+            ("auto" | "lz4" | "none"), ``preset`` (a built-in name or a JSON
+            preset file, the base the other options modify); omitted ones take
+            the binary's defaults (see docs/cli.md).
 
     Returns:
         CompressionMetrics with sizes, quality and timing.

@@ -21,7 +21,7 @@ WIKITEXT_IDS = ("Salesforce/wikitext", "wikitext")
 WIKITEXT_CONFIG = "wikitext-2-raw-v1"
 GROUP_SIZES = (32, 64, 128)
 # Codec options besides group size and sparsity; None = the kv-compress binary's default.
-CODEC_KEYS = ("scheme", "rotate", "key_axis", "sink", "bits", "key_bits", "value_bits")
+CODEC_KEYS = ("scheme", "rotate", "key_axis", "sink", "bits", "key_bits", "value_bits", "entropy", "preset")
 # The seed's scheme (symmetric INT4, G = 64, no rotation), pinned where a check is specific to it.
 SEED_CODEC: Dict[str, Any] = {"scheme": "sym", "rotate": "none", "key_axis": "token", "sink": 0, "bits": 4,
                               "key_bits": 4, "value_bits": 4}
@@ -79,6 +79,8 @@ class ValidationOptions:
     bits: Optional[int] = None
     key_bits: Optional[int] = None
     value_bits: Optional[int] = None
+    entropy: Optional[str] = None
+    preset: Optional[str] = None
     plots: Optional[str] = None
 
     @property
@@ -148,5 +150,11 @@ def describe_codec(codec: Optional[Dict[str, Any]]) -> str:
              f"sink {codec.get('sink', 0)}"]
     if codec.get("sparsity"):
         parts.append(f"sparsity {codec['sparsity']:g}")
-    return ", ".join(parts)
+    if codec.get("roles"):
+        parts.append("per-role plans")
+    if codec.get("entropy"):
+        parts.append(f"entropy {codec['entropy']}")
+    if codec.get("preset"):
+        parts.insert(0, f"preset {codec['preset']}:")
+    return ", ".join(parts).replace(":,", ":")
 

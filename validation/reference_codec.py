@@ -29,6 +29,12 @@ shape ``[..., S, D]`` (a vector is ``[1, D]``), with ``N`` sink positions:
    half to even to the original dtype, saturating: a value that would round past
    the dtype's largest finite value (65504 for float16) becomes that value, never
    Inf (``to_dtype_saturating``); the sink rows are the original values.
+
+Format version 2 adds per-role, per-layer plans (``plan_for(..., roles=...)``, the
+``keys`` / ``values`` / ``layers`` objects of a preset file): a tensor may carry its own
+scheme, width, rotation, axis, sink and group size (``TensorPlan.group``). The entropy
+stage of version 2 is lossless and outside this module: it does not change a bit of
+the reconstruction.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -71,6 +77,7 @@ class TensorPlan:
     axis: str = "last"
     rotate: str = "none"
     sink: int = 0
+    group: Optional[int] = None  # the tensor's own group size (format 2); None: the codec's
 
 
 def role(name: str) -> str:
@@ -82,14 +89,44 @@ def role(name: str) -> str:
     return "other"
 
 
+def _layer(name: str) -> int:
+    m = _KEY.match(name) or _VALUE.match(name)
+    return int(m.group(1)) if m else -1
+
+
 def plan_for(name: str, shape, *, scheme: str = "sym", rotate: str = "none", key_axis: str = "token",
-             sink: int = 0, bits: int = 4, key_bits: Optional[int] = None, value_bits: Optional[int] = None) -> TensorPlan:
-    """The per-tensor plan the binary derives from its flags and a tensor's name and shape."""
+             sink: int = 0, bits: int = 4, key_bits: Optional[int] = None, value_bits: Optional[int] = None,
+             roles: Optional[Dict[str, Any]] = None) -> TensorPlan:
+    """The per-tensor plan the binary derives from its flags and a tensor's name and shape.
+
+    ``roles`` is a preset file's per-role part (``{"keys": {...}, "values": {...},
+    "layers": [{"layers": [i, ...], "keys": {...}, "values": {...}}]}``, fields
+    ``scheme``, ``bits``, ``group_size``, ``rotate``, ``axis`` ("token" | "channel"),
+    ``sink``): the role's plan applies first, then every layer plan listing the
+    tensor's layer, in order; an absent field keeps the value below it.
+    """
     r = role(name)
     b = {"key": key_bits or bits, "value": value_bits or bits}.get(r, bits)
     axis = "seq" if r == "key" and key_axis == "channel" and len(shape) >= 2 else "last"
-    kept = min(sink, shape[-2]) if len(shape) >= 2 else 0
-    return TensorPlan(scheme=scheme, bits=b, axis=axis, rotate=rotate, sink=kept)
+    plan = {"scheme": scheme, "bits": b, "axis": axis, "rotate": rotate, "group": None}
+    want_sink = sink
+    key = {"key": "keys", "value": "values"}.get(r)
+    if roles and key:
+        layer = _layer(name)
+        for rp in [roles.get(key)] + [lp.get(key) for lp in roles.get("layers") or [] if layer in lp["layers"]]:
+            if not rp:
+                continue
+            for field_name, plan_key in (("scheme", "scheme"), ("bits", "bits"), ("rotate", "rotate"), ("group_size", "group")):
+                if rp.get(field_name):
+                    plan[plan_key] = rp[field_name]
+            if rp.get("axis") == "channel" and len(shape) >= 2:
+                plan["axis"] = "seq"
+            elif rp.get("axis") == "token":
+                plan["axis"] = "last"
+            if rp.get("sink") is not None:
+                want_sink = rp["sink"]
+    kept = min(want_sink, shape[-2]) if len(shape) >= 2 else 0
+    return TensorPlan(sink=kept, **plan)
 
 
 def splitmix64(seed: int, i: int) -> int:
@@ -173,6 +210,7 @@ def _group_stats(rows: torch.Tensor, group: int):
 def encode_reference(x: torch.Tensor, group_size: int, sparsity: float = 0.0, *, plan: Optional[TensorPlan] = None) -> ReferenceEncoding:
     """Encode ``x`` ``[..., S, D]`` with ``plan`` (default: sym, 4 bits, last axis); see the module docstring."""
     p = plan or TensorPlan()
+    group_size = p.group or group_size
     if x.dim() == 0:
         raise ValueError("a scalar has no axis to group along")
     if p.axis == "last" and x.shape[-1] % group_size != 0:

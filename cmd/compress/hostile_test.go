@@ -142,7 +142,8 @@ func writeContainer(t *testing.T, path string, entries []string, payloads [][]ho
 	h.Write([]byte{0})
 	h.Write([]byte(tj))
 	h.Write([]byte{0})
-	md := map[string]string{"format": "kv-compress", "format_version": "1", "codec": string(codec), "tensors": tj,
+	// The codec record is this build's default, so the version is the one it writes.
+	md := map[string]string{"format": "kv-compress", "format_version": fmt.Sprint(compression.FormatVersion), "codec": string(codec), "tensors": tj,
 		"index_crc32c": fmt.Sprintf("%08x", h.Sum32())}
 	if err := safetensors.WriteFile(path, tensors, md); err != nil {
 		t.Fatal(err)

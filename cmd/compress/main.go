@@ -1,9 +1,9 @@
-// Command kv-compress compresses safetensors KV caches with per-group INT4
-// quantization and LZ4, restores them, and reports quality metrics.
+// Command kv-compress compresses safetensors KV caches with per-group
+// quantization and an entropy stage, restores them, and reports quality metrics.
 //
 // Usage:
 //
-//	kv-compress compress   -i IN -o OUT [--group-size 64] [--scheme sym] [--rotate none] [--bits 4] [--strict] [--no-sync]
+//	kv-compress compress   -i IN -o OUT [--preset default|NAME|FILE] [--group-size 64] [--bits 4] ... [--strict] [--no-sync]
 //	kv-compress decompress -i IN -o OUT [--no-sync]
 //	kv-compress metrics    -i IN [--group-size 64] [--sparsity 0] [--strict]
 //	kv-compress inspect    -i FILE [--verify]
@@ -83,7 +83,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 	fs.IntVar(&o.cfg.Bits, "bits", compression.DefaultBits, "code width: 2, 3, 4 or 8")
 	fs.IntVar(&o.cfg.KeyBits, "key-bits", 0, "code width of key tensors (0: --bits)")
 	fs.IntVar(&o.cfg.ValueBits, "value-bits", 0, "code width of value tensors (0: --bits)")
-	seed := fs.Bool("seed-scheme", false, "the seed's scheme: sym, no rotation, key axis token, no sink (codec flags given explicitly still apply)")
+	fs.StringVar(&o.cfg.Entropy, "entropy", compression.DefaultEntropy, "entropy stage policy: auto (measure huff0, zstd, lz4 per payload), lz4 or none")
+	preset := fs.String("preset", compression.PresetDefault, "codec preset: a built-in name ("+strings.Join(compression.PresetNames(), ", ")+") or a JSON preset file; codec flags given explicitly still apply")
+	seed := fs.Bool("seed-scheme", false, "same as --preset seed: sym, G = 64, no rotation, key axis token, no sink, LZ4")
 	fs.IntVar(&o.cfg.Workers, "workers", 0, "tensors processed in parallel (0: one per CPU; at most 4 per CPU)")
 	fs.Func("max-memory", "memory budget, e.g. 2GiB or 500MB (default: 3/4 of the machine's memory or cgroup limit, less under a ulimit -v)", func(v string) error {
 		n, err := compression.ParseSize(v)
@@ -106,22 +108,21 @@ func run(args []string, stdout, stderr io.Writer) int {
 		}
 		return fail(stdout, stderr, cmd, fmt.Errorf("%w: %v", errUsage, err))
 	}
-	if *seed { // the seed's codec, except where a flag says otherwise
-		set := map[string]bool{}
-		fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
-		sc := compression.SeedConfig()
-		if !set["scheme"] {
-			o.cfg.Scheme = sc.Scheme
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	if *seed {
+		if set["preset"] && *preset != compression.PresetSeed {
+			return fail(stdout, stderr, cmd, fmt.Errorf("%w: --seed-scheme is --preset seed; it conflicts with --preset %s", errUsage, *preset))
 		}
-		if !set["rotate"] {
-			o.cfg.Rotate = sc.Rotate
+		*preset = compression.PresetSeed
+	}
+	var modifiedBy []string
+	if cmd == "compress" || cmd == "metrics" {
+		p, err := compression.LoadPreset(*preset)
+		if err != nil {
+			return fail(stdout, stderr, cmd, err)
 		}
-		if !set["key-axis"] {
-			o.cfg.KeyAxis = sc.KeyAxis
-		}
-		if !set["sink"] {
-			o.cfg.Sink = sc.Sink
-		}
+		o.cfg, modifiedBy = p.ApplyFlags(o.cfg, func(name string) bool { return set[name] })
 	}
 	if fs.NArg() > 0 {
 		return fail(stdout, stderr, cmd, fmt.Errorf("%w: unexpected argument %q", errUsage, fs.Arg(0)))
@@ -150,6 +151,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		var r *compression.Report
 		if r, err = compression.CompressFile(o.in, o.out, o.cfg); err == nil {
 			r.Command = cmd
+			r.PresetModifiedBy = append(r.PresetModifiedBy, modifiedBy...)
 			if o.verbose {
 				for _, t := range r.Tensors {
 					fmt.Fprintf(stderr, "%-32s %-5s %-8s %v rmse=%.6f snr=%.2fdB cos=%.6f\n", t.Name, t.DType, t.Mode, t.Shape, t.RMSE, t.SNRdB, t.CosineSimilarity)
@@ -183,6 +185,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 			"format": compression.FormatName, "format_version": compression.FormatVersion,
 			"go_version": runtime.Version(), "group_sizes": compression.GroupSizes,
 			"default_codec": compression.DefaultCodec(), "encoder": compression.Encoder(),
+			"presets": compression.PresetList(), "readable_format_versions": compression.ReadableVersions,
 		}
 	default:
 		err = fmt.Errorf("%w: unknown subcommand %q (want compress, decompress, metrics, inspect or version)", errUsage, cmd)
@@ -199,8 +202,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 // exitCode maps an error to the documented exit codes.
 func exitCode(err error) int {
 	switch {
-	case errors.Is(err, errUsage), errors.Is(err, compression.ErrConfig), errors.Is(err, atomicfile.ErrSamePath),
-		errors.Is(err, atomicfile.ErrNotRegular):
+	case errors.Is(err, errUsage), errors.Is(err, compression.ErrConfig), errors.Is(err, compression.ErrPreset),
+		errors.Is(err, atomicfile.ErrSamePath), errors.Is(err, atomicfile.ErrNotRegular):
 		return exitUsage
 	case isInputError(err):
 		return exitInput
@@ -247,7 +250,7 @@ func emit(w io.Writer, v any, pretty bool) error {
 }
 
 func usage(w io.Writer) {
-	fmt.Fprint(w, `kv-compress: per-group INT4 + LZ4 compression of safetensors KV caches
+	fmt.Fprint(w, `kv-compress: per-group quantization + entropy coding of safetensors KV caches
 
 usage:
   kv-compress compress   -i IN -o OUT [codec flags] [--strict]
@@ -256,8 +259,10 @@ usage:
   kv-compress inspect    -i FILE [--verify]
   kv-compress version
 
-codec flags: --group-size 32|64|128, --scheme sym|asym, --rotate none|hadamard,
-  --key-axis token|channel, --sink N, --bits 2|3|4|8, --key-bits, --value-bits, --sparsity S
+codec flags: --preset seed|default|compact|near-lossless|FILE.json (--seed-scheme = --preset seed),
+  then, on top of the preset: --group-size 32|64|128, --scheme sym|asym, --rotate none|hadamard,
+  --key-axis token|channel, --sink N, --bits 2|3|4|8, --key-bits, --value-bits, --sparsity S,
+  --entropy auto|lz4|none
 common flags: --workers N, --max-memory SIZE, --no-sync, --verbose, --pretty; inspect: --verify. Run 'kv-compress SUBCOMMAND -h' for details.
 stdout is one JSON object; diagnostics go to stderr.
 exit codes: 0 ok, 1 I/O or internal error, 2 usage, 3 invalid input, 4 quality gate failed (--strict)

@@ -157,6 +157,76 @@ func TestSeedSchemeFlag(t *testing.T) {
 	}
 }
 
+func TestPresetFlag(t *testing.T) {
+	dir := t.TempDir()
+	in := golden + "long_f16.safetensors"
+	file := filepath.Join(dir, "keys.json")
+	os.WriteFile(file, []byte(`{"name":"long-keys","keys":{"scheme":"asym","axis":"channel","group_size":256}}`), 0o644)
+	bad := filepath.Join(dir, "bad.json")
+	os.WriteFile(bad, []byte(`{"values":{"bits":5}}`), 0o644)
+	for _, c := range []struct {
+		name     string
+		args     []string
+		wantCode int
+		preset   string
+		modified []any
+		codec    map[string]any
+		stderr   string
+	}{
+		{"no preset is the default", nil, 0, "default", []any{}, map[string]any{"entropy": "auto", "rotate": "hadamard"}, ""},
+		{"seed", []string{"--preset", "seed"}, 0, "seed", []any{}, map[string]any{"entropy": "lz4", "rotate": "none", "key_axis": "token"}, ""},
+		{"seed-scheme alias", []string{"--seed-scheme"}, 0, "seed", []any{}, map[string]any{"entropy": "lz4"}, ""},
+		{"modified by a flag", []string{"--preset", "compact", "--bits", "4"}, 0, "compact", []any{"--bits"}, map[string]any{"bits": 4.0}, ""},
+		{"a flag repeating the preset's value", []string{"--preset", "seed", "--group-size", "64", "--sparsity", "0"}, 0, "seed", []any{}, map[string]any{"group_size": 64.0}, ""},
+		{"file", []string{"--preset", file}, 0, "long-keys", []any{}, map[string]any{"preset": "long-keys"}, ""},
+		{"unknown name", []string{"--preset", "tiny"}, 2, "", nil, nil, "neither a built-in preset"},
+		{"invalid file", []string{"--preset", bad}, 2, "", nil, nil, "values.bits"},
+		{"conflicting alias", []string{"--seed-scheme", "--preset", "default"}, 2, "", nil, nil, "conflicts"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			code, doc, stderr := runCLI(t, append([]string{"metrics", "-i", in}, c.args...)...)
+			if code != c.wantCode {
+				t.Fatalf("exit %d, want %d: %s", code, c.wantCode, stderr)
+			}
+			if c.wantCode != 0 {
+				if !strings.Contains(stderr, c.stderr) || strings.Count(strings.TrimSpace(stderr), "\n") != 0 {
+					t.Fatalf("stderr %q, want one line containing %q", stderr, c.stderr)
+				}
+				return
+			}
+			if doc["preset"] != c.preset {
+				t.Errorf("preset %v, want %v", doc["preset"], c.preset)
+			}
+			if got, _ := json.Marshal(doc["preset_modified_by"]); string(got) != func() string { b, _ := json.Marshal(c.modified); return string(b) }() {
+				t.Errorf("preset_modified_by %s, want %v", got, c.modified)
+			}
+			codec, _ := doc["codec"].(map[string]any)
+			for k, v := range c.codec {
+				if codec[k] != v {
+					t.Errorf("codec %s = %v, want %v", k, codec[k], v)
+				}
+			}
+			parts, _ := doc["bytes_by_part"].(map[string]any)
+			sum := 0.0
+			for _, v := range parts {
+				sum += v.(float64)
+			}
+			if sum != doc["compressed_size_bytes"] {
+				t.Errorf("bytes_by_part %v sum to %v, file %v", parts, sum, doc["compressed_size_bytes"])
+			}
+		})
+	}
+	_, doc, _ := runCLI(t, "version")
+	presets, _ := doc["presets"].([]any)
+	var names []string
+	for _, p := range presets {
+		names = append(names, p.(map[string]any)["name"].(string))
+	}
+	if strings.Join(names, ",") != "seed,default,compact,near-lossless" {
+		t.Errorf("version lists presets %v", names)
+	}
+}
+
 // TestExactMetricsFlag: --exact-metrics changes how the error of rotated
 // tensors is measured (original basis), never the container's bytes; RMSE
 // stays within the bound docs/cli.md gives, the largest error is the

@@ -88,6 +88,8 @@ var schemeBenchmarks = []struct {
 	scalar, exact bool
 }{
 	{"default", DefaultConfig(), true, true},
+	{"default-lz4", withEntropy(DefaultConfig(), EntropyLZ4), true, false},
+	{"default-none", withEntropy(DefaultConfig(), EntropyNone), false, false},
 	{"hadamard", Config{GroupSize: 64, Rotate: RotateHadamard}, false, true},
 	{"hadamard-token-keys-sink1", Config{GroupSize: 64, Rotate: RotateHadamard, KeyAxis: KeyAxisToken, Sink: 1}, false, false},
 	{"asym", Config{GroupSize: 64, Scheme: SchemeAsym}, true, false},
@@ -142,4 +144,15 @@ func BenchmarkDecompressScheme(b *testing.B) {
 			b.Run(c.name, func(b *testing.B) { benchDecompress(b, benchCache(b, 64), c.cfg) })
 		}
 	}
+}
+
+// BenchmarkDecompressDefaultLZ4 is the default codec with version 1's entropy
+// policy (LZ4 or stored), the reference for the cost of the entropy stage.
+func BenchmarkDecompressDefaultLZ4(b *testing.B) {
+	benchDecompress(b, benchCache(b, 64), withEntropy(DefaultConfig(), EntropyLZ4))
+}
+
+func withEntropy(c Config, policy string) Config {
+	c.Entropy = policy
+	return c
 }

@@ -40,8 +40,11 @@ var (
 // Format identification recorded in every container's metadata.
 const (
 	FormatName    = "kv-compress"
-	FormatVersion = 1
+	FormatVersion = 2
 )
+
+// ReadableVersions are the container versions this build decodes; it writes FormatVersion.
+var ReadableVersions = []int{1, 2}
 
 // Allowed codec parameters.
 var (
@@ -61,6 +64,7 @@ const (
 	DefaultRotate    = RotateHadamard
 	DefaultKeyAxis   = KeyAxisChannel
 	DefaultSink      = 1
+	DefaultEntropy   = EntropyAuto
 )
 
 // Config holds the codec parameters chosen by the user.
@@ -98,6 +102,14 @@ type Config struct {
 	// nor values, and of keys and values unless KeyBits / ValueBits say
 	// otherwise; 0 means 4.
 	Bits, KeyBits, ValueBits int
+	// Entropy is the payloads' entropy policy: "auto", "lz4" (also "": LZ4
+	// or stored, the seed's) or "none".
+	Entropy string
+	// Roles, when not nil, gives keys and values (of all layers or of some)
+	// plans of their own on top of the fields above.
+	Roles *RolePlans
+	// Preset names the preset the configuration came from ("" for none).
+	Preset string
 	// ExactMetrics measures the error of rotated tensors in the original
 	// basis, after the inverse rotation and the rounding to the tensor's
 	// dtype, as the restored file holds them. By default the error is
@@ -110,7 +122,7 @@ type Config struct {
 // DefaultConfig returns the recommended codec parameters, the command line's defaults.
 func DefaultConfig() Config {
 	return Config{GroupSize: DefaultGroupSize, Sparsity: DefaultSparsity, Scheme: DefaultScheme, Rotate: DefaultRotate,
-		KeyAxis: DefaultKeyAxis, Sink: DefaultSink, Bits: DefaultBits}
+		KeyAxis: DefaultKeyAxis, Sink: DefaultSink, Bits: DefaultBits, Entropy: DefaultEntropy}
 }
 
 func or[T comparable](v, def T) T {
@@ -133,6 +145,7 @@ func (c Config) keyAxis() string { return or(c.KeyAxis, KeyAxisToken) }
 func (c Config) bits() int       { return or(c.Bits, 4) }
 func (c Config) keyBits() int    { return or(c.KeyBits, c.bits()) }
 func (c Config) valueBits() int  { return or(c.ValueBits, c.bits()) }
+func (c Config) entropy() string { return or(c.Entropy, EntropyLZ4) }
 
 // Validate checks the parameters, naming the allowed values and the value received.
 func (c Config) Validate() error {
@@ -155,6 +168,9 @@ func (c Config) Validate() error {
 	if a := c.keyAxis(); a != KeyAxisToken && a != KeyAxisChannel {
 		return fmt.Errorf("%w: key axis must be one of [token channel], got %q", ErrConfig, a)
 	}
+	if e := c.entropy(); !slices.Contains(EntropyPolicies, e) {
+		return fmt.Errorf("%w: entropy must be one of %v, got %q", ErrConfig, EntropyPolicies, e)
+	}
 	if c.Sink < 0 || c.Sink > MaxSink {
 		return fmt.Errorf("%w: sink must be in [0, %d], got %d", ErrConfig, MaxSink, c.Sink)
 	}
@@ -165,6 +181,9 @@ func (c Config) Validate() error {
 		if b.v != 0 && !slices.Contains(BitWidths, b.v) {
 			return fmt.Errorf("%w: %s must be one of %v, got %d", ErrConfig, b.name, BitWidths, b.v)
 		}
+	}
+	if err := c.Roles.Validate(); err != nil {
+		return err
 	}
 	if c.Workers < 0 {
 		return fmt.Errorf("%w: workers must be >= 0, got %d", ErrConfig, c.Workers)

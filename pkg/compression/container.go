@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"hash/crc32"
+	"slices"
 	"strconv"
 
 	"github.com/kv-cache-p2p/validation/pkg/safetensors"
@@ -50,15 +51,26 @@ type Codec struct {
 	Rounding    string  `json:"rounding"`
 	NibbleOrder string  `json:"nibble_order"`
 	Checksum    string  `json:"checksum"`
+	// Entropy is the entropy policy (version 2; absent in version 1, which is "lz4").
+	Entropy string `json:"entropy,omitempty"`
+	// Preset names the preset that chose these parameters (version 2, optional).
+	Preset string `json:"preset,omitempty"`
+	// Roles are the per-role, per-layer plans applied on top (version 2, optional).
+	Roles *RolePlans `json:"roles,omitempty"`
 }
 
-// DefaultCodec is the codec record of DefaultConfig: what compress uses without flags.
-func DefaultCodec() Codec { return newCodec(DefaultConfig()) }
+// DefaultCodec is the codec record of the default preset: what compress writes without flags.
+func DefaultCodec() Codec {
+	c := DefaultConfig()
+	c.Preset = PresetDefault
+	return newCodec(c)
+}
 
 func newCodec(c Config) Codec {
 	return Codec{Scheme: c.scheme(), Bits: c.bits(), KeyBits: c.keyBits(), ValueBits: c.valueBits(),
 		GroupSize: c.GroupSize, Rotate: c.rotate(), KeyAxis: c.keyAxis(), Sink: c.Sink,
-		Sparsity: c.Sparsity, ScaleDType: "F16", Rounding: "half_to_even", NibbleOrder: "low_first", Checksum: "crc32c"}
+		Sparsity: c.Sparsity, ScaleDType: "F16", Rounding: "half_to_even", NibbleOrder: "low_first", Checksum: "crc32c",
+		Entropy: c.entropy(), Preset: c.Preset, Roles: c.Roles}
 }
 
 // Payload locates one stored payload and describes how to check and expand it.
@@ -76,25 +88,27 @@ type Payload struct {
 // (mode "int2", "int3", "int4" or "int8") say how they were encoded; an
 // omitted field takes its version-1 default (sym, last axis, no rotation, no sink).
 type Entry struct {
-	Name   string   `json:"name"`
-	DType  string   `json:"dtype"`
-	Shape  []int64  `json:"shape"`
-	Mode   string   `json:"mode"`
-	Scheme string   `json:"scheme,omitempty"`
-	Axis   string   `json:"axis,omitempty"`
-	Rotate string   `json:"rotate,omitempty"`
-	Sink   int      `json:"sink,omitempty"`
-	Codes  *Payload `json:"codes,omitempty"`
-	Scales *Payload `json:"scales,omitempty"`
-	Mins   *Payload `json:"mins,omitempty"`
-	SinkP  *Payload `json:"sink_rows,omitempty"`
-	Raw    *Payload `json:"raw,omitempty"`
+	Name   string  `json:"name"`
+	DType  string  `json:"dtype"`
+	Shape  []int64 `json:"shape"`
+	Mode   string  `json:"mode"`
+	Scheme string  `json:"scheme,omitempty"`
+	Axis   string  `json:"axis,omitempty"`
+	Rotate string  `json:"rotate,omitempty"`
+	Sink   int     `json:"sink,omitempty"`
+	// GroupSize is the tensor's own group size when it differs from the codec's (version 2).
+	GroupSize int      `json:"group_size,omitempty"`
+	Codes     *Payload `json:"codes,omitempty"`
+	Scales    *Payload `json:"scales,omitempty"`
+	Mins      *Payload `json:"mins,omitempty"`
+	SinkP     *Payload `json:"sink_rows,omitempty"`
+	Raw       *Payload `json:"raw,omitempty"`
 }
 
 // plan reconstructs the encoding plan of a quantized entry.
 func (e *Entry) plan(group int) tensorPlan {
 	return tensorPlan{Scheme: or(e.Scheme, SchemeSym), Bits: bitsOfMode(e.Mode), Axis: or(e.Axis, AxisLast),
-		Rotate: or(e.Rotate, RotateNone), Sink: e.Sink, Group: group}
+		Rotate: or(e.Rotate, RotateNone), Sink: e.Sink, Group: or(e.GroupSize, group)}
 }
 
 // Index is the parsed, validated metadata of a container.
@@ -158,8 +172,8 @@ func ReadIndex(f *safetensors.File) (*Index, error) {
 	}
 	md := f.Metadata
 	v, err := strconv.Atoi(md[MetaFormatVersion])
-	if err != nil || v != FormatVersion {
-		return nil, fmt.Errorf("%w: %q (this build reads version %d)", ErrVersion, md[MetaFormatVersion], FormatVersion)
+	if err != nil || !slices.Contains(ReadableVersions, v) || md[MetaFormatVersion] != strconv.Itoa(v) {
+		return nil, fmt.Errorf("%w: %q (this build reads versions %v)", ErrVersion, md[MetaFormatVersion], ReadableVersions)
 	}
 	if got, want := md[MetaIndexChecksum], indexChecksum(md[MetaCodec], md[MetaTensors], md[MetaSourceMetadata]); got != want {
 		return nil, fmt.Errorf("%w: index checksum %q, computed %q", ErrChecksum, got, want)
@@ -170,7 +184,10 @@ func ReadIndex(f *safetensors.File) (*Index, error) {
 	}
 	c := idx.Codec
 	cfg := Config{GroupSize: c.GroupSize, Sparsity: c.Sparsity, Scheme: c.Scheme, Rotate: c.Rotate, KeyAxis: c.KeyAxis,
-		Sink: c.Sink, Bits: c.Bits, KeyBits: c.KeyBits, ValueBits: c.ValueBits}
+		Sink: c.Sink, Bits: c.Bits, KeyBits: c.KeyBits, ValueBits: c.ValueBits, Entropy: c.Entropy, Roles: c.Roles}
+	if err := checkVersionedCodec(v, c); err != nil {
+		return nil, err
+	}
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrCorrupt, err)
 	}
@@ -193,6 +210,9 @@ func ReadIndex(f *safetensors.File) (*Index, error) {
 	names := make(map[string]bool, len(idx.Entries))
 	for i := range idx.Entries {
 		e := &idx.Entries[i]
+		if err := checkEncodings(v, e, c.GroupSize); err != nil {
+			return nil, fmt.Errorf("tensor %q: %w", e.Name, err)
+		}
 		if err := checkEntry(payloads, e, c.GroupSize, used); err != nil {
 			return nil, fmt.Errorf("tensor %q: %w", e.Name, err)
 		}
@@ -252,12 +272,12 @@ func checkEntry(payloads map[string]*safetensors.Tensor, e *Entry, g int, used m
 			if stored != want {
 				return fmt.Errorf("%w: %s payload is stored raw in %d bytes but declares %d", ErrCorrupt, role, stored, want)
 			}
-		case EncodingLZ4:
+		case EncodingLZ4, EncodingHuff0, EncodingZstd: // every stage obeys LZ4's bound (entropy.go); versions are checked by checkEncodings
 			if want > maxLZ4Expansion(stored) {
 				return fmt.Errorf("%w: %s payload of %d bytes cannot expand to %d", ErrCorrupt, role, stored, want)
 			}
 		default:
-			return fmt.Errorf("%w: unknown payload encoding %q (want %q or %q)", ErrCorrupt, p.Encoding, EncodingLZ4, EncodingStored)
+			return fmt.Errorf("%w: unknown payload encoding %q (want one of %v)", ErrCorrupt, p.Encoding, encodingsOf(FormatVersion))
 		}
 		p.data = t.Data
 		return nil

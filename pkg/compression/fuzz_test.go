@@ -16,7 +16,11 @@ import (
 // never panic or allocate beyond what the payloads can justify.
 func FuzzDecompressIndex(f *testing.F) {
 	base := func(cfg Config) *Result {
-		src := kvCache(f, 1, 2, 5, 64, safetensors.F16, 3)
+		seq := 5
+		if cfg.Roles != nil { // long enough for entropy-coded payloads and a key group of its own
+			seq = 300
+		}
+		src := kvCache(f, 1, 2, seq, 64, safetensors.F16, 3)
 		src.Tensors = append(src.Tensors, safetensors.Tensor{Name: "ids", DType: safetensors.I32, Shape: []int64{2}, Data: make([]byte, 8)})
 		res, err := Compress(src, cfg)
 		if err != nil {
@@ -24,17 +28,15 @@ func FuzzDecompressIndex(f *testing.F) {
 		}
 		return res
 	}
-	for _, cfg := range []Config{DefaultConfig(), {GroupSize: 32, Scheme: SchemeAsym, Rotate: RotateHadamard, KeyAxis: KeyAxisChannel, Sink: 1, Bits: 3}} {
+	for _, cfg := range []Config{DefaultConfig(), {GroupSize: 32, Scheme: SchemeAsym, Rotate: RotateHadamard, KeyAxis: KeyAxisChannel, Sink: 1, Bits: 3}, presetConfig(PresetCompact)} {
 		res := base(cfg)
 		f.Add(res.Metadata[MetaCodec], res.Metadata[MetaTensors], 0, res.Tensors[0].Data)
 		f.Add(res.Metadata[MetaCodec], res.Metadata[MetaTensors], 1, res.Tensors[1].Data)
 	}
-	templates := []*Result{base(DefaultConfig()), base(Config{GroupSize: 32, Scheme: SchemeAsym, Rotate: RotateHadamard, KeyAxis: KeyAxisChannel, Sink: 1, Bits: 3})}
+	templates := []*Result{base(DefaultConfig()), base(Config{GroupSize: 32, Scheme: SchemeAsym, Rotate: RotateHadamard, KeyAxis: KeyAxisChannel, Sink: 1, Bits: 3}),
+		base(presetConfig(PresetCompact))}
 	f.Fuzz(func(t *testing.T, codec, index string, which int, payload []byte) {
-		tmpl := templates[0]
-		if len(codec)%2 == 1 {
-			tmpl = templates[1]
-		}
+		tmpl := templates[len(codec)%len(templates)]
 		tensors := append([]safetensors.Tensor(nil), tmpl.Tensors...)
 		if which < 0 {
 			which = -which
@@ -61,16 +63,18 @@ func FuzzDecompressIndex(f *testing.F) {
 				index = string(b)
 			}
 		}
-		md := map[string]string{MetaFormat: FormatName, MetaFormatVersion: "1", MetaCodec: codec, MetaTensors: index}
-		md[MetaIndexChecksum] = indexChecksum(codec, index, "")
-		file := &safetensors.File{Metadata: md, Tensors: tensors}
-		restored, err := Decompress(file, 1)
-		if err != nil {
-			return
-		}
-		var buf bytes.Buffer
-		if err := safetensors.Encode(&buf, restored.Tensors, restored.Metadata); err != nil {
-			t.Fatalf("restored tensors do not encode: %v", err)
+		for _, version := range []string{"1", "2"} { // every readable version's rules
+			md := map[string]string{MetaFormat: FormatName, MetaFormatVersion: version, MetaCodec: codec, MetaTensors: index}
+			md[MetaIndexChecksum] = indexChecksum(codec, index, "")
+			file := &safetensors.File{Metadata: md, Tensors: tensors}
+			restored, err := Decompress(file, 1)
+			if err != nil {
+				continue
+			}
+			var buf bytes.Buffer
+			if err := safetensors.Encode(&buf, restored.Tensors, restored.Metadata); err != nil {
+				t.Fatalf("version %s: restored tensors do not encode: %v", version, err)
+			}
 		}
 	})
 }
@@ -90,6 +94,7 @@ func FuzzRoundTrip(f *testing.F) {
 		{GroupSize: 32, Scheme: SchemeAsym, Rotate: RotateHadamard, Bits: 3},
 		{GroupSize: 32, Bits: 2, Sink: 2}, {GroupSize: 32, KeyBits: 8, ValueBits: 4, Rotate: RotateHadamard},
 		{GroupSize: 32, Scheme: SchemeAsym, KeyAxis: KeyAxisChannel, Bits: 8},
+		presetConfig(PresetCompact), presetConfig(PresetSeed),
 	}
 	f.Fuzz(func(t *testing.T, cfgSel, shapeSel uint8, data []byte) {
 		cfg := configs[int(cfgSel)%len(configs)]
@@ -124,4 +129,15 @@ func FuzzRoundTrip(f *testing.F) {
 			}
 		}
 	})
+}
+
+// presetConfig is a built-in preset's configuration with 32-element groups,
+// which the fuzzed tensors' last dimension (32 or 64) always allows.
+func presetConfig(name string) Config {
+	p, err := LoadPreset(name)
+	if err != nil {
+		panic(err)
+	}
+	p.Config.GroupSize = 32
+	return p.Config
 }

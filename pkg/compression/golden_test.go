@@ -10,6 +10,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 
 	"github.com/kv-cache-p2p/validation/pkg/safetensors"
@@ -31,19 +32,21 @@ type GoldenCase struct {
 	GroupSize int     `json:"group_size"`
 	Sparsity  float64 `json:"sparsity"`
 	// Codec options beyond version 1's; empty or zero means the default.
-	Scheme    string                  `json:"scheme,omitempty"`
-	Rotate    string                  `json:"rotate,omitempty"`
-	KeyAxis   string                  `json:"key_axis,omitempty"`
-	Sink      int                     `json:"sink,omitempty"`
-	Bits      int                     `json:"bits,omitempty"`
-	KeyBits   int                     `json:"key_bits,omitempty"`
-	ValueBits int                     `json:"value_bits,omitempty"`
-	Tensors   map[string]GoldenTensor `json:"tensors"`
+	Scheme    string `json:"scheme,omitempty"`
+	Rotate    string `json:"rotate,omitempty"`
+	KeyAxis   string `json:"key_axis,omitempty"`
+	Sink      int    `json:"sink,omitempty"`
+	Bits      int    `json:"bits,omitempty"`
+	KeyBits   int    `json:"key_bits,omitempty"`
+	ValueBits int    `json:"value_bits,omitempty"`
+	// Roles are per-role, per-layer plans (golden_v2.json only).
+	Roles   *RolePlans              `json:"roles,omitempty"`
+	Tensors map[string]GoldenTensor `json:"tensors"`
 }
 
 func (gc GoldenCase) config() Config {
 	return Config{GroupSize: gc.GroupSize, Sparsity: gc.Sparsity, Scheme: gc.Scheme, Rotate: gc.Rotate, KeyAxis: gc.KeyAxis,
-		Sink: gc.Sink, Bits: gc.Bits, KeyBits: gc.KeyBits, ValueBits: gc.ValueBits}
+		Sink: gc.Sink, Bits: gc.Bits, KeyBits: gc.KeyBits, ValueBits: gc.ValueBits, Roles: gc.Roles}
 }
 
 // GoldenTensor holds the expected encoding of one tensor.
@@ -53,6 +56,8 @@ type GoldenTensor struct {
 	Axis   string `json:"axis,omitempty"`
 	Rotate string `json:"rotate,omitempty"`
 	Sink   int    `json:"sink,omitempty"`
+	// GroupSize is the tensor's own group size when a role plan changed it.
+	GroupSize int `json:"group_size,omitempty"`
 	// Mins (asym) and SinkRows (exact leading positions) are hex like Scales.
 	Mins     string `json:"mins,omitempty"`
 	SinkRows string `json:"sink_rows,omitempty"`
@@ -143,6 +148,23 @@ func goldenConfigs() []GoldenCase {
 	}
 }
 
+// goldenConfigsV2 lists format 2's per-role, per-layer plans: keys and
+// values with schemes, widths, rotations, axes, sinks and group sizes of
+// their own (per-channel key groups longer than 128 included).
+func goldenConfigsV2() []GoldenCase {
+	two, zero := 2, 0
+	return []GoldenCase{
+		{Input: "long_f16.safetensors", GroupSize: 64, Rotate: RotateHadamard, KeyAxis: KeyAxisChannel, Sink: 1,
+			Roles: &RolePlans{Keys: &RolePlan{Scheme: SchemeAsym, Rotate: RotateNone, Axis: KeyAxisChannel, GroupSize: 128}}},
+		{Input: "long_f16.safetensors", GroupSize: 64, Bits: 3, Rotate: RotateHadamard, Sink: 1,
+			Roles: &RolePlans{Keys: &RolePlan{Scheme: SchemeAsym, Rotate: RotateNone, Axis: KeyAxisChannel, GroupSize: 256}, Values: &RolePlan{GroupSize: 32, Sink: &two}}},
+		{Input: "long_f16.safetensors", GroupSize: 32,
+			Roles: &RolePlans{Values: &RolePlan{Scheme: SchemeAsym, Bits: 2, Axis: KeyAxisChannel, GroupSize: 32, Sink: &zero}}},
+		{Input: "cache_bf16.safetensors", GroupSize: 64, Rotate: RotateHadamard,
+			Roles: &RolePlans{Layers: []LayerPlan{{Layers: []int{1}, Keys: &RolePlan{Bits: 8, Rotate: RotateNone}, Values: &RolePlan{Scheme: SchemeAsym, Bits: 3, GroupSize: 32}}}}},
+	}
+}
+
 // encodeGolden compresses and decompresses src and records the encoding.
 func encodeGolden(t *testing.T, src *safetensors.File, gc GoldenCase) map[string]GoldenTensor {
 	t.Helper()
@@ -175,7 +197,7 @@ func encodeGolden(t *testing.T, src *safetensors.File, gc GoldenCase) map[string
 				return hex.EncodeToString(b)
 			}
 			plan := e.plan(gc.GroupSize)
-			gt.Scheme, gt.Axis, gt.Rotate, gt.Sink = plan.Scheme, plan.Axis, plan.Rotate, plan.Sink
+			gt.Scheme, gt.Axis, gt.Rotate, gt.Sink, gt.GroupSize = plan.Scheme, plan.Axis, plan.Rotate, plan.Sink, e.GroupSize
 			gt.Codes, gt.Scales, gt.Mins, gt.SinkRows = raw(e.Codes), raw(e.Scales), raw(e.Mins), raw(e.SinkP)
 		}
 		out[e.Name] = gt
@@ -183,9 +205,26 @@ func encodeGolden(t *testing.T, src *safetensors.File, gc GoldenCase) map[string
 	return out
 }
 
+// goldenManifests are the golden vector files, with the format version that
+// introduced their options and the configurations -update writes into them.
+var goldenManifests = []struct {
+	file    string
+	version int
+	configs func() []GoldenCase
+}{
+	{"golden.json", 1, goldenConfigs},
+	{"golden_v2.json", 2, goldenConfigsV2},
+}
+
 func TestGolden(t *testing.T) {
+	for _, m := range goldenManifests {
+		t.Run(m.file, func(t *testing.T) { testGoldenManifest(t, m.file, m.version, m.configs) })
+	}
+}
+
+func testGoldenManifest(t *testing.T, file string, version int, configs func() []GoldenCase) {
 	inputs := goldenInputs()
-	manifest := filepath.Join(goldenDir, "golden.json")
+	manifest := filepath.Join(goldenDir, file)
 	if *update {
 		os.MkdirAll(goldenDir, 0o755)
 		var cases []GoldenCase
@@ -194,11 +233,11 @@ func TestGolden(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
-		for _, gc := range goldenConfigs() {
+		for _, gc := range configs() {
 			gc.Tensors = encodeGolden(t, inputs[gc.Input], gc)
 			cases = append(cases, gc)
 		}
-		b, _ := json.MarshalIndent(map[string]any{"format_version": FormatVersion, "cases": cases}, "", " ")
+		b, _ := json.MarshalIndent(map[string]any{"format_version": version, "cases": cases}, "", " ")
 		if err := os.WriteFile(manifest, append(b, '\n'), 0o644); err != nil {
 			t.Fatal(err)
 		}
@@ -214,11 +253,17 @@ func TestGolden(t *testing.T) {
 	if err := json.Unmarshal(raw, &doc); err != nil {
 		t.Fatal(err)
 	}
-	if doc.FormatVersion != FormatVersion {
-		t.Fatalf("golden files are for format %d, code writes %d", doc.FormatVersion, FormatVersion)
+	// The vectors pin the quantization, which format 2 left unchanged: they
+	// were written for version 1 and every readable version must reproduce them.
+	if !slices.Contains(ReadableVersions, doc.FormatVersion) {
+		t.Fatalf("golden files are for format %d, this build reads %v", doc.FormatVersion, ReadableVersions)
 	}
-	for _, gc := range doc.Cases {
-		t.Run(gc.Input+"/"+codecName(gc.config())+"/s"+strconvF(gc.Sparsity), func(t *testing.T) {
+	for i, gc := range doc.Cases {
+		name := gc.Input + "/" + codecName(gc.config()) + "/s" + strconvF(gc.Sparsity)
+		if gc.Roles != nil {
+			name += "/plans" + itoa(i)
+		}
+		t.Run(name, func(t *testing.T) {
 			src, err := safetensors.ReadFile(filepath.Join(goldenDir, gc.Input))
 			if err != nil {
 				t.Fatal(err)

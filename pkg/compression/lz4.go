@@ -78,8 +78,10 @@ func decodePayload(data []byte, encoding string, dst []byte) error {
 		if n != len(dst) {
 			return fmt.Errorf("%w: lz4 block decodes to %d bytes, want %d", ErrCorrupt, n, len(dst))
 		}
+	case EncodingHuff0, EncodingZstd:
+		return decodeEntropy(data, encoding, dst)
 	default:
-		return fmt.Errorf("%w: unknown payload encoding %q (want %q or %q)", ErrCorrupt, encoding, EncodingLZ4, EncodingStored)
+		return fmt.Errorf("%w: unknown payload encoding %q (want one of %v)", ErrCorrupt, encoding, encodingsOf(FormatVersion))
 	}
 	return nil
 }

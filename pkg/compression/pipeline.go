@@ -38,6 +38,9 @@ type Result struct {
 	QuantizedElements, QuantizedPayloadBytes int64
 	// FileSize is the exact size in bytes of the container once written.
 	FileSize int64
+	// Parts splits FileSize by content; Stages counts payloads by entropy stage.
+	Parts  PartBytes
+	Stages Stages
 }
 
 // workerScratch is the per-goroutine working memory of Compress.
@@ -47,7 +50,7 @@ type workerScratch struct {
 	codes      []byte
 	scales     []uint16
 	scaleBytes []byte
-	lz         lz4Encoder
+	pe         payloadEncoder
 	general    generalScratch
 }
 
@@ -92,6 +95,9 @@ func compressAll(src *source, cfg Config, workers int, emit func(i int, ct *comp
 	// No more scratch than there are tensors: --workers 100000 must not
 	// allocate 100000 encoders.
 	scratch := make([]workerScratch, max(1, min(workers, len(src.f.Tensors))))
+	for i := range scratch {
+		scratch[i].pe.policy = cfg.entropy()
+	}
 	err := parallel(len(src.f.Tensors), len(scratch), func(w, i int) error {
 		return guardFaults(func() error {
 			t := src.f.Tensors[i] // a copy: Data may be pointed at the worker's buffer
@@ -146,6 +152,7 @@ func assemble(out []compressedTensor, cfg Config, source map[string]string) (*Re
 		return nil, err
 	}
 	res.FileSize = 8 + int64(len(hdr)) + dataLen
+	res.Parts, res.Stages = partsOf(entries, res.Tensors, res.FileSize)
 	return res, nil
 }
 
@@ -156,7 +163,7 @@ func compressTensor(t *safetensors.Tensor, cfg Config, ws *workerScratch) (compr
 		report: TensorReport{Name: t.Name, Shape: t.Shape, DType: string(t.DType), Elements: n, OriginalBytes: int64(len(t.Data))},
 	}
 	if !t.DType.IsFloat() || n == 0 {
-		data, enc := ws.lz.encode(t.Data)
+		data, enc := ws.pe.encode(t.Data)
 		p := Payload{Tensor: t.Name + SuffixRaw, Encoding: enc, RawBytes: int64(len(t.Data)), CRC32C: checksum(data)}
 		ct.entry.Mode, ct.entry.Raw = ModeStored, &p
 		ct.payload = []safetensors.Tensor{{Name: p.Tensor, DType: safetensors.U8, Shape: []int64{int64(len(data))}, Data: data}}
@@ -171,7 +178,8 @@ func compressTensor(t *safetensors.Tensor, cfg Config, ws *workerScratch) (compr
 	if !plan.fast() {
 		return compressGeneral(t, plan, cfg, ws, ct)
 	}
-	g := cfg.GroupSize
+	g := plan.Group
+	ct.entry.GroupSize = ownGroup(plan, cfg)
 	var sparse []float32
 	if cfg.Sparsity > 0 {
 		ws.x = grow(ws.x, int(n))
@@ -198,8 +206,8 @@ func compressTensor(t *safetensors.Tensor, cfg Config, ws *workerScratch) (compr
 		}
 		scalesToBytes(ws.scaleBytes, ws.scales)
 	}
-	codes, cenc := ws.lz.encode(ws.codes)
-	scales, senc := ws.lz.encode(ws.scaleBytes)
+	codes, cenc := ws.pe.encode(ws.codes)
+	scales, senc := ws.pe.encode(ws.scaleBytes)
 	cp := Payload{Tensor: t.Name + SuffixCodes, Encoding: cenc, RawBytes: int64(len(ws.codes)), CRC32C: checksum(codes)}
 	sp := Payload{Tensor: t.Name + SuffixScales, Encoding: senc, RawBytes: int64(len(ws.scaleBytes)), CRC32C: checksum(scales)}
 	ct.entry.Mode, ct.entry.Codes, ct.entry.Scales = ModeInt4, &cp, &sp
@@ -223,8 +231,9 @@ func compressGeneral(t *safetensors.Tensor, plan tensorPlan, cfg Config, ws *wor
 	}
 	e := &ct.entry
 	e.Mode, e.Scheme, e.Axis, e.Rotate, e.Sink = modeName(plan.Bits), plan.Scheme, plan.Axis, plan.Rotate, plan.Sink
+	e.GroupSize = ownGroup(plan, cfg)
 	add := func(suffix string, raw []byte) *Payload {
-		data, encoding := ws.lz.encode(raw)
+		data, encoding := ws.pe.encode(raw)
 		p := &Payload{Tensor: t.Name + suffix, Encoding: encoding, RawBytes: int64(len(raw)), CRC32C: checksum(data)}
 		ct.payload = append(ct.payload, u8Tensor(p.Tensor, data))
 		ct.report.CompressedBytes += int64(len(data))
@@ -363,7 +372,7 @@ func decodeEntry(src *source, e *Entry, g int, dt safetensors.DType, data []byte
 			return fmt.Errorf("%w: scale %d is negative or not finite", ErrCorrupt, j)
 		}
 	}
-	dequantizeTensor(s.codes, s.scales, g, dt, data)
+	dequantizeTensor(s.codes, s.scales, plan.Group, dt, data)
 	return nil
 }
 

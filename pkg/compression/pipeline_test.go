@@ -6,6 +6,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/kv-cache-p2p/validation/pkg/safetensors"
@@ -236,9 +237,26 @@ func TestDecompressRejects(t *testing.T) {
 	}{
 		{"plain safetensors", src, ErrNotContainer},
 		{"future version", mutate(func(m map[string]string, ts []safetensors.Tensor) []safetensors.Tensor {
-			m[MetaFormatVersion] = "2"
+			m[MetaFormatVersion] = "3"
 			return ts
 		}), ErrVersion},
+		{"version with a leading zero", mutate(func(m map[string]string, ts []safetensors.Tensor) []safetensors.Tensor {
+			m[MetaFormatVersion] = "02"
+			return ts
+		}), ErrVersion},
+		{"huff0 payload in a version-1 container", mutate(func(m map[string]string, ts []safetensors.Tensor) []safetensors.Tensor {
+			m[MetaFormatVersion] = "1"
+			m[MetaCodec] = strings.Replace(m[MetaCodec], `,"entropy":"auto"`, "", 1)
+			m[MetaTensors] = strings.Replace(m[MetaTensors], `"encoding":"huff0"`, `"encoding":"zstd"`, 1)
+			m[MetaTensors] = strings.Replace(m[MetaTensors], `"encoding":"stored"`, `"encoding":"huff0"`, 1)
+			rechecksum(m)
+			return ts
+		}), ErrCorrupt},
+		{"entropy policy in a version-1 codec", mutate(func(m map[string]string, ts []safetensors.Tensor) []safetensors.Tensor {
+			m[MetaFormatVersion] = "1"
+			rechecksum(m)
+			return ts
+		}), ErrCorrupt},
 		{"index tampered", mutate(func(m map[string]string, ts []safetensors.Tensor) []safetensors.Tensor {
 			m[MetaTensors] = m[MetaTensors][:len(m[MetaTensors])-1]
 			return ts

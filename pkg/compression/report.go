@@ -36,7 +36,17 @@ type Report struct {
 	QuantizedTensors int                `json:"quantized_tensors"`
 	StoredTensors    int                `json:"stored_tensors"`
 	Timings          map[string]float64 `json:"timings_ms"`
-	Tensors          []TensorReport     `json:"tensors"`
+	// BytesByPart splits the container's size by content (codes, scales,
+	// minimums, sink, lossless tensors, header), as stored; BitsByPart is the
+	// same per quantized element; Stages counts payloads by entropy stage.
+	BytesByPart PartBytes          `json:"bytes_by_part"`
+	BitsByPart  map[string]float64 `json:"bits_per_element_by_part"`
+	Stages      Stages             `json:"entropy_stages"`
+	// Preset names the preset that ran; PresetModifiedBy lists the codec
+	// flags given explicitly on top of it (empty when it ran as defined).
+	Preset           string         `json:"preset,omitempty"`
+	PresetModifiedBy []string       `json:"preset_modified_by"`
+	Tensors          []TensorReport `json:"tensors"`
 }
 
 // NewReport summarises a compression of a file of originalSize bytes.
@@ -53,6 +63,10 @@ func NewReport(res *Result, originalSize int64, codec, total time.Duration) Repo
 		Codec:               res.Codec,
 		Tensors:             res.PerTensor,
 		Timings:             map[string]float64{"codec": ms(codec), "total": ms(total)},
+		BytesByPart:         res.Parts,
+		Preset:              res.Codec.Preset,
+		PresetModifiedBy:    []string{},
+		Stages:              res.Stages,
 	}
 	r.Passed = len(r.Violations) == 0
 	if res.FileSize > 0 {
@@ -61,6 +75,7 @@ func NewReport(res *Result, originalSize int64, codec, total time.Duration) Repo
 	if res.QuantizedElements > 0 {
 		r.BitsPerElement = 8 * float64(res.QuantizedPayloadBytes) / float64(res.QuantizedElements)
 		r.RatioVsFP16 = 16 / r.BitsPerElement
+		r.BitsByPart = res.Parts.bitsPer(res.QuantizedElements)
 	}
 	if codec > 0 {
 		r.ThroughputMBps = float64(originalSize) / 1e6 / codec.Seconds()

@@ -131,8 +131,10 @@ func planFor(name string, shape []int64, cfg Config) (tensorPlan, error) {
 	case "value":
 		p.Bits = cfg.valueBits()
 	}
+	sink := cfg.Sink
+	cfg.Roles.applyRoles(name, &p, &sink, len(shape))
 	if len(shape) >= 2 {
-		p.Sink = min(cfg.Sink, int(shape[len(shape)-2]))
+		p.Sink = min(sink, int(shape[len(shape)-2]))
 	}
 	if err := p.check(shape); err != nil {
 		return p, err
