@@ -112,7 +112,7 @@ def test_same_seed_same_keys(kv_compress_bin: str, tiny_llama, tiny_tokenizer) -
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--presets", "default,turbo"], r"must be one of \['default', 'seed'\], got 'turbo'"),
+        (["--presets", "default,turbo"], r"must be one of \['compact', 'default', 'near-lossless', 'seed'\], got 'turbo'"),
         (["--depths", "0,150"], r"--depths must be percentages in \[0, 100\], got '0,150'"),
         (["--context-lengths", "1k"], "--context-lengths must be comma-separated integers, got '1k'"),
         (["--max-new-tokens", "8"], "--max-new-tokens must be >= 16"),

@@ -33,8 +33,9 @@ import torch
 
 from validation import assets, bundles
 from validation.compat import forward, layers_to_cache
+from validation.compression_bridge import BUILTIN_PRESETS
 from validation.jsonio import write_json_atomic
-from validation.options import DEFAULT_GROUP_SIZE, SEED_CODEC, ValidationError, check_codec, describe_codec
+from validation.options import DEFAULT_GROUP_SIZE, ValidationError, check_codec, describe_codec
 
 SCHEMA = "kv-cache-p2p/needle/v1"
 QUESTION = "What is the pass key? Answer with the number only."
@@ -43,13 +44,9 @@ DEFAULT_LENGTHS = (1024, 2048, 4096)
 DEFAULT_DEPTHS = (0.0, 25.0, 50.0, 75.0, 100.0)
 DEFAULT_PRESETS = ("default", "seed")
 DEFAULT_NEW_TOKENS = 16
-# The codec options each preset name stands for. Until `preset=` reaches the bridge (format 2),
-# names map here to bridge keywords: "default" leaves every option to the binary, "seed" is
-# --seed-scheme. Switching to real presets means replacing preset_codec() and this table only.
-PRESET_CODECS: Dict[str, Dict[str, Any]] = {
-    "default": {},
-    "seed": {k: SEED_CODEC[k] for k in ("scheme", "rotate", "key_axis", "sink")},
-}
+# The bridge keywords each --presets name stands for: the binary's built-in presets (format 2),
+# passed as preset=NAME so that the binary decides what each one is.
+PRESET_CODECS: Dict[str, Dict[str, Any]] = {name: {"preset": name} for name in BUILTIN_PRESETS}
 
 
 def preset_codec(name: str) -> Dict[str, Any]:
