@@ -179,3 +179,22 @@ func BenchmarkEntropyStage(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkPayloadEncode measures the auto policy's whole choice (trials and
+// final encoding) on payloads the size of one default tensor's codes (256
+// KiB: the trials run on a sample) and of its scales (16 KiB: the trials run
+// on the whole payload).
+func BenchmarkPayloadEncode(b *testing.B) {
+	for _, n := range []int{256 << 10, 16 << 10} {
+		codes := skewedCodes(n, 17)
+		b.Run(itoa(n>>10)+"KiB", func(b *testing.B) {
+			e := payloadEncoder{policy: EntropyAuto}
+			b.SetBytes(int64(n))
+			for b.Loop() {
+				if _, enc := e.encode(codes); enc != EncodingHuff0 {
+					b.Fatalf("skewed codes stored as %s, want %s", enc, EncodingHuff0)
+				}
+			}
+		})
+	}
+}
