@@ -115,7 +115,7 @@ func (e *payloadEncoder) encode(raw []byte) ([]byte, string) {
 	}
 	whole := len(sample) == len(raw)
 	best, bestSize := EncodingStored, len(sample)-len(sample)/32 // a stage must save 1/32 to be worth decoding
-	var kept []byte                                            // the best trial's output when the sample is the whole payload
+	var kept []byte                                              // the best trial's output when the sample is the whole payload
 	try := func(enc string) {
 		if out, ok := e.apply(enc, sample); ok && len(out) < bestSize {
 			best, bestSize = enc, len(out)
