@@ -113,36 +113,67 @@ func (e *payloadEncoder) encode(raw []byte) ([]byte, string) {
 	if len(raw) > 2*sampleBytes {
 		sample = raw[:sampleBytes]
 	}
+	whole := len(sample) == len(raw)
 	best, bestSize := EncodingStored, len(sample)-len(sample)/32 // a stage must save 1/32 to be worth decoding
+	var kept []byte                                              // the best trial's output when the sample is the whole payload
 	try := func(enc string) {
 		if out, ok := e.apply(enc, sample); ok && len(out) < bestSize {
 			best, bestSize = enc, len(out)
+			if whole {
+				kept = append(kept[:0], out...)
+			}
 		}
 	}
-	// The Huffman estimate from the histogram is cheap: only run huff0 when
-	// the order-0 entropy promises a saving. zstd adds matches to what huff0
+	// LZ4 first: on data without matches it gives up within a few
+	// microseconds. When it finds nothing and the order-0 bound promises
+	// huff0 a clear saving, huff0 is what the trials would pick (zstd is
+	// only tried when huff0 fails or LZ4 wins), so the sample trial of
+	// huff0 is skipped. Otherwise every stage is measured as before: the
+	// Huffman estimate gates huff0, and zstd adds matches to what huff0
 	// does, so it is only worth its time when LZ4 finds matches, or when
 	// huff0 found nothing.
-	if order0Bytes(sample) < float64(bestSize) {
+	est, pmax := order0Bytes(sample)
+	try(EncodingLZ4)
+	if best == EncodingStored && huffClearlyWins(est, pmax, len(sample), bestSize) {
+		return e.final(EncodingHuff0, raw, nil)
+	}
+	lz := best
+	if est < float64(bestSize) {
 		try(EncodingHuff0)
 	}
-	huff := best
-	try(EncodingLZ4)
-	if best == EncodingLZ4 || huff == EncodingStored {
+	if best == EncodingLZ4 || (best == EncodingStored && lz == EncodingStored) {
 		try(EncodingZstd)
 	}
 	if best == EncodingStored {
 		return append([]byte(nil), raw...), EncodingStored
 	}
-	if len(sample) < len(raw) {
-		out, ok := e.apply(best, raw)
-		if !ok || len(out) >= len(raw) {
-			return append([]byte(nil), raw...), EncodingStored
-		}
-		return append([]byte(nil), out...), best
+	return e.final(best, raw, kept)
+}
+
+// huffClearlyWins reports whether huff0 is certain to save what the trials
+// ask of a stage (bestSize) on a sample of n bytes whose order-0 bound is
+// est bytes and whose most frequent byte has probability pmax: a Huffman
+// code spends at most pmax + 0.086 bits per symbol over the bound
+// (Gallager's bound), and each block adds at most a 129-byte table, a
+// 6-byte jump table and the 4-byte header of the framing.
+func huffClearlyWins(est, pmax float64, n, bestSize int) bool {
+	blocks := (n + huffBlock - 1) / huffBlock
+	return est+float64(n)*(pmax+0.086)/8+float64(blocks*(129+6+4)) < float64(bestSize)
+}
+
+// final encodes the whole payload with the chosen stage (kept is its output
+// when the trial already ran on the whole payload) and returns a copy that
+// aliases none of the encoder's buffers; stored when the stage does not
+// shrink the payload within the expansion rules.
+func (e *payloadEncoder) final(enc string, raw, kept []byte) ([]byte, string) {
+	if kept != nil {
+		return kept, enc
 	}
-	out, _ := e.apply(best, raw)
-	return append([]byte(nil), out...), best
+	out, ok := e.apply(enc, raw)
+	if !ok || len(out) >= len(raw) {
+		return append([]byte(nil), raw...), EncodingStored
+	}
+	return append([]byte(nil), out...), enc
 }
 
 // apply encodes src with one stage into e.buf; ok is false when the stage
@@ -194,21 +225,31 @@ func (e *payloadEncoder) huffEncode(src []byte) []byte {
 	return out
 }
 
-// order0Bytes estimates the bytes an order-0 entropy coder needs for b.
-func order0Bytes(b []byte) float64 {
-	var hist [256]uint32
-	for _, c := range b {
-		hist[c]++
+// order0Bytes estimates the bytes an order-0 entropy coder needs for b, and
+// returns the probability of b's most frequent byte.
+func order0Bytes(b []byte) (float64, float64) {
+	// Four histograms break the store-to-load dependency of runs of equal bytes.
+	var hist [4][256]uint32
+	i := 0
+	for ; i+4 <= len(b); i += 4 {
+		hist[0][b[i]]++
+		hist[1][b[i+1]]++
+		hist[2][b[i+2]]++
+		hist[3][b[i+3]]++
+	}
+	for ; i < len(b); i++ {
+		hist[0][b[i]]++
 	}
 	n := float64(len(b))
-	bits := 0.0
-	for _, h := range hist {
+	bits, top := 0.0, uint32(0)
+	for c := range 256 {
+		h := hist[0][c] + hist[1][c] + hist[2][c] + hist[3][c]
 		if h > 0 {
-			p := float64(h) / n
-			bits -= float64(h) * math.Log2(p)
+			bits -= float64(h) * math.Log2(float64(h)/n)
+			top = max(top, h)
 		}
 	}
-	return bits / 8
+	return bits / 8, float64(top) / n
 }
 
 // decodeEntropy expands a huff0 or zstd payload into dst, which has exactly
@@ -236,9 +277,15 @@ func decodeEntropy(data []byte, encoding string, dst []byte) error {
 
 var errHuffFraming = errors.New("huff0 framing")
 
+// huffScratch keeps the decoding tables of huff0 between payloads: ReadTable
+// refills them from each block's own table, so nothing carries over but the
+// memory.
+var huffScratch = sync.Pool{New: func() any { return new(huff0.Scratch) }}
+
 // huffDecode expands huff0 blocks into dst (len(dst) = the payload's raw size).
 func huffDecode(data, dst []byte) error {
-	var s huff0.Scratch
+	s := huffScratch.Get().(*huff0.Scratch)
+	defer huffScratch.Put(s)
 	for off := 0; off < len(dst); off += huffBlock {
 		blk := dst[off:min(off+huffBlock, len(dst))]
 		if len(data) < 4 {
@@ -260,7 +307,7 @@ func huffDecode(data, dst []byte) error {
 			copy(blk, body)
 		case huffBlockHuff:
 			s.MaxDecodedSize = len(blk)
-			s2, rest, err := huff0.ReadTable(body, &s)
+			s2, rest, err := huff0.ReadTable(body, s)
 			if err != nil {
 				return fmt.Errorf("%w: huff0 table of block at %d: %v", ErrCorrupt, off, err)
 			}

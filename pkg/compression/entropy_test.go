@@ -77,6 +77,62 @@ func TestPayloadEncoderPicksAndRoundTrips(t *testing.T) {
 
 // TestHuff0Framing checks the block framing: several blocks, a raw block in
 // the middle (random bytes huff0 cannot shrink), and a short last block.
+// TestHuffShortcut checks that the histogram shortcut of the auto policy is
+// sound (when it skips huff0's trial, huff0 really saves what the trial asks)
+// and that it changes nothing: encode returns the bytes the trials would.
+func TestHuffShortcut(t *testing.T) {
+	narrow := func(n int, sigma float64, seed uint64) []byte {
+		rng := rand.New(rand.NewPCG(seed, 7))
+		b := make([]byte, n)
+		for i := range b {
+			b[i] = byte(int(rng.NormFloat64() * sigma))
+		}
+		return b
+	}
+	tests := []struct {
+		name     string
+		data     []byte
+		shortcut bool
+	}{
+		{"codes-16KiB", skewedCodes(16<<10, 3), true},
+		{"codes-300KiB", skewedCodes(300<<10, 4), true},
+		{"narrow-gauss", narrow(20000, 4, 5), true},
+		{"wide-gauss", narrow(20000, 60, 6), false},
+		{"random", randomBytes(20000, 7), false},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			sample := tc.data[:min(len(tc.data), sampleBytes)]
+			bestSize := len(sample) - len(sample)/32
+			est, pmax := order0Bytes(sample)
+			got := huffClearlyWins(est, pmax, len(sample), bestSize)
+			if got != tc.shortcut {
+				t.Fatalf("huffClearlyWins = %v, want %v (est %.0f of %d bytes, pmax %.3f)", got, tc.shortcut, est, len(sample), pmax)
+			}
+			var e payloadEncoder
+			if got {
+				if out, ok := e.apply(EncodingHuff0, sample); !ok || len(out) >= bestSize {
+					t.Fatalf("shortcut taken but huff0 gives %d bytes (ok %v), want < %d", len(out), ok, bestSize)
+				}
+			}
+			e.policy = EntropyAuto
+			out, enc := e.encode(tc.data)
+			want := tc.data
+			if enc != EncodingStored {
+				var ref payloadEncoder
+				w, ok := ref.apply(enc, tc.data)
+				if !ok {
+					t.Fatalf("encode picked %s, which cannot encode the payload", enc)
+				}
+				want = w
+			}
+			if !bytes.Equal(out, want) {
+				t.Fatalf("encode (%s) returned %d bytes, not the %d bytes of a fresh %s encoding", enc, len(out), len(want), enc)
+			}
+		})
+	}
+}
+
 func TestHuff0Framing(t *testing.T) {
 	raw := slices.Concat(skewedCodes(huffBlock, 7), randomBytes(huffBlock, 8), skewedCodes(1000, 9))
 	var e payloadEncoder
@@ -174,6 +230,25 @@ func BenchmarkEntropyStage(b *testing.B) {
 			for b.Loop() {
 				if err := decodePayload(data, enc, dst); err != nil {
 					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+// BenchmarkPayloadEncode measures the auto policy's whole choice (trials and
+// final encoding) on payloads the size of one default tensor's codes (256
+// KiB: the trials run on a sample) and of its scales (16 KiB: the trials run
+// on the whole payload).
+func BenchmarkPayloadEncode(b *testing.B) {
+	for _, n := range []int{256 << 10, 16 << 10} {
+		codes := skewedCodes(n, 17)
+		b.Run(itoa(n>>10)+"KiB", func(b *testing.B) {
+			e := payloadEncoder{policy: EntropyAuto}
+			b.SetBytes(int64(n))
+			for b.Loop() {
+				if _, enc := e.encode(codes); enc != EncodingHuff0 {
+					b.Fatalf("skewed codes stored as %s, want %s", enc, EncodingHuff0)
 				}
 			}
 		})
