@@ -502,17 +502,26 @@ def dequantize_gguf(gguf: AssetFile, target: Path, verbose: bool = False) -> Emb
             conversion_seconds=round(seconds, 2),
             format_version=EMBEDDED_MODEL_FORMAT,
         )
-        manifest = result.to_dict()
-        manifest.pop("path")
-        _write_json_atomic(tmp / MANIFEST, manifest)
-        os.chmod(tmp, 0o755)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        _install_model_folder(tmp, target, result)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return result
+
+
+def _install_model_folder(tmp: Path, target: Path, model: EmbeddedModel) -> None:
+    """Write ``model``'s manifest into the finished folder ``tmp`` and rename it to ``target``.
+
+    The manifest leaves out ``path`` (the folder may move); a folder already at ``target`` is
+    replaced, so a reader sees the old folder or the new one, never half of either.
+    """
+    manifest = model.to_dict()
+    manifest.pop("path")
+    _write_json_atomic(tmp / MANIFEST, manifest)
+    os.chmod(tmp, 0o755)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
 
 
 def _upgrade_legacy(root: Path, verbose: bool = False) -> Optional[EmbeddedModel]:
@@ -533,13 +542,7 @@ def _upgrade_legacy(root: Path, verbose: bool = False) -> Optional[EmbeddedModel
             link_or_copy_tree(root / name, tmp)
             make_portable(tmp)
             result = dataclasses.replace(old, path=str(target), format_version=EMBEDDED_MODEL_FORMAT)
-            manifest = result.to_dict()
-            manifest.pop("path")
-            _write_json_atomic(tmp / MANIFEST, manifest)
-            os.chmod(tmp, 0o755)
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
+            _install_model_folder(tmp, target, result)
         except ValueError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             _log(verbose, f"    cannot upgrade {name} ({e}); converting the GGUF again")
