@@ -190,6 +190,21 @@ def cache_token_counts(cache: Any) -> List[int]:
     return counts
 
 
+def cache_sliding_windows(cache: Any) -> Optional[List[Optional[int]]]:
+    """Per layer, the sliding window of a transformers 5.x sliding-window layer (None: a full layer).
+
+    None when no layer slides (and for a legacy tuple or a 4.x cache, which carry no windows).
+    """
+    objects = getattr(cache, "layers", None) if not isinstance(cache, (tuple, list)) else None
+    if not objects:
+        return None
+    windows: List[Optional[int]] = []
+    for layer in objects:
+        w = getattr(layer, "sliding_window", None) if getattr(layer, "is_sliding", False) else None
+        windows.append(int(w) if isinstance(w, int) and not isinstance(w, bool) else None)
+    return windows if any(w is not None for w in windows) else None
+
+
 def sliding_windows_of(config: Any, num_layers: int) -> Optional[List[Optional[int]]]:
     """Per layer, the sliding window a model's config gives it (None for a full-attention layer).
 
@@ -204,6 +219,13 @@ def sliding_windows_of(config: Any, num_layers: int) -> Optional[List[Optional[i
         return None
     windows = [window if t == "sliding_attention" else None for t in types]
     return windows if any(w is not None for w in windows) else None
+
+
+def expected_layer_lengths(config: Any, num_layers: int, seq_len: int) -> List[int]:
+    """Per layer, how many of ``seq_len`` tokens a model's cache holds: ``min(seq_len, window - 1)``
+    for a sliding-window layer (transformers keeps ``window - 1``), ``seq_len`` for a full one."""
+    windows = sliding_windows_of(config, num_layers) or [None] * num_layers
+    return [seq_len if w is None else min(seq_len, w - 1) for w in windows]
 
 
 def layers_to_cache(

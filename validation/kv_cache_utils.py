@@ -37,6 +37,7 @@ from transformers.cache_utils import DynamicCache
 
 from validation.compat import (
     KVLayers,
+    cache_sliding_windows,
     cache_to_layers,
     cache_token_counts,
     forward,
@@ -85,6 +86,7 @@ def metadata_from_cache(
     heads, head_dim or dtype, or ``expected_batch_size`` is given and differs from the cache's.
     """
     meta = _layers_metadata(cache_to_layers(cache), model_name, "cache", max(cache_token_counts(cache), default=0))
+    meta.sliding_windows = cache_sliding_windows(cache)
     if expected_batch_size is not None and meta.batch_size != expected_batch_size:
         raise ValueError(f"batch size must be {expected_batch_size}, got {meta.batch_size}")
     return meta
@@ -344,8 +346,8 @@ def save_kv_cache(
     Tensors are named ``layer_{i}_key`` / ``layer_{i}_value``, shape [batch, kv_heads,
     layer_len, head_dim]; any batch size is allowed. Layers may differ in length (sliding
     windows): the sidecar then lists ``layer_seq_lens`` beside ``seq_len``, the number of
-    tokens the cache covers. float16 and float32 are written as they
-    are; bfloat16 is written as float32 (exact) with ``dtype: "bfloat16"`` in the sidecar
+    tokens the cache covers, and ``sliding_windows`` when the cache's layers carry them.
+    float16 and float32 are written as they are; bfloat16 is written as float32 (exact) with ``dtype: "bfloat16"`` in the sidecar
     so ``load_kv_cache`` restores it. The sidecar goes to ``metadata_path`` (default
     ``path + ".metadata.json"``) and records ``model_name`` (default "unknown").
 
@@ -359,6 +361,7 @@ def save_kv_cache(
     metadata_path = default_metadata_path(path) if metadata_path is None else os.fspath(metadata_path)
     layers = cache_to_layers(cache)
     meta = _layers_metadata(layers, model_name or "unknown", "cache", max(cache_token_counts(cache)))
+    meta.sliding_windows = cache_sliding_windows(cache)
     stored = torch.float32 if meta.dtype == "bfloat16" else meta.torch_dtype
     meta.stored_dtype = dtype_name(stored)
 
@@ -492,4 +495,7 @@ def load_kv_cache(
             for i, (k, v) in enumerate(layers)
         ]
     sidecar.stored_dtype = file_meta.dtype
-    return layers_to_cache(layers, seq_len=sidecar.seq_len), sidecar
+    try:
+        return layers_to_cache(layers, seq_len=sidecar.seq_len, sliding_windows=sidecar.sliding_windows), sidecar
+    except ValueError as e:
+        raise ValueError(f"{metadata_path}: {e} (in {path})") from None

@@ -45,6 +45,8 @@ class KVCacheMetadata:
     saved by this module), or None when not known. ``seq_len`` is how many tokens the cache
     covers; ``layer_seq_lens`` (None when every layer holds ``seq_len``) is the length of each
     layer, at most ``seq_len``: a sliding-window layer holds only its window's last tokens.
+    ``sliding_windows`` (None when no layer slides) gives each layer's window, null for a
+    full-attention layer; both are written to the sidecar only when set.
     """
 
     num_layers: int
@@ -57,6 +59,7 @@ class KVCacheMetadata:
     stored_dtype: Optional[str] = None
     format_version: int = METADATA_FORMAT_VERSION
     layer_seq_lens: Optional[List[int]] = None
+    sliding_windows: Optional[List[Optional[int]]] = None
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_kv_heads", "seq_len", "head_dim", "batch_size", "format_version"):
@@ -80,6 +83,17 @@ class KVCacheMetadata:
                 )
             if all(n == self.seq_len for n in lens):
                 self.layer_seq_lens = None  # uniform: the single seq_len says it all
+        wins = self.sliding_windows
+        if wins is not None:
+            if not isinstance(wins, list) or len(wins) != self.num_layers or any(
+                w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 2) for w in wins
+            ):
+                raise ValueError(
+                    f"sliding_windows must be a list of num_layers ({self.num_layers}) entries, each null "
+                    f"(a full layer) or an integer >= 2, got {wins!r}"
+                )
+            if all(w is None for w in wins):
+                self.sliding_windows = None
 
     @property
     def layer_lengths(self) -> List[int]:
@@ -94,8 +108,9 @@ class KVCacheMetadata:
     def to_dict(self) -> Dict[str, Any]:
         """A JSON-serialisable dict of every field (``layer_seq_lens`` only when the layers differ)."""
         d = asdict(self)
-        if d["layer_seq_lens"] is None:
-            del d["layer_seq_lens"]
+        for name in ("layer_seq_lens", "sliding_windows"):
+            if d[name] is None:
+                del d[name]
         return d
 
     @classmethod

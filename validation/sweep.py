@@ -49,7 +49,7 @@ from validation import reports
 from validation import runner
 from validation.compression_bridge import codec_args, roundtrip_kv_cache
 from validation.diagnostics import SNRAccumulator, plot_snr_heatmap
-from validation.compat import forward, layers_to_cache
+from validation.compat import forward
 from validation.frontier import (
     MIN_RATIO,
     SweepRow,
@@ -238,7 +238,7 @@ def run_sweep_protocol(
 
                 t = time.perf_counter()
                 if scored_in.shape[1] > 0:  # baseline logits [batch, stride - 1, vocab], attending to a copy
-                    logits_b = forward(model, layers_to_cache(layers), input_ids=scored_in, use_cache=True).logits
+                    logits_b = forward(model, pre.rebuild(layers), input_ids=scored_in, use_cache=True).logits
                 else:
                     logits_b = first_logits.new_empty(bsz, 0, first_logits.shape[-1])
                 shared["baseline_scoring"] += time.perf_counter() - t
@@ -250,6 +250,7 @@ def run_sweep_protocol(
                     timing["bridge"] += time.perf_counter() - t
                     metrics[c].append(m)
                     recon_layers = protocol.check_reconstruction(layers, recon_cache, what=f"config {cfg.name}: ")
+                    recon_cache = pre.rebuild(recon_layers)  # sliding-window layers stay sliding
                     t = time.perf_counter()
                     snr[c].update(layers, recon_layers)
                     timing["diagnostics"] += time.perf_counter() - t
