@@ -38,24 +38,11 @@ from validation.protocol import make_windows, plain_window_nlls, run_protocol
 
 pytestmark = pytest.mark.skipif(transformers_version() < (5, 0), reason="per-layer cache lengths need transformers 5.x")
 
-WINDOW = 8
-LAYERS = 4
-HEAD_DIM = 256
-VOCAB = 512
-
-
-def make_tiny_gemma3(seed: int = 0):
-    """A random float32 ``Gemma3ForCausalLM``: 4 layers (3 sliding, window 8, then 1 full), 1 KV head, head_dim 256."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(seed)
-    config = Gemma3TextConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=HEAD_DIM, sliding_window=WINDOW,
-        layer_types=["sliding_attention"] * (LAYERS - 1) + ["full_attention"], max_position_embeddings=512,
-        bos_token_id=0, eos_token_id=1, pad_token_id=0,
-    )
-    return Gemma3ForCausalLM(config).eval()
+from conftest import GEMMA_HEAD_DIM as HEAD_DIM
+from conftest import GEMMA_LAYERS as LAYERS
+from conftest import GEMMA_WINDOW as WINDOW
+from conftest import TINY_VOCAB as VOCAB
+from conftest import make_tiny_gemma3
 
 
 @pytest.fixture(scope="module")
