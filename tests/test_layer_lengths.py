@@ -173,6 +173,7 @@ def test_protocol_baseline_matches_plain_sliding_pass(gemma, kv_compress_bin):
     got = torch.tensor([w.nll_baseline for w in outcome.windows], dtype=torch.float64)
     torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-4)
     assert all(math.isfinite(w.nll_compressed) for w in outcome.windows)
+    assert outcome.layer_seq_lens == [WINDOW - 1] * (LAYERS - 1) + [24]
     assert outcome.kl_divergence >= 0 and 0 <= outcome.top1_agreement <= 1
     diag = outcome.diagnostics
     assert diag is not None and diag.key_signal.shape == (LAYERS, 1)

@@ -74,6 +74,7 @@ class ProtocolOutcome:
     diagnostics: Optional[CacheDiagnostics] = None
     token_kl: Optional[np.ndarray] = None  # [scored_tokens] KL per scored token, window order (None: not kept)
     token_dp: Optional[np.ndarray] = None  # [scored_tokens] p_compressed(label) - p_baseline(label)
+    layer_seq_lens: Optional[List[int]] = None  # per layer, context tokens held (None: every layer holds all)
 
     @property
     def context_length(self) -> int:
@@ -448,5 +449,12 @@ def run_protocol(
         num_layers=geometry.get("num_layers", 0), num_kv_heads=geometry.get("num_kv_heads", 0),
         head_dim=geometry.get("head_dim", 0), diagnostics=snr.result() if snr is not None and snr.batches else None,
         token_kl=np.concatenate(token_kl) if token_kl else None, token_dp=np.concatenate(token_dp) if token_dp else None,
+        layer_seq_lens=per_layer_lengths(geometry, context),
     )
+
+
+def per_layer_lengths(geometry: Dict[str, Any], context: int) -> Optional[List[int]]:
+    """The prefill's per-layer lengths when some layer holds fewer than ``context`` tokens, else None."""
+    lens = geometry.get("layer_seq_lens")
+    return list(lens) if lens and any(n != context for n in lens) else None
 

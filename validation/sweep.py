@@ -291,6 +291,7 @@ def run_sweep_protocol(
             head_dim=geometry.get("head_dim", 0), diagnostics=snr[c].result() if snr[c].batches else None,
             token_kl=np.concatenate(token_kl[c]) if token_kl[c] else None,
             token_dp=np.concatenate(token_dp[c]) if token_dp[c] else None,
+            layer_seq_lens=protocol.per_layer_lengths(geometry, context),
         ))
     return outcomes, shared
 
