@@ -122,3 +122,25 @@ def test_benchmark_end_to_end(kv_compress_bin: str, tiny_model_dir: Path, tiny_g
     assert "| model | preset | bits/elem | vs fp16 | wiki ΔPPL | wiki ΔPPL % | wiki KL | wiki top-1 |" in md
     assert md.count("\n| ") == 1 + 4  # header + one row per model x preset (the separator starts with "|-")
     assert (out / "leaderboard.png").stat().st_size > 0
+
+    # split by model into two files, then --merge joins them back into the same cells
+    for i, model_dir in enumerate((tiny_model_dir, tiny_gemma_dir)):
+        part = dict(doc, cells=[c for c in cells if c["model"] == str(model_dir)],
+                    baseline_checks=[c for c in doc["baseline_checks"] if c["model"] == str(model_dir)])
+        (tmp_path / f"part{i}.json").write_text(json.dumps(part))
+    merged_dir = tmp_path / "merged"
+    argv = ["--merge", str(tmp_path / "part0.json"), str(tmp_path / "part1.json"), "--out-dir", str(merged_dir)]
+    assert benchmark.main(argv) == 0
+    merged = json.loads((merged_dir / "leaderboard.json").read_text())
+    assert merged["cells"] == cells and len(merged["baseline_checks"]) == 2
+    assert (merged_dir / "leaderboard.md").read_text().count("\n| ") == 1 + 4
+    # the same cell twice, or another window protocol, is refused
+    assert benchmark.main(["--merge", str(tmp_path / "part0.json"), str(tmp_path / "part0.json"),
+                           "--out-dir", str(tmp_path / "dup")]) == 2
+    assert "is measured twice" in capsys.readouterr().err
+    other = json.loads((tmp_path / "part1.json").read_text())
+    other["protocol"]["stride"] = 8
+    (tmp_path / "part1.json").write_text(json.dumps(other))
+    assert benchmark.main(["--merge", str(tmp_path / "part0.json"), str(tmp_path / "part1.json"),
+                           "--out-dir", str(tmp_path / "mixed")]) == 2
+    assert "differs from" in capsys.readouterr().err

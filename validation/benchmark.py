@@ -16,17 +16,21 @@ Outputs in ``--out-dir`` (default ``benchmark-results/``):
   (model, corpus) baseline check;
 * ``leaderboard.md``: one row per model × preset, a column group per corpus;
 * ``leaderboard.png``: ΔPPL % against bits per element, one panel per corpus, one marker per model.
+
+``--merge A.json B.json ...`` measures nothing: it joins leaderboard.json files written with
+the same window protocol (for instance one model per machine, or per night) into one table.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
 import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -267,8 +271,10 @@ def write_outputs(board: Leaderboard, out_dir: str, models_order: Sequence[str],
     files = {"json": str(out / "leaderboard.json"), "markdown": str(out / "leaderboard.md"),
              "plot": str(out / "leaderboard.png")}
     table = markdown_table(board, models_order, presets, datasets)
+    per_corpus = (f"{options.max_samples} per corpus" if options.max_samples
+                  else "windows per corpus as in the table's baseline lines")
     protocol_text = (f"windows of {options.max_length} tokens ({options.max_length - options.stride} context + "
-                     f"{options.stride} scored), {options.max_samples} per corpus, group size {options.group_size}")
+                     f"{options.stride} scored), {per_corpus}, group size {options.group_size}")
     doc = {
         "schema": LEADERBOARD_SCHEMA,
         "generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -299,6 +305,47 @@ def write_outputs(board: Leaderboard, out_dir: str, models_order: Sequence[str],
     return doc
 
 
+def merge_documents(paths: Sequence[str]) -> tuple:
+    """Join leaderboard.json documents into ``(board, models, presets, datasets, protocol)``.
+
+    Raises ValidationError when a file is unreadable or not a leaderboard, when two files
+    used different window protocols, or when two files measured the same model × preset × corpus.
+    """
+    board = Leaderboard()
+    models_order: List[str] = []
+    presets: List[str] = []
+    datasets: List[str] = []
+    proto: Optional[Dict[str, Any]] = None
+    cell_names = {f.name for f in fields(Cell)}
+    check_names = {f.name for f in fields(BaselineCheck)}
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as f:
+                doc = json.load(f)
+        except (OSError, ValueError) as e:
+            raise run_options.ValidationError(f"--merge {path}: cannot read a leaderboard: {e}") from None
+        if not isinstance(doc, dict) or doc.get("schema") != LEADERBOARD_SCHEMA:
+            raise run_options.ValidationError(f"--merge {path}: not a {LEADERBOARD_SCHEMA} document")
+        windows_protocol = {k: doc["protocol"].get(k) for k in ("max_length", "stride", "group_size")}
+        if proto is not None and windows_protocol != proto:
+            raise run_options.ValidationError(f"--merge {path}: protocol {windows_protocol} differs from {proto}")
+        proto = windows_protocol
+        for entry in doc["cells"]:
+            cell = Cell(**{k: entry[k] for k in cell_names})
+            if board.cell(cell.model, cell.preset, cell.dataset) is not None:
+                raise run_options.ValidationError(
+                    f"--merge {path}: {cell.model} × {cell.preset} × {cell.dataset} is measured twice")
+            board.cells.append(cell)
+            for value, seen in ((cell.model, models_order), (cell.preset, presets), (cell.dataset, datasets)):
+                if value not in seen:
+                    seen.append(value)
+        board.checks += [BaselineCheck(**{k: c[k] for k in check_names}) for c in doc.get("baseline_checks", [])]
+        board.models.update(doc.get("models", {}))
+        board.corpora.update(doc.get("corpora", {}))
+        board.timings.update({f"{os.path.basename(path)}:{k}": v for k, v in doc.get("timings", {}).items()})
+    return board, models_order, presets, datasets, proto or {}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m validation.benchmark``."""
     p = argparse.ArgumentParser(prog="python -m validation.benchmark", description=__doc__.split("\n\n")[0])
@@ -322,13 +369,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default=DEFAULT_OUT_DIR, help=f"where the outputs go (default {DEFAULT_OUT_DIR}/)")
     p.add_argument("--output-json", metavar="PATH", help="also write leaderboard.json's document here")
     p.add_argument("--quiet", action="store_true", help="print only the summary line")
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="measure nothing: join these leaderboard.json files (same window protocol) into one")
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the benchmark; exit 0 when written, 2 for a usage error or a model/corpus that cannot be loaded."""
     args = build_parser().parse_args(argv)
+    command = "python -m validation.benchmark " + " ".join(argv if argv is not None else sys.argv[1:])
     try:
+        if args.merge:
+            board, model_names, presets, datasets, proto = merge_documents(args.merge)
+            windows = sorted({c.windows for c in board.cells})
+            options = run_options.ValidationOptions(max_length=proto["max_length"], stride=proto["stride"],
+                                                    group_size=proto["group_size"],
+                                                    max_samples=windows[0] if len(windows) == 1 else None)
+            doc = write_outputs(board, args.out_dir, model_names, presets, datasets, options, command)
+            if args.output_json:
+                jsonio.write_json_atomic(args.output_json, doc)
+            print(f"LEADERBOARD: merged {len(args.merge)} files -> {doc['files']['markdown']}")
+            return 0
         model_names = parse_list(args.models, "--models")
         presets = parse_list(args.presets, "--presets", BUILTIN_PRESETS)
         datasets = parse_list(args.datasets, "--datasets", run_options.DATASET_CHOICES)
@@ -340,7 +401,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         models.configure_threads()
         console = reports.Console(not args.quiet)
         board = run_benchmark(model_names, presets, datasets, options, console, not args.no_check_baseline)
-        command = "python -m validation.benchmark " + " ".join(argv if argv is not None else sys.argv[1:])
         doc = write_outputs(board, args.out_dir, model_names, presets, datasets, options, command)
     except run_options.ValidationError as e:
         print(f"error: {e}", file=sys.stderr)
