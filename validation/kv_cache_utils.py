@@ -360,7 +360,7 @@ def save_kv_cache(
     path = os.fspath(path)
     metadata_path = default_metadata_path(path) if metadata_path is None else os.fspath(metadata_path)
     layers = cache_to_layers(cache)
-    meta = _layers_metadata(layers, model_name or "unknown", "cache", max(cache_token_counts(cache)))
+    meta = _layers_metadata(layers, model_name or "unknown", "cache", max(cache_token_counts(cache), default=0))
     meta.sliding_windows = cache_sliding_windows(cache)
     stored = torch.float32 if meta.dtype == "bfloat16" else meta.torch_dtype
     meta.stored_dtype = dtype_name(stored)
