@@ -205,7 +205,8 @@ def _f(x: float, fmt: str) -> str:
 
 def markdown_table(board: Leaderboard, models_order: Sequence[str], presets: Sequence[str],
                    datasets: Sequence[str]) -> str:
-    """One row per model × preset; bits on disk, then ΔPPL, ΔPPL %, KL and top-1 for each corpus."""
+    """One row per model × preset; bits per element and on-disk ratio vs float16 (container bytes,
+    headers included; the mean over corpora), then ΔPPL, ΔPPL %, KL and top-1 for each corpus."""
     head = ["model", "preset", "bits/elem", "vs fp16"]
     for d in datasets:
         head += [f"{d} ΔPPL", f"{d} ΔPPL %", f"{d} KL", f"{d} top-1"]
@@ -216,8 +217,10 @@ def markdown_table(board: Leaderboard, models_order: Sequence[str], presets: Seq
             first = next((c for c in cells if c is not None), None)
             if first is None:
                 continue
-            bits = sum(c.bits_per_element for c in cells if c) / sum(1 for c in cells if c)
-            row = [m, p, _f(bits, ".3f"), _f(16 / bits if bits else math.nan, ".2f") + "x"]
+            measured = [c for c in cells if c is not None]
+            bits = sum(c.bits_per_element for c in measured) / len(measured)
+            ratio = sum(c.disk_ratio_vs_fp16 for c in measured) / len(measured)
+            row = [m, p, _f(bits, ".3f"), _f(ratio, ".2f") + "x"]
             for c in cells:
                 row += (["–"] * 4 if c is None else
                         [_f(c.delta, "+.4f"), _f(c.delta_percent, "+.2f"), _f(c.kl_divergence, ".5f"),
