@@ -32,7 +32,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -123,8 +123,12 @@ def run_benchmark(
     options: run_options.ValidationOptions,
     console: reports.Console,
     check_baseline: bool = True,
+    on_corpus_done: Optional[Callable[[Leaderboard], None]] = None,
 ) -> Leaderboard:
-    """Measure every preset on every model and corpus (see the module docstring); nothing is written.
+    """Measure every preset on every model and corpus (see the module docstring).
+
+    Nothing is written here; ``on_corpus_done(board)`` is called after each model × corpus, so
+    the caller can save what has been measured so far (a long run interrupted keeps its results).
 
     ``options`` gives the windows (max_length, stride, max_samples, batch_windows), the group
     size, threshold, seed, device and device map. Raises ValidationError for a model or
@@ -179,6 +183,8 @@ def run_benchmark(
                 c = board.checks[-1]
                 console.info(f"baseline check: protocol PPL {c.protocol_perplexity:.4f}, plain sliding-window "
                              f"PPL {c.plain_perplexity:.4f} (largest window NLL difference {c.max_abs_window_nll_diff:.2e} nats)")
+            if on_corpus_done is not None:
+                on_corpus_done(board)
         del model, tokenizer
     board.timings["total_s"] = round(time.perf_counter() - start, 3)
     return board
@@ -403,7 +409,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         options.check()
         models.configure_threads()
         console = reports.Console(not args.quiet)
-        board = run_benchmark(model_names, presets, datasets, options, console, not args.no_check_baseline)
+        board = run_benchmark(
+            model_names, presets, datasets, options, console, not args.no_check_baseline,
+            on_corpus_done=lambda b: write_outputs(b, args.out_dir, model_names, presets, datasets, options, command),
+        )
         doc = write_outputs(board, args.out_dir, model_names, presets, datasets, options, command)
     except run_options.ValidationError as e:
         print(f"error: {e}", file=sys.stderr)
