@@ -249,9 +249,6 @@ func encodeRowsSIMD(job *rowJob, st *tensorStats) bool {
 				return false
 			}
 		}
-		if sums.pending >= vectorFlushEvery {
-			sums.flush(st)
-		}
 	}
 	sums.flush(st)
 	return true
@@ -389,9 +386,6 @@ func encodeChannelsSIMD(job *channelJob, st *tensorStats) bool {
 				if !sums.add(x[r:r+dim], yr, job.dt) {
 					return false
 				}
-			}
-			if sums.pending >= vectorFlushEvery {
-				sums.flush(st)
 			}
 		}
 	}

@@ -212,11 +212,17 @@ func maxLane(v archsimd.Uint32x8) uint32 {
 func clearUpper() { archsimd.ClearAVXUpperBits() }
 
 // errorSums accumulates the error of a reconstruction in 8 float32 lanes,
-// flushed to the float64 totals every flushEvery elements.
+// folded into 8 float64 lanes every vectorFlushEvery elements without
+// leaving the vector registers; flush adds the lanes to a tensorStats once,
+// at the end of a job. The float32 partial sums are as long as the scalar
+// paths' (128 elements a lane); only the order of the float64 additions
+// differs from theirs, far below the metrics' printed precision.
 type errorSums struct {
-	xx, ee, yy archsimd.Float32x8
-	maxErr     archsimd.Uint32x8
-	pending    int
+	xx, ee, yy             archsimd.Float32x8
+	xxLo, xxHi, eeLo, eeHi archsimd.Float64x4
+	yyLo, yyHi             archsimd.Float64x4
+	maxErr                 archsimd.Uint32x8
+	pending, n             int
 }
 
 const vectorFlushEvery = 1024 // 128 per lane, as often as the scalar paths flush
@@ -264,32 +270,55 @@ func (s *errorSums) add(x, y []float32, dt safetensors.DType) bool {
 	}
 	s.xx, s.ee, s.yy, s.maxErr = xx, ee, yy, me
 	s.pending += len(x)
+	if s.pending >= vectorFlushEvery {
+		s.fold()
+	}
 	return true
 }
 
+// fold moves the float32 partial sums into the float64 lanes, in vector
+// registers only: no scalar or legacy SSE code runs (see clearUpper).
+func (s *errorSums) fold() {
+	s.xxLo, s.xxHi = s.xxLo.Add(s.xx.GetLo().ConvertToFloat64()), s.xxHi.Add(s.xx.GetHi().ConvertToFloat64())
+	s.eeLo, s.eeHi = s.eeLo.Add(s.ee.GetLo().ConvertToFloat64()), s.eeHi.Add(s.ee.GetHi().ConvertToFloat64())
+	s.yyLo, s.yyHi = s.yyLo.Add(s.yy.GetLo().ConvertToFloat64()), s.yyHi.Add(s.yy.GetHi().ConvertToFloat64())
+	// Zero by XOR: a Go zero value would be stored with legacy SSE moves.
+	z := s.maxErr.Xor(s.maxErr).AsFloat32x8()
+	s.xx, s.ee, s.yy = z, z, z
+	s.n += s.pending
+	s.pending = 0
+}
+
+// flush adds everything accumulated to st and resets s. It ends the vector
+// work of its caller.
 func (s *errorSums) flush(st *tensorStats) {
-	if s.pending == 0 {
+	s.fold()
+	if s.n == 0 {
+		clearUpper()
 		return
 	}
 	clearUpper() // before the arrays are zeroed
-	var xx, ee, yy [8]float32
-	s.xx.Store(&xx)
-	s.ee.Store(&ee)
-	s.yy.Store(&yy)
-	clearUpper()
+	var xx, ee, yy [8]float64
+	s.xxLo.Store((*[4]float64)(xx[:4]))
+	s.xxHi.Store((*[4]float64)(xx[4:]))
+	s.eeLo.Store((*[4]float64)(ee[:4]))
+	s.eeHi.Store((*[4]float64)(ee[4:]))
+	s.yyLo.Store((*[4]float64)(yy[:4]))
+	s.yyHi.Store((*[4]float64)(yy[4:]))
+	m := maxLane(s.maxErr) // clears the upper halves again
 	var sxx, see, syy float64
 	for i := range 8 {
-		sxx += float64(xx[i])
-		see += float64(ee[i])
-		syy += float64(yy[i])
+		sxx += xx[i]
+		see += ee[i]
+		syy += yy[i]
 	}
-	st.n += int64(s.pending)
+	st.n += int64(s.n)
 	st.sumXX += sxx
 	st.sumEE += see
 	st.sumYY += syy
 	st.sumXY += (sxx + syy - see) / 2 // Σxy from Σx², Σy² and Σ(x−y)²
-	st.maxErr = max(st.maxErr, float64(math.Float32frombits(maxLane(s.maxErr))))
-	*s = errorSums{maxErr: s.maxErr}
+	st.maxErr = max(st.maxErr, float64(math.Float32frombits(m)))
+	*s = errorSums{}
 }
 
 // nibbleShifts moves code i of a 32-bit word (4 bytes, low nibble first) to
