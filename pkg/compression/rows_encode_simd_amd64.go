@@ -192,8 +192,7 @@ func encodeRowsSIMD(job *rowJob, st *tensorStats) bool {
 		}
 		v, y := x, w
 		if job.rot != nil {
-			copyVec(w, x)
-			rotateForward(job.rot, &bf, w)
+			rotateForward(job.rot, &bf, w, x)
 			v = w
 			if rotated {
 				y = x // the row as read is no longer needed
@@ -301,11 +300,12 @@ func encodeChannelsSIMD(job *channelJob, st *tensorStats) bool {
 				return false
 			}
 		}
-		copyVec(w[:n], x[:n])
 		if job.rot != nil {
 			for r := 0; r < n; r += dim {
-				rotateForward(job.rot, &bf, w[r:r+dim])
+				rotateForward(job.rot, &bf, w[r:r+dim], x[r:r+dim])
 			}
+		} else {
+			copyVec(w[:n], x[:n])
 		}
 		y := w
 		if rotated {

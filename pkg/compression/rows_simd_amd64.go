@@ -49,16 +49,40 @@ func (b *butterflies) inVector(x archsimd.Float32x8) archsimd.Float32x8 {
 	return x.Mul(b.a4).Add(x.Permute(b.p4))
 }
 
+// finish is what a rotation does after its last butterfly stage: multiply
+// by the scale, then (the inverse only, signs not nil) by the signs. Fused
+// into the stores of the last stage, it rounds exactly as a separate pass.
+type finish struct {
+	sc    archsimd.Float32x8
+	signs []float32
+}
+
+// apply finishes x, the 8 elements at offset at of a row.
+func (f *finish) apply(x archsimd.Float32x8, at int) archsimd.Float32x8 {
+	x = x.Mul(f.sc)
+	if f.signs != nil {
+		s := f.signs[at%len(f.signs):]
+		x = x.Mul(archsimd.LoadFloat32x8Slice(s[:8]))
+	}
+	return x
+}
+
 // acrossVectors runs butterfly stages h = from, 2·from, ... < n on each
-// block of n elements of v (from and n multiples of 8).
-func acrossVectors(v []float32, n, from int) {
+// block of n elements of v (from and n multiples of 8), and fin, when not
+// nil, with the stores of the last stage.
+func acrossVectors(v []float32, n, from int, fin *finish) {
 	for h := from; h < n; h *= 2 {
+		last := fin != nil && 2*h >= n
 		for i := 0; i < len(v); i += 2 * h {
 			for j := i; j < i+h; j += 8 {
 				a := archsimd.LoadFloat32x8Slice(v[j : j+8])
 				b := archsimd.LoadFloat32x8Slice(v[j+h : j+h+8])
-				a.Add(b).StoreSlice(v[j : j+8])
-				a.Sub(b).StoreSlice(v[j+h : j+h+8])
+				s, d := a.Add(b), a.Sub(b)
+				if last {
+					s, d = fin.apply(s, j), fin.apply(d, j+h)
+				}
+				s.StoreSlice(v[j : j+8])
+				d.StoreSlice(v[j+h : j+h+8])
 			}
 		}
 	}
@@ -78,11 +102,14 @@ func stages64(x0, x1, x2, x3, x4, x5, x6, x7 archsimd.Float32x8) (y0, y1, y2, y3
 	return x0.Add(x4), x1.Add(x5), x2.Add(x6), x3.Add(x7), x0.Sub(x4), x1.Sub(x5), x2.Sub(x6), x3.Sub(x7)
 }
 
-// blocks64 runs the stages h = 1, ..., 32 on every 64 elements of v (whose
-// length is a multiple of 64), after multiplying by signs when not nil.
-func blocks64(v []float32, bf *butterflies, signs []float32) {
-	for i := 0; i < len(v); i += 64 {
-		b := v[i : i+64 : i+64]
+// blocks64 runs the stages h = 1, ..., 32 on every 64 elements of src
+// (whose length is a multiple of 64) into dst (src itself or a slice of
+// the same length), after multiplying by signs when not nil, and finishes
+// with fin when not nil.
+func blocks64(dst, src []float32, bf *butterflies, signs []float32, fin *finish) {
+	for i := 0; i < len(src); i += 64 {
+		b := src[i : i+64 : i+64]
+		o := dst[i : i+64 : i+64]
 		// Eight named vectors rather than an array, which Go would zero
 		// first with legacy SSE stores (clearUpper).
 		load := func(k int) archsimd.Float32x8 {
@@ -94,57 +121,69 @@ func blocks64(v []float32, bf *butterflies, signs []float32) {
 			return bf.inVector(x)
 		}
 		x0, x1, x2, x3, x4, x5, x6, x7 := stages64(load(0), load(1), load(2), load(3), load(4), load(5), load(6), load(7))
-		x0.StoreSlice(b[0:8])
-		x1.StoreSlice(b[8:16])
-		x2.StoreSlice(b[16:24])
-		x3.StoreSlice(b[24:32])
-		x4.StoreSlice(b[32:40])
-		x5.StoreSlice(b[40:48])
-		x6.StoreSlice(b[48:56])
-		x7.StoreSlice(b[56:64])
+		if fin != nil {
+			x0, x1, x2, x3 = fin.apply(x0, i), fin.apply(x1, i+8), fin.apply(x2, i+16), fin.apply(x3, i+24)
+			x4, x5, x6, x7 = fin.apply(x4, i+32), fin.apply(x5, i+40), fin.apply(x6, i+48), fin.apply(x7, i+56)
+		}
+		x0.StoreSlice(o[0:8])
+		x1.StoreSlice(o[8:16])
+		x2.StoreSlice(o[16:24])
+		x3.StoreSlice(o[24:32])
+		x4.StoreSlice(o[32:40])
+		x5.StoreSlice(o[40:48])
+		x6.StoreSlice(o[48:56])
+		x7.StoreSlice(o[56:64])
 	}
 }
 
-// rotateForward is rotation.forward for a row whose length is a multiple of
-// r.n (itself a multiple of 8), with the same roundings in the same order:
-// signs, the stages h = 1, 2, 4, ..., then the scale.
-func rotateForward(r *rotation, bf *butterflies, v []float32) {
-	from := 8
+// rotateForward is rotation.forward of src into dst (src itself, or a
+// slice of the same length whose length is a multiple of r.n, itself a
+// multiple of 8), with the same roundings in the same order: signs, the
+// stages h = 1, 2, 4, ..., then the scale.
+func rotateForward(r *rotation, bf *butterflies, dst, src []float32) {
+	fin := finish{sc: archsimd.BroadcastFloat32x8(r.scale)}
 	if r.n >= 64 {
-		blocks64(v, bf, r.signs)
-		from = 64
-	} else {
-		for i := 0; i < len(v); i += 8 {
-			x := archsimd.LoadFloat32x8Slice(v[i : i+8])
-			sg := archsimd.LoadFloat32x8Slice(r.signs[i%r.n : i%r.n+8])
-			bf.inVector(x.Mul(sg)).StoreSlice(v[i : i+8])
+		if r.n == 64 {
+			blocks64(dst, src, bf, r.signs, &fin)
+			return
 		}
+		blocks64(dst, src, bf, r.signs, nil)
+		acrossVectors(dst, r.n, 64, &fin)
+		return
 	}
-	acrossVectors(v, r.n, from)
-	sc := archsimd.BroadcastFloat32x8(r.scale)
-	for i := 0; i < len(v); i += 8 {
-		archsimd.LoadFloat32x8Slice(v[i : i+8]).Mul(sc).StoreSlice(v[i : i+8])
+	for i := 0; i < len(src); i += 8 {
+		x := archsimd.LoadFloat32x8Slice(src[i : i+8])
+		sg := archsimd.LoadFloat32x8Slice(r.signs[i%r.n : i%r.n+8])
+		x = bf.inVector(x.Mul(sg))
+		if r.n == 8 {
+			x = fin.apply(x, i)
+		}
+		x.StoreSlice(dst[i : i+8])
 	}
+	acrossVectors(dst, r.n, 8, &fin)
 }
 
 // rotateInverse is rotation.inverse: the stages h = 1, 2, 4, ..., then
 // (v·scale)·sign.
 func rotateInverse(r *rotation, bf *butterflies, v []float32) {
-	from := 8
+	fin := finish{sc: archsimd.BroadcastFloat32x8(r.scale), signs: r.signs}
 	if r.n >= 64 {
-		blocks64(v, bf, nil)
-		from = 64
-	} else {
-		for i := 0; i < len(v); i += 8 {
-			bf.inVector(archsimd.LoadFloat32x8Slice(v[i : i+8])).StoreSlice(v[i : i+8])
+		if r.n == 64 {
+			blocks64(v, v, bf, nil, &fin)
+			return
 		}
+		blocks64(v, v, bf, nil, nil)
+		acrossVectors(v, r.n, 64, &fin)
+		return
 	}
-	acrossVectors(v, r.n, from)
-	sc := archsimd.BroadcastFloat32x8(r.scale)
 	for i := 0; i < len(v); i += 8 {
-		sg := archsimd.LoadFloat32x8Slice(r.signs[i%r.n : i%r.n+8])
-		archsimd.LoadFloat32x8Slice(v[i : i+8]).Mul(sc).Mul(sg).StoreSlice(v[i : i+8])
+		x := bf.inVector(archsimd.LoadFloat32x8Slice(v[i : i+8]))
+		if r.n == 8 {
+			x = fin.apply(x, i)
+		}
+		x.StoreSlice(v[i : i+8])
 	}
+	acrossVectors(v, r.n, 8, &fin)
 }
 
 // decodeRow converts one row of dtype dt to float32 in x. It returns false if
