@@ -242,6 +242,9 @@ func decodeChannels(job rowDecodeJob, keep int, y []float32) bool {
 // nibbleWord returns the 8 codes (fewer, zero-padded, at the end of src) that
 // start at nibble index at of src, packed low nibble first into a uint32.
 func nibbleWord(src []byte, at int) uint32 {
+	if i := at / 2; i+8 <= len(src) { // one unaligned load where 8 bytes remain
+		return uint32(binary.LittleEndian.Uint64(src[i:]) >> (4 * (at % 2)))
+	}
 	var v uint64
 	for i, b := range src[at/2 : min(at/2+5, len(src))] {
 		v |= uint64(b) << (8 * i)

@@ -61,7 +61,7 @@ type finish struct {
 func (f *finish) apply(x archsimd.Float32x8, at int) archsimd.Float32x8 {
 	x = x.Mul(f.sc)
 	if f.signs != nil {
-		s := f.signs[at%len(f.signs):]
+		s := f.signs[at&(len(f.signs)-1):] // a power of two long: no division
 		x = x.Mul(archsimd.LoadFloat32x8Slice(s[:8]))
 	}
 	return x
@@ -115,7 +115,7 @@ func blocks64(dst, src []float32, bf *butterflies, signs []float32, fin *finish)
 		load := func(k int) archsimd.Float32x8 {
 			x := archsimd.LoadFloat32x8Slice(b[8*k : 8*k+8])
 			if signs != nil {
-				s := signs[(i+8*k)%len(signs):]
+				s := signs[(i+8*k)&(len(signs)-1):] // a power of two long
 				x = x.Mul(archsimd.LoadFloat32x8Slice(s[:8]))
 			}
 			return bf.inVector(x)
@@ -153,7 +153,8 @@ func rotateForward(r *rotation, bf *butterflies, dst, src []float32) {
 	}
 	for i := 0; i < len(src); i += 8 {
 		x := archsimd.LoadFloat32x8Slice(src[i : i+8])
-		sg := archsimd.LoadFloat32x8Slice(r.signs[i%r.n : i%r.n+8])
+		at := i & (r.n - 1) // r.n is a power of two
+		sg := archsimd.LoadFloat32x8Slice(r.signs[at : at+8])
 		x = bf.inVector(x.Mul(sg))
 		if r.n == 8 {
 			x = fin.apply(x, i)
@@ -386,18 +387,29 @@ func dequantizeGroup(in []byte, s float32, y []float32) {
 
 // encodeRow writes y (len a multiple of 8) as little-endian elements of dt
 // into out, rounding half to even as safetensors.EncodeFloat32 does, with c
-// (from newHalfConv, made once per job) for float16 and bfloat16. It returns
-// false if a float16 element of this row or an earlier one converted with c
-// is too large for the shortcut (|y| ≥ 65504).
-func encodeRow(y []float32, dt safetensors.DType, out []byte, c *halfConv) bool {
+// (from newHalfConv, made once per job) for float16 and bfloat16. Whether
+// every float16 element was small enough for the shortcut (|y| < 65504) is
+// checked once per job, by c.fits: a job that fails it is decoded again by
+// the scalar path, which rewrites all of its output.
+func encodeRow(y []float32, dt safetensors.DType, out []byte, c *halfConv) {
 	if dt == safetensors.F32 {
 		for i := 0; i < len(y); i += 8 {
 			archsimd.LoadFloat32x8Slice(y[i : i+8]).AsUint8x32().StoreSlice(out[4*i : 4*i+32])
 		}
-		return true
+		return
 	}
 	packHalves(y, out, c)
-	return !c.f16 || maxLane(c.mx) < 0x477fe000
+}
+
+// fits reports whether every float16 element c converted was below 65504,
+// where the shortcut of conv is exact. It ends the vector work of its
+// caller.
+func (c *halfConv) fits() bool {
+	if !c.f16 {
+		clearUpper()
+		return true
+	}
+	return maxLane(c.mx) < 0x477fe000
 }
 
 // halfConv converts float32 vectors to float16 or bfloat16 bit patterns.
@@ -483,11 +495,10 @@ func decodeRowsSIMD(job *rowDecodeJob) bool {
 		if job.rot != nil {
 			rotateInverse(job.rot, &bf, y)
 		}
-		if !encodeRow(y, job.dt, job.dst[r*dim*width:(r+1)*dim*width], &hc) {
-			return false
-		}
+		encodeRow(y, job.dt, job.dst[r*dim*width:(r+1)*dim*width], &hc)
+		clearUpper() // the next row's scales are converted in scalar code
 	}
-	return true
+	return hc.fits()
 }
 
 func decodeChannelsSIMD(job *rowDecodeJob, keep int, y []float32) bool {
@@ -539,9 +550,7 @@ func decodeChannelsSIMD(job *rowDecodeJob, keep int, y []float32) bool {
 		if job.rot != nil {
 			rotateInverse(job.rot, &bf, row)
 		}
-		if !encodeRow(row, job.dt, job.dst[t*dim*width:(t+1)*dim*width], &hc) {
-			return false
-		}
+		encodeRow(row, job.dt, job.dst[t*dim*width:(t+1)*dim*width], &hc)
 	}
-	return true
+	return hc.fits()
 }
