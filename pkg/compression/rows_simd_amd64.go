@@ -492,10 +492,15 @@ func decodeRowsSIMD(job *rowDecodeJob) bool {
 			}
 			dequantizeGroup(job.codes[gi*g/2:(gi+1)*g/2], safetensors.F16ToF32(s16), y[k*g:(k+1)*g])
 		}
-		if job.rot != nil {
+		switch {
+		case job.rot != nil && job.rot.n == 64:
+			inverseEncode64(job.rot, &bf, y, job.dt, job.dst[r*dim*width:(r+1)*dim*width], &hc)
+		case job.rot != nil:
 			rotateInverse(job.rot, &bf, y)
+			fallthrough
+		default:
+			encodeRow(y, job.dt, job.dst[r*dim*width:(r+1)*dim*width], &hc)
 		}
-		encodeRow(y, job.dt, job.dst[r*dim*width:(r+1)*dim*width], &hc)
 		clearUpper() // the next row's scales are converted in scalar code
 	}
 	return hc.fits()
@@ -546,11 +551,16 @@ func decodeChannelsSIMD(job *rowDecodeJob, keep int, y []float32) bool {
 		bf = newButterflies()
 	}
 	for t := range keep {
-		row := y[t*dim : (t+1)*dim]
-		if job.rot != nil {
+		row, out := y[t*dim:(t+1)*dim], job.dst[t*dim*width:(t+1)*dim*width]
+		switch {
+		case job.rot != nil && job.rot.n == 64:
+			inverseEncode64(job.rot, &bf, row, job.dt, out, &hc)
+		case job.rot != nil:
 			rotateInverse(job.rot, &bf, row)
+			fallthrough
+		default:
+			encodeRow(row, job.dt, out, &hc)
 		}
-		encodeRow(row, job.dt, job.dst[t*dim*width:(t+1)*dim*width], &hc)
 	}
 	return hc.fits()
 }
