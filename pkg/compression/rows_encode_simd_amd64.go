@@ -231,15 +231,20 @@ func encodeRowsSIMD(job *rowJob, st *tensorStats) bool {
 				for i := range yg {
 					yg[i] = mv
 				}
+			case seed && rotated: // measured while in registers: no values stored
+				quantizeGroupMeasured(grp, s, out, &packed, &sums)
+				continue
 			case seed:
 				quantizeGroup(grp, s, out, yg, &packed)
 			default:
 				quantizeGroupBits(grp, s, mv, cv, out, yg)
 			}
+			if rotated {
+				sums.add(grp, yg, safetensors.F32) // rotated input against its reconstruction
+			}
 		}
 		switch {
-		case rotated:
-			sums.add(w, x, safetensors.F32) // rotated input against its reconstruction
+		case rotated: // measured group by group above
 		case job.rot != nil:
 			rotateInverse(job.rot, &bf, w)
 			fallthrough
@@ -353,9 +358,14 @@ func encodeChannelsSIMD(job *channelJob, st *tensorStats) bool {
 			}
 			sv, lv, mvv := archsimd.LoadFloat32x8(&div), archsimd.LoadFloat32x8(&live), archsimd.LoadFloat32x8(&mins)
 			var acc archsimd.Uint32x8
+			// Measured in the rotated basis, the error is summed here, in
+			// registers, and the values are not stored.
+			var exx, eee, eyy archsimd.Float32x8
+			var eme archsimd.Uint32x8
 			for t := t0; t < t1; t++ {
 				at := (t-t0)*dim + cb
-				v := archsimd.LoadFloat32x8Slice(w[at : at+8])
+				v0 := archsimd.LoadFloat32x8Slice(w[at : at+8])
+				v := v0
 				if spec.asym {
 					v = v.Sub(mvv)
 				}
@@ -364,7 +374,15 @@ func encodeChannelsSIMD(job *channelJob, st *tensorStats) bool {
 				if spec.asym {
 					rec = rec.Add(mvv)
 				}
-				rec.StoreSlice(y[at : at+8])
+				if rotated {
+					e := v0.Sub(rec)
+					exx = exx.Add(v0.Mul(v0))
+					eee = eee.Add(e.Mul(e))
+					eyy = eyy.Add(rec.Mul(rec))
+					eme = eme.Max(e.AsUint32x8().And(absMask))
+				} else {
+					rec.StoreSlice(y[at : at+8])
+				}
 				acc = acc.Or(q.ConvertToInt32().AsUint32x8().And(mask).ShiftLeft(shifts[t%8]))
 				if t%8 == 7 || t == t1-1 {
 					acc.Store(&words)
@@ -374,18 +392,17 @@ func encodeChannelsSIMD(job *channelJob, st *tensorStats) bool {
 					acc = archsimd.Uint32x8{}
 				}
 			}
-		}
-		for r := 0; r < n; r += dim {
 			if rotated {
-				sums.add(w[r:r+dim], x[r:r+dim], safetensors.F32)
-			} else {
-				yr := w[r : r+dim]
-				if job.rot != nil {
-					rotateInverse(job.rot, &bf, yr)
-				}
-				if !sums.add(x[r:r+dim], yr, job.dt) {
-					return false
-				}
+				sums.merge(exx, eee, eyy, eme, 8*(t1-t0))
+			}
+		}
+		for r := 0; r < n && !rotated; r += dim { // rotated: measured above
+			yr := w[r : r+dim]
+			if job.rot != nil {
+				rotateInverse(job.rot, &bf, yr)
+			}
+			if !sums.add(x[r:r+dim], yr, job.dt) {
+				return false
 			}
 		}
 	}
