@@ -186,13 +186,21 @@ func encodeRowsSIMD(job *rowJob, st *tensorStats) bool {
 	gBytes := g * spec.bits / 8
 	var sums errorSums
 	groupsRow := dim / g
+	fused := job.rot != nil && job.rot.n == 64 && job.dt == safetensors.F16 // decoded and rotated in one pass
+	var inMax archsimd.Uint32x8                                             // the input's largest magnitude, when fused
 	for r := range rows {
-		if !decodeRow(job.src[r*dim*width:(r+1)*dim*width], job.dt, x) {
+		in := job.src[r*dim*width : (r+1)*dim*width]
+		if fused {
+			decodeRotate64(job.rot, &bf, in, w, &inMax)
+			clearUpper() // scalar code follows
+		} else if !decodeRow(in, job.dt, x) {
 			return false
 		}
 		v, y := x, w
 		if job.rot != nil {
-			rotateForward(job.rot, &bf, w, x)
+			if !fused {
+				rotateForward(job.rot, &bf, w, x)
+			}
 			v = w
 			if rotated {
 				y = x // the row as read is no longer needed
@@ -246,6 +254,9 @@ func encodeRowsSIMD(job *rowJob, st *tensorStats) bool {
 		switch {
 		case rotated: // measured group by group above
 		case job.rot != nil:
+			if fused {
+				decodeRow(in, job.dt, x) // the row as read, to measure against
+			}
 			rotateInverse(job.rot, &bf, w)
 			fallthrough
 		default:
@@ -255,7 +266,7 @@ func encodeRowsSIMD(job *rowJob, st *tensorStats) bool {
 		}
 	}
 	sums.flush(st)
-	return true
+	return !fused || finiteBits(inMax)
 }
 
 func encodeChannelsSIMD(job *channelJob, st *tensorStats) bool {
@@ -296,21 +307,27 @@ func encodeChannelsSIMD(job *channelJob, st *tensorStats) bool {
 		shifts[i] = archsimd.BroadcastUint32x8(uint32(bits * i))
 	}
 	var sums errorSums
+	fused := job.rot != nil && job.rot.n == 64 && job.dt == safetensors.F16 // decoded and rotated in one pass
+	var inMax archsimd.Uint32x8                                             // the input's largest magnitude, when fused
 	for k := range groupsRow {
 		t0, t1 := k*g, min((k+1)*g, keep)
 		n := (t1 - t0) * dim
 		for t := t0; t < t1; t++ {
 			r := (t - t0) * dim
-			if !decodeRow(job.src[t*dim*width:(t+1)*dim*width], job.dt, x[r:r+dim]) {
+			in := job.src[t*dim*width : (t+1)*dim*width]
+			switch {
+			case fused:
+				decodeRotate64(job.rot, &bf, in, w[r:r+dim], &inMax)
+				if !rotated {
+					decodeRow(in, job.dt, x[r:r+dim]) // the row as read, to measure against
+				}
+			case !decodeRow(in, job.dt, x[r:r+dim]):
 				return false
-			}
-		}
-		if job.rot != nil {
-			for r := 0; r < n; r += dim {
+			case job.rot != nil:
 				rotateForward(job.rot, &bf, w[r:r+dim], x[r:r+dim])
+			default:
+				copyVec(w[r:r+dim], x[r:r+dim])
 			}
-		} else {
-			copyVec(w[:n], x[:n])
 		}
 		y := w
 		if rotated {
@@ -407,6 +424,9 @@ func encodeChannelsSIMD(job *channelJob, st *tensorStats) bool {
 		}
 	}
 	sums.flush(st)
+	if fused && !finiteBits(inMax) {
+		return false // the scalar path names the value
+	}
 	clear(job.codes)
 	for d := range dim {
 		if bits == 4 {

@@ -1,0 +1,61 @@
+package compression
+
+import (
+	"errors"
+	"math"
+	"testing"
+
+	"github.com/kv-cache-p2p/validation/pkg/safetensors"
+)
+
+// TestNibbleWord checks the 8 codes nibbleWord returns at every nibble
+// offset of buffers of several lengths against one code at a time, the
+// zero padding past the end included.
+func TestNibbleWord(t *testing.T) {
+	for _, n := range []int{1, 4, 5, 8, 9, 17, 64} {
+		src := make([]byte, n)
+		for i := range src {
+			src[i] = byte(i*37 + 11)
+		}
+		for at := 0; at < 2*n; at++ {
+			var want uint32
+			for k := range 8 {
+				if j := at + k; j < 2*n {
+					want |= uint32(src[j/2]>>(4*(j%2))&0xf) << (4 * k)
+				}
+			}
+			if got := nibbleWord(src, at); got != want {
+				t.Fatalf("len %d, at %d: %08x, want %08x", n, at, got, want)
+			}
+		}
+	}
+}
+
+// TestFusedEncoderRefusesNonFinite puts a NaN or an infinity in a value
+// tensor (rows) and a key tensor (per-channel groups) of each dtype, where
+// the default codec decodes and rotates each row in one pass, and expects
+// the scalar path's error.
+func TestFusedEncoderRefusesNonFinite(t *testing.T) {
+	for _, dt := range []safetensors.DType{safetensors.F16, safetensors.BF16, safetensors.F32} {
+		for _, name := range []string{"layer_0_key", "layer_0_value"} {
+			for _, v := range []float32{float32(math.NaN()), float32(math.Inf(1))} {
+				t.Run(string(dt)+"/"+name+"/"+fmtFloat(float64(v)), func(t *testing.T) {
+					vals := make([]float32, 2*16*64)
+					for i := range vals {
+						vals[i] = float32(i%29)/29 - 0.5
+					}
+					vals[64*9+17] = v
+					data := make([]byte, len(vals)*dt.Bits()/8)
+					if err := safetensors.EncodeFloat32(dt, vals, data); err != nil {
+						t.Fatal(err)
+					}
+					f := &safetensors.File{Tensors: []safetensors.Tensor{{Name: name, DType: dt, Shape: []int64{1, 2, 16, 64}, Data: data}}}
+					_, _, vecErr, scalarErr := compressBoth(t, f, DefaultConfig())
+					if vecErr == nil || scalarErr == nil || vecErr.Error() != scalarErr.Error() || !errors.Is(vecErr, ErrNonFinite) {
+						t.Fatalf("vector error %v, scalar error %v: want the same ErrNonFinite", vecErr, scalarErr)
+					}
+				})
+			}
+		}
+	}
+}
