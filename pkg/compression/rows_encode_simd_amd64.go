@@ -3,6 +3,7 @@
 package compression
 
 import (
+	"encoding/binary"
 	"math"
 	"simd/archsimd"
 
@@ -403,8 +404,14 @@ func encodeChannelsSIMD(job *channelJob, st *tensorStats) bool {
 				acc = acc.Or(q.ConvertToInt32().AsUint32x8().And(mask).ShiftLeft(shifts[t%8]))
 				if t%8 == 7 || t == t1-1 {
 					acc.Store(&words)
-					for l := range 8 { // not range words: that copies the array with SSE moves
-						putCodes(col[(cb+l)*bytesPer+(t/8)*bits:], words[l], bits)
+					if bits == 4 { // one 32-bit store a lane, inlined
+						for l := range 8 { // not range words: that copies the array with SSE moves
+							binary.LittleEndian.PutUint32(col[(cb+l)*bytesPer+(t/8)*4:], words[l])
+						}
+					} else {
+						for l := range 8 {
+							putCodes(col[(cb+l)*bytesPer+(t/8)*bits:], words[l], bits)
+						}
 					}
 					acc = archsimd.Uint32x8{}
 				}

@@ -156,3 +156,67 @@ func decodeRotate64(r *rotation, bf *butterflies, in []byte, dst []float32, mx *
 // decodeRotate64 folded into mx belong to a finite value. It ends the
 // vector work of its caller.
 func finiteBits(mx archsimd.Uint32x8) bool { return maxLane(mx) < 0x7c00 }
+
+// dequantInverseEncode64 is dequantizeGroup, rotateInverse and encodeRow
+// for one block of 64 elements under one scale s: its 32 bytes of codes go
+// through float32(q)·s, the butterflies, the scale and the signs in
+// registers and are stored as elements of dt into out, with the same
+// operations in the same order as the three passes. r.n is 64.
+func dequantInverseEncode64(codes []byte, s float32, r *rotation, bf *butterflies, dt safetensors.DType, out []byte, c *halfConv) {
+	shifts := archsimd.LoadUint32x8(&nibbleShifts)
+	nib := archsimd.BroadcastUint32x8(0xf)
+	sv := archsimd.BroadcastFloat32x8(s)
+	sc := archsimd.BroadcastFloat32x8(r.scale)
+	sg := r.signs[:64:64]
+	// The 8 words of codes in one vector; lane k is spread to every lane
+	// by a permutation. Loading them one by one as scalars made the
+	// compiler spill them with legacy SSE moves (clearUpper).
+	w := archsimd.LoadUint8x32Slice(codes[:32]).AsUint32x8()
+	x0 := bf.inVector(nibbles8(w, 0, shifts, nib).Mul(sv))
+	x1 := bf.inVector(nibbles8(w, 1, shifts, nib).Mul(sv))
+	x2 := bf.inVector(nibbles8(w, 2, shifts, nib).Mul(sv))
+	x3 := bf.inVector(nibbles8(w, 3, shifts, nib).Mul(sv))
+	x4 := bf.inVector(nibbles8(w, 4, shifts, nib).Mul(sv))
+	x5 := bf.inVector(nibbles8(w, 5, shifts, nib).Mul(sv))
+	x6 := bf.inVector(nibbles8(w, 6, shifts, nib).Mul(sv))
+	x7 := bf.inVector(nibbles8(w, 7, shifts, nib).Mul(sv))
+	x0, x1, x2, x3, x4, x5, x6, x7 = stages64(x0, x1, x2, x3, x4, x5, x6, x7)
+	x0 = x0.Mul(sc).Mul(archsimd.LoadFloat32x8Slice(sg[0:8]))
+	x1 = x1.Mul(sc).Mul(archsimd.LoadFloat32x8Slice(sg[8:16]))
+	x2 = x2.Mul(sc).Mul(archsimd.LoadFloat32x8Slice(sg[16:24]))
+	x3 = x3.Mul(sc).Mul(archsimd.LoadFloat32x8Slice(sg[24:32]))
+	x4 = x4.Mul(sc).Mul(archsimd.LoadFloat32x8Slice(sg[32:40]))
+	x5 = x5.Mul(sc).Mul(archsimd.LoadFloat32x8Slice(sg[40:48]))
+	x6 = x6.Mul(sc).Mul(archsimd.LoadFloat32x8Slice(sg[48:56]))
+	x7 = x7.Mul(sc).Mul(archsimd.LoadFloat32x8Slice(sg[56:64]))
+	if dt == safetensors.F32 {
+		o := out[:256:256]
+		x0.AsUint8x32().StoreSlice(o[0:32])
+		x1.AsUint8x32().StoreSlice(o[32:64])
+		x2.AsUint8x32().StoreSlice(o[64:96])
+		x3.AsUint8x32().StoreSlice(o[96:128])
+		x4.AsUint8x32().StoreSlice(o[128:160])
+		x5.AsUint8x32().StoreSlice(o[160:192])
+		x6.AsUint8x32().StoreSlice(o[192:224])
+		x7.AsUint8x32().StoreSlice(o[224:256])
+		return
+	}
+	o := out[:128:128]
+	c.pair(x0, x1, o[0:32])
+	c.pair(x2, x3, o[32:64])
+	c.pair(x4, x5, o[64:96])
+	c.pair(x6, x7, o[96:128])
+}
+
+// laneOf[k] selects lane k into every lane (a permutation's indexes).
+var laneOf = [8][8]uint32{
+	{0, 0, 0, 0, 0, 0, 0, 0}, {1, 1, 1, 1, 1, 1, 1, 1}, {2, 2, 2, 2, 2, 2, 2, 2}, {3, 3, 3, 3, 3, 3, 3, 3},
+	{4, 4, 4, 4, 4, 4, 4, 4}, {5, 5, 5, 5, 5, 5, 5, 5}, {6, 6, 6, 6, 6, 6, 6, 6}, {7, 7, 7, 7, 7, 7, 7, 7},
+}
+
+// nibbles8 returns the 8 signed 4-bit codes of lane k of w (low nibble
+// first) as float32, as dequantizeGroup reads them.
+func nibbles8(w archsimd.Uint32x8, k int, shifts, nib archsimd.Uint32x8) archsimd.Float32x8 {
+	q := w.Permute(archsimd.LoadUint32x8(&laneOf[k])).ShiftRight(shifts).And(nib)
+	return q.ShiftAllLeft(28).AsInt32x8().ShiftAllRight(28).ConvertToFloat32()
+}

@@ -483,7 +483,23 @@ func decodeRowsSIMD(job *rowDecodeJob) bool {
 		bf = newButterflies()
 	}
 	groupsRow := dim / g
+	// A group of 64 under the rotation of 64 (the default codec's values)
+	// goes from codes to output bytes in registers.
+	fused := job.rot != nil && job.rot.n == 64 && g == 64
 	for r := range rows {
+		if fused {
+			for k := range groupsRow {
+				gi := r*groupsRow + k
+				s16 := uint16(job.scales[2*gi]) | uint16(job.scales[2*gi+1])<<8
+				if s16&0x7c00 == 0x7c00 || s16&0x8000 != 0 {
+					return false // corrupt: the scalar path names the scale
+				}
+				o := job.dst[(r*dim+k*64)*width : (r*dim+(k+1)*64)*width]
+				dequantInverseEncode64(job.codes[gi*32:(gi+1)*32], safetensors.F16ToF32(s16), job.rot, &bf, job.dt, o, &hc)
+				clearUpper() // the next scale is converted in scalar code
+			}
+			continue
+		}
 		for k := range groupsRow {
 			gi := r*groupsRow + k
 			s16 := uint16(job.scales[2*gi]) | uint16(job.scales[2*gi+1])<<8
