@@ -1,6 +1,7 @@
 package compression
 
 import (
+	"bytes"
 	"errors"
 	"math"
 	"testing"
@@ -53,6 +54,42 @@ func TestFusedEncoderRefusesNonFinite(t *testing.T) {
 					_, _, vecErr, scalarErr := compressBoth(t, f, DefaultConfig())
 					if vecErr == nil || scalarErr == nil || vecErr.Error() != scalarErr.Error() || !errors.Is(vecErr, ErrNonFinite) {
 						t.Fatalf("vector error %v, scalar error %v: want the same ErrNonFinite", vecErr, scalarErr)
+					}
+				})
+			}
+		}
+	}
+}
+
+// TestDequantizeTensorVector compares the vector dequantizer of the seed's
+// scheme with the scalar tables, byte for byte, on scales from float16
+// subnormals (tiny outputs, signed zeros) to ones whose codes overflow
+// float16 (the vector path then hands over to the scalar one).
+func TestDequantizeTensorVector(t *testing.T) {
+	if !haveSIMD {
+		t.Skip("no vector units in this build")
+	}
+	scales := []uint16{0x0000, 0x0001, 0x03ff, 0x0400, 0x2e66, 0x3c00, 0x5640, 0x7000, 0x7bfe} // +1 on odd groups stays finite
+	for _, dt := range []safetensors.DType{safetensors.F16, safetensors.BF16} {
+		for _, g := range []int{32, 64, 128} {
+			for si, s16 := range scales {
+				t.Run(string(dt)+"/G"+itoa(g)+"/scale"+itoa(si), func(t *testing.T) {
+					n := 4 * 128
+					codes := make([]byte, n/2)
+					for i := range codes {
+						codes[i] = byte(i*73 + 5)
+					}
+					sc := make([]uint16, n/g)
+					for i := range sc {
+						sc[i] = s16 + uint16(i%2) // neighbouring groups differ
+					}
+					got, want := make([]byte, n*2), make([]byte, n*2)
+					dequantizeTensor(codes, sc, g, dt, got)
+					defer func(old bool) { simdEnabled = old }(simdEnabled)
+					simdEnabled = false
+					dequantizeTensor(codes, sc, g, dt, want)
+					if !bytes.Equal(got, want) {
+						t.Fatalf("vector and scalar dequantization differ")
 					}
 				})
 			}

@@ -220,3 +220,32 @@ func nibbles8(w archsimd.Uint32x8, k int, shifts, nib archsimd.Uint32x8) archsim
 	q := w.Permute(archsimd.LoadUint32x8(&laneOf[k])).ShiftRight(shifts).And(nib)
 	return q.ShiftAllLeft(28).AsInt32x8().ShiftAllRight(28).ConvertToFloat32()
 }
+
+// dequantizeTensorSIMD is dequantizeTensor for float16 and bfloat16
+// outputs through the vector units, 64 codes at a time: float32(q)·s and
+// the rounding to the dtype, as the scalar path's tables compute them. It
+// returns false, with dst partly written, when it does not apply or when a
+// float16 reconstruction reached 65504, which the scalar path saturates:
+// the caller then runs the scalar path, which rewrites all of dst.
+func dequantizeTensorSIMD(codes []byte, scales []uint16, g int, dt safetensors.DType, dst []byte) bool {
+	if !simdEnabled || (dt != safetensors.F16 && dt != safetensors.BF16) || g%32 != 0 || len(codes)%32 != 0 {
+		return false
+	}
+	hc := newHalfConv(dt == safetensors.F16)
+	shifts := archsimd.LoadUint32x8(&nibbleShifts)
+	nib := archsimd.BroadcastUint32x8(0xf)
+	for u := range len(codes) / 32 {
+		// The scales of the unit's two halves (the same one unless g = 32).
+		clearUpper() // scalar float code follows
+		e := 64 * u
+		s0 := archsimd.BroadcastFloat32x8(safetensors.F16ToF32(scales[e/g]))
+		s1 := archsimd.BroadcastFloat32x8(safetensors.F16ToF32(scales[(e+32)/g]))
+		w := archsimd.LoadUint8x32Slice(codes[32*u : 32*u+32]).AsUint32x8()
+		o := dst[128*u : 128*u+128 : 128*u+128]
+		hc.pair(nibbles8(w, 0, shifts, nib).Mul(s0), nibbles8(w, 1, shifts, nib).Mul(s0), o[0:32])
+		hc.pair(nibbles8(w, 2, shifts, nib).Mul(s0), nibbles8(w, 3, shifts, nib).Mul(s0), o[32:64])
+		hc.pair(nibbles8(w, 4, shifts, nib).Mul(s1), nibbles8(w, 5, shifts, nib).Mul(s1), o[64:96])
+		hc.pair(nibbles8(w, 6, shifts, nib).Mul(s1), nibbles8(w, 7, shifts, nib).Mul(s1), o[96:128])
+	}
+	return hc.fits()
+}
