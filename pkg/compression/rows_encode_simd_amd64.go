@@ -189,6 +189,8 @@ func encodeRowsSIMD(job *rowJob, st *tensorStats) bool {
 	groupsRow := dim / g
 	fused := job.rot != nil && job.rot.n == 64 && job.dt == safetensors.F16 // decoded and rotated in one pass
 	var inMax archsimd.Uint32x8                                             // the input's largest magnitude, when fused
+	var yMax archsimd.Uint32x8                                              // the largest value measured in registers
+	inRegisters := seed && job.rot == nil                                   // the seed's scheme: measured group by group
 	for r := range rows {
 		in := job.src[r*dim*width : (r+1)*dim*width]
 		if fused {
@@ -240,8 +242,14 @@ func encodeRowsSIMD(job *rowJob, st *tensorStats) bool {
 				for i := range yg {
 					yg[i] = mv
 				}
+				if inRegisters && !sums.add(grp, yg, job.dt) { // measured here, as the others
+					return false
+				}
 			case seed && rotated: // measured while in registers: no values stored
-				quantizeGroupMeasured(grp, s, out, &packed, &sums)
+				quantizeGroupMeasured(grp, s, out, &packed, &sums, safetensors.F32, &yMax)
+				continue
+			case seed && job.rot == nil: // the same, each value rounded to the stored dtype
+				quantizeGroupMeasured(grp, s, out, &packed, &sums, job.dt, &yMax)
 				continue
 			case seed:
 				quantizeGroup(grp, s, out, yg, &packed)
@@ -254,6 +262,7 @@ func encodeRowsSIMD(job *rowJob, st *tensorStats) bool {
 		}
 		switch {
 		case rotated: // measured group by group above
+		case inRegisters: // likewise
 		case job.rot != nil:
 			if fused {
 				decodeRow(in, job.dt, x) // the row as read, to measure against
@@ -267,6 +276,9 @@ func encodeRowsSIMD(job *rowJob, st *tensorStats) bool {
 		}
 	}
 	sums.flush(st)
+	if !roundedFits(yMax) {
+		return false // the scalar path measures what the shortcut cannot
+	}
 	return !fused || finiteBits(inMax)
 }
 

@@ -53,21 +53,42 @@ func (c *halfConv) pair(a, b archsimd.Float32x8, out []byte) {
 	c.conv(a).SaturateToUint16ConcatGrouped(c.conv(b)).AsUint32x8().Permute(order).AsUint8x32().StoreSlice(out)
 }
 
-// quantizeGroupMeasured is quantizeGroup for a job measured in the rotated
-// basis: instead of storing the codes' values it adds their error against v
-// to sums, as sums.add(v, values, F32) would, while they are in registers.
-func quantizeGroupMeasured(v []float32, s float32, out []byte, packed *[4]uint64, sums *errorSums) {
+// quantizeGroupMeasured is quantizeGroup for a job whose error is measured
+// on the values as quantized (in the rotated basis, dt F32) or, without a
+// rotation, as stored (each value first rounded to dt, as errorSums.add
+// does): instead of storing the codes' values it adds their error against
+// v to sums while they are in registers. The float16 magnitudes' bits are
+// folded into ymax: the rounding shortcut holds below 65504, which the
+// caller checks once per job (roundedFits).
+func quantizeGroupMeasured(v []float32, s float32, out []byte, packed *[4]uint64, sums *errorSums, dt safetensors.DType, ymax *archsimd.Uint32x8) {
 	sv := archsimd.BroadcastFloat32x8(s)
 	lo := archsimd.BroadcastFloat32x8(qmin)
 	hi := archsimd.BroadcastFloat32x8(qmax)
 	nib := archsimd.BroadcastInt32x8(0xf)
 	fold := archsimd.BroadcastUint64x4(28)
 	absMask := archsimd.BroadcastUint32x8(0x7fffffff)
-	xx, ee, yy, me := sums.xx, sums.ee, sums.yy, sums.maxErr
+	// The roundings of errorSums.add.
+	expMask := archsimd.BroadcastUint32x8(0x7f800000)
+	minExp := archsimd.BroadcastUint32x8(113 << 23)
+	offset := archsimd.BroadcastUint32x8(13<<23 | 0x400000)
+	one := archsimd.BroadcastUint32x8(1)
+	bias := archsimd.BroadcastUint32x8(0x7fff)
+	keep := archsimd.BroadcastUint32x8(0xffff0000)
+	xx, ee, yy, me, my := sums.xx, sums.ee, sums.yy, sums.maxErr, *ymax
 	for i := 0; i < len(v); i += 8 {
 		x := archsimd.LoadFloat32x8Slice(v[i : i+8])
 		q := x.Div(sv).RoundToEven().Max(lo).Min(hi)
 		rec := q.Mul(sv)
+		switch dt {
+		case safetensors.F16:
+			u := rec.AsUint32x8()
+			my = my.Max(u.And(absMask))
+			c := u.And(expMask).Max(minExp).Add(offset).AsFloat32x8()
+			rec = rec.Add(c).Sub(c)
+		case safetensors.BF16:
+			u := rec.AsUint32x8()
+			rec = u.Add(bias).Add(u.ShiftAllRight(16).And(one)).And(keep).AsFloat32x8()
+		}
 		e := x.Sub(rec)
 		xx = xx.Add(x.Mul(x))
 		ee = ee.Add(e.Mul(e))
@@ -78,9 +99,14 @@ func quantizeGroupMeasured(v []float32, s float32, out []byte, packed *[4]uint64
 		o := out[i/2 : i/2+4 : i/2+4]
 		o[0], o[1], o[2], o[3] = byte(packed[0]), byte(packed[1]), byte(packed[2]), byte(packed[3])
 	}
-	sums.xx, sums.ee, sums.yy, sums.maxErr = xx, ee, yy, me
+	sums.xx, sums.ee, sums.yy, sums.maxErr, *ymax = xx, ee, yy, me, my
 	sums.count(len(v))
 }
+
+// roundedFits reports whether every float16 value quantizeGroupMeasured
+// folded into ymax was below 65504, where its rounding shortcut is exact
+// (the limit errorSums.add applies). It ends the vector work of its caller.
+func roundedFits(ymax archsimd.Uint32x8) bool { return maxLane(ymax) < 0x477fe000 }
 
 // merge adds partial sums of n elements, accumulated as add accumulates
 // them, to s.
