@@ -73,25 +73,29 @@ func TestDequantizeTensorVector(t *testing.T) {
 	for _, dt := range []safetensors.DType{safetensors.F16, safetensors.BF16} {
 		for _, g := range []int{32, 64, 128} {
 			for si, s16 := range scales {
-				t.Run(string(dt)+"/G"+itoa(g)+"/scale"+itoa(si), func(t *testing.T) {
-					n := 4 * 128
-					codes := make([]byte, n/2)
-					for i := range codes {
-						codes[i] = byte(i*73 + 5)
+				for _, n := range []int{512, 704, 64 * 19} { // whole blocks of 8 scales, and a tail
+					if n%g != 0 {
+						continue
 					}
-					sc := make([]uint16, n/g)
-					for i := range sc {
-						sc[i] = s16 + uint16(i%2) // neighbouring groups differ
-					}
-					got, want := make([]byte, n*2), make([]byte, n*2)
-					dequantizeTensor(codes, sc, g, dt, got)
-					defer func(old bool) { simdEnabled = old }(simdEnabled)
-					simdEnabled = false
-					dequantizeTensor(codes, sc, g, dt, want)
-					if !bytes.Equal(got, want) {
-						t.Fatalf("vector and scalar dequantization differ")
-					}
-				})
+					t.Run(string(dt)+"/G"+itoa(g)+"/scale"+itoa(si)+"/n"+itoa(n), func(t *testing.T) {
+						codes := make([]byte, n/2)
+						for i := range codes {
+							codes[i] = byte(i*73 + 5)
+						}
+						sc := make([]uint16, n/g)
+						for i := range sc {
+							sc[i] = s16 + uint16(i%2) // neighbouring groups differ
+						}
+						got, want := make([]byte, n*2), make([]byte, n*2)
+						dequantizeTensor(codes, sc, g, dt, got)
+						defer func(old bool) { simdEnabled = old }(simdEnabled)
+						simdEnabled = false
+						dequantizeTensor(codes, sc, g, dt, want)
+						if !bytes.Equal(got, want) {
+							t.Fatalf("vector and scalar dequantization differ")
+						}
+					})
+				}
 			}
 		}
 	}
