@@ -217,7 +217,14 @@ type rowDecodeJob struct {
 	group  int
 	rot    *rotation
 	dst    []byte
+	// spec and mins (asym only) describe codes other than sym4, packed
+	// LSB-first as rowJob packs them; a zero spec means sym4.
+	spec codeSpec
+	mins []byte
 }
+
+// general reports whether the job's codes are other than sym4.
+func (j *rowDecodeJob) general() bool { return j.spec != (codeSpec{}) && j.spec != sym4 }
 
 // decodeRows runs job with the vector decoder. It returns false, with dst in
 // an unspecified state, when the job must go through the scalar path instead

@@ -473,6 +473,9 @@ func packHalves(y []float32, out []byte, c *halfConv) {
 }
 
 func decodeRowsSIMD(job *rowDecodeJob) bool {
+	if job.general() {
+		return decodeRowsBits(job)
+	}
 	dim, g := job.dim, job.group
 	width := job.dt.Bits() / 8
 	rows := len(job.dst) / (dim * width)
@@ -523,6 +526,9 @@ func decodeRowsSIMD(job *rowDecodeJob) bool {
 }
 
 func decodeChannelsSIMD(job *rowDecodeJob, keep int, y []float32) bool {
+	if job.general() {
+		return decodeChannelsBits(job, keep, y)
+	}
 	dim, g := job.dim, job.group
 	width := job.dt.Bits() / 8
 	groupsRow := (keep + g - 1) / g
