@@ -260,47 +260,18 @@ func dequantizeTensorSIMD(codes []byte, scales []uint16, g int, dt safetensors.D
 	hc := newHalfConv(dt == safetensors.F16)
 	shifts := archsimd.LoadUint32x8(&nibbleShifts)
 	nib := archsimd.BroadcastUint32x8(0xf)
-	// The scales, 8 at a time, converted to float32 in a vector as
-	// decodeRow converts float16 (exact: decodeEntry checked that they are
-	// finite and not negative); each unit picks its own by a permutation.
-	mask, rescale := archsimd.BroadcastUint32x8(0x7fff), archsimd.BroadcastFloat32x8(0x1p112)
-	var sv archsimd.Float32x8
-	cur, units, u := -1, len(codes)/32, 0
-	for ; u < units; u++ {
-		// The scales of the unit's two halves (the same one unless g = 32;
-		// both in the same block of 8 either way).
-		e := 64 * u
-		i0, i1 := e/g, (e+32)/g
-		if i0/8 != cur {
-			cur = i0 / 8
-			if 8*cur+8 > len(scales) {
-				break // fewer than 8 left: this unit and the rest convert theirs in scalar code
-			}
-			h := archsimd.LoadUint16x8Slice(scales[8*cur : 8*cur+8]).ExtendToUint32()
-			sv = h.And(mask).ShiftAllLeft(13).AsFloat32x8().Mul(rescale)
-		}
-		s0 := sv.Permute(archsimd.LoadUint32x8(&laneOf[i0%8]))
-		s1 := sv.Permute(archsimd.LoadUint32x8(&laneOf[i1%8]))
-		dequantUnit(codes[32*u:32*u+32], s0, s1, dst[128*u:128*u+128], &hc, shifts, nib)
-	}
-	for ; u < units; u++ {
+	for u := range len(codes) / 32 {
+		// The scales of the unit's two halves (the same one unless g = 32).
 		clearUpper() // scalar float code follows
 		e := 64 * u
 		s0 := archsimd.BroadcastFloat32x8(safetensors.F16ToF32(scales[e/g]))
 		s1 := archsimd.BroadcastFloat32x8(safetensors.F16ToF32(scales[(e+32)/g]))
-		dequantUnit(codes[32*u:32*u+32], s0, s1, dst[128*u:128*u+128], &hc, shifts, nib)
+		w := archsimd.LoadUint8x32Slice(codes[32*u : 32*u+32]).AsUint32x8()
+		o := dst[128*u : 128*u+128 : 128*u+128]
+		hc.pair(nibbles8(w, 0, shifts, nib).Mul(s0), nibbles8(w, 1, shifts, nib).Mul(s0), o[0:32])
+		hc.pair(nibbles8(w, 2, shifts, nib).Mul(s0), nibbles8(w, 3, shifts, nib).Mul(s0), o[32:64])
+		hc.pair(nibbles8(w, 4, shifts, nib).Mul(s1), nibbles8(w, 5, shifts, nib).Mul(s1), o[64:96])
+		hc.pair(nibbles8(w, 6, shifts, nib).Mul(s1), nibbles8(w, 7, shifts, nib).Mul(s1), o[96:128])
 	}
 	return hc.fits()
-}
-
-// dequantUnit writes the 64 codes of b (32 bytes), the first 32 under
-// scale s0 and the others under s1, as 16-bit elements into out (128
-// bytes) with c.
-func dequantUnit(b []byte, s0, s1 archsimd.Float32x8, out []byte, c *halfConv, shifts, nib archsimd.Uint32x8) {
-	w := archsimd.LoadUint8x32Slice(b[:32]).AsUint32x8()
-	o := out[:128:128]
-	c.pair(nibbles8(w, 0, shifts, nib).Mul(s0), nibbles8(w, 1, shifts, nib).Mul(s0), o[0:32])
-	c.pair(nibbles8(w, 2, shifts, nib).Mul(s0), nibbles8(w, 3, shifts, nib).Mul(s0), o[32:64])
-	c.pair(nibbles8(w, 4, shifts, nib).Mul(s1), nibbles8(w, 5, shifts, nib).Mul(s1), o[64:96])
-	c.pair(nibbles8(w, 6, shifts, nib).Mul(s1), nibbles8(w, 7, shifts, nib).Mul(s1), o[96:128])
 }
