@@ -20,7 +20,9 @@ func TestSelectionInputExit3(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	set := func(j int, v uint32) func([]byte) { return func(b []byte) { binary.LittleEndian.PutUint32(b[4*j:], v) } }
+	set := func(j int, v uint32) func([]byte) {
+		return func(b []byte) { binary.LittleEndian.PutUint32(b[4*j:], v) }
+	}
 	tests := []struct {
 		name   string
 		mutate func(b []byte) // edits layer_1_positions' bytes
