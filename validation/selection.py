@@ -513,8 +513,9 @@ def validate_quality(metrics: SelectionMetrics, min_coverage: float = 0.9,
         recs.append("run the selection with the window's queries (selection 'attention' captures them)")
     if not math.isnan(cov) and cov < min_coverage:
         warnings.append(f"attention coverage {cov:.1%} is below {min_coverage:.0%}")
-        recs.append(f"keep more tokens (keep {metrics.tokens_kept} of {metrics.context_length}): raise keep_ratio or "
-                    f"attention_threshold" + ("" if metrics.method == "attention" else ", or use selection 'attention'"))
+        recs.append(f"keep more tokens ({metrics.tokens_kept} of {metrics.context_length} kept): raise keep_ratio, "
+                    f"attention_threshold or max_tokens"
+                    + ("" if metrics.method == "attention" else ", or use selection 'attention'"))
     if not math.isnan(cov) and metrics.attention_coverage_min < min_coverage / 2:
         warnings.append(f"one layer's KV head keeps only {metrics.attention_coverage_min:.1%} of its attention")
     if not math.isnan(loss) and loss > max_information_loss:
