@@ -249,3 +249,27 @@ def test_estimate_savings_and_validate_quality() -> None:
     bad = validate_quality(select_tokens(k, v, q[:, :, -8:], method="recent", keep_ratio=0.1, min_tokens=1).metrics)
     assert not bad.passed and bad.warnings and bad.recommendations
     assert any("selection 'attention'" in r for r in bad.recommendations)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--selection", "snapkv", "--keep-ratio", "0.5"],
+     r"argument --selection: invalid choice: 'snapkv' \(choose from '?attention'?, '?knorm'?, '?recent'?\)"),
+    (["--keep-ratio", "0.5"], r"\['--keep-ratio'\] need --selection, one of \['attention', 'knorm', 'recent'\]"),
+    (["--selection", "knorm"], r"needs exactly one of keep_ratio \(--keep-ratio\) or attention_threshold"),
+    (["--selection", "recent", "--attention-threshold", "0.9"], r"applies to selection 'attention' only, got selection 'recent'"),
+    (["--selection", "attention", "--keep-ratio", "0"], r"keep_ratio \(--keep-ratio\) must be in \(0, 1\], got 0.0"),
+    (["--selection", "attention", "--keep-ratio", "0.5", "--sweep"], r"--selection attention applies to a validation run"),
+], ids=["unknown-method", "ratio-without-selection", "no-count", "threshold-with-recent", "ratio-zero", "with-sweep"])
+def test_cli_selection_errors_exit_2_with_one_line(capsys, argv: list, message: str) -> None:
+    """Bad selection flags stop before any model loads: exit 2, one line naming the allowed values."""
+    import re
+
+    from validation.cli import main
+
+    try:
+        status = main(argv)
+    except SystemExit as e:  # argparse
+        status = e.code
+    assert status == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and re.search(message, err[0]), err
