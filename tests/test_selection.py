@@ -273,3 +273,38 @@ def test_cli_selection_errors_exit_2_with_one_line(capsys, argv: list, message: 
     assert status == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and re.search(message, err[0]), err
+
+
+def test_positions_files_round_trip_and_refuse_bad_indices(kv_compress_bin: str, tmp_path: Path) -> None:
+    """save_kv_cache writes the indices and context length that kv-compress keeps and read_positions
+    returns; a file whose indices are unsorted or out of range is refused by both sides."""
+    from safetensors.torch import save_file
+
+    from validation.compression_bridge import KVCompressError, compress_kv_cache, decompress_kv_cache
+    from validation.kv_cache_utils import load_kv_cache, read_positions, save_kv_cache
+
+    g = torch.Generator().manual_seed(2)
+    layers = [(torch.randn(1, 2, 6, 64, generator=g).half(), torch.randn(1, 2, 6, 64, generator=g).half()) for _ in range(2)]
+    pos = [torch.tensor([[[0, 2, 3, 5, 8, 9], [1, 2, 4, 6, 7, 9]]])] * 2
+    src, packed, back = tmp_path / "sel.safetensors", tmp_path / "sel.kvc", tmp_path / "back.safetensors"
+    save_kv_cache(layers, str(src), positions=pos, context_length=10)
+    assert [p.tolist() for p in read_positions(str(src))[0]] == [p.tolist() for p in pos]
+    compress_kv_cache(str(src), str(packed))
+    decompress_kv_cache(str(packed), str(back))
+    restored, ctx = read_positions(str(back))
+    assert ctx == 10 and all(torch.equal(a, b) for a, b in zip(restored, pos))
+    cache, meta = load_kv_cache(str(back))
+    assert meta.seq_len == 6 and meta.num_layers == 2
+    save_kv_cache(layers, str(tmp_path / "plain.safetensors"))
+    assert read_positions(str(tmp_path / "plain.safetensors")) == ([], None)
+
+    bad = {f"layer_{i}_{kind}": t.contiguous() for i, (k, v) in enumerate(layers) for kind, t in (("key", k), ("value", v))}
+    for name, rows in (("unsorted", [[0, 3, 2, 5, 8, 9], [1, 2, 4, 6, 7, 9]]), ("range", [[0, 2, 3, 5, 8, 10], [1, 2, 4, 6, 7, 9]])):
+        for i in range(2):
+            bad[f"layer_{i}_positions"] = torch.tensor([rows], dtype=torch.int32)
+        path = tmp_path / f"{name}.safetensors"
+        save_file(bad, str(path), metadata={"context_length": "10"})
+        with pytest.raises(ValueError, match=r"strictly increasing indices in \[0, 10\)"):
+            read_positions(str(path))
+        with pytest.raises(KVCompressError, match="exited with status 3"):
+            compress_kv_cache(str(path), str(tmp_path / f"{name}.kvc"))

@@ -515,7 +515,8 @@ def _read_layers(path: str, device: str) -> KVLayers:
 def read_positions(path: str) -> Tuple[List[torch.Tensor], Optional[int]]:
     """A token-selected cache file's kept indices: ``layer_{i}_positions`` [batch, kv_heads, kept]
     (int64) in layer order and the ``__metadata__`` ``context_length``; ``([], None)`` for a
-    cache without selection."""
+    cache without selection. ValueError when the indices are not strictly increasing within
+    [0, context_length) or the context length is missing."""
     from safetensors import safe_open
 
     with safe_open(path, framework="pt") as f:
@@ -524,8 +525,14 @@ def read_positions(path: str) -> Tuple[List[torch.Tensor], Optional[int]]:
         if sorted(names) != list(range(len(names))):
             raise ValueError(f"{path}: positions tensors must be numbered 0..n-1, got layers {sorted(names)}")
         out = [f.get_tensor(names[i]).long() for i in range(len(names))]
-    ctx = meta.get("context_length")
-    return out, (int(ctx) if ctx is not None else None)
+    raw = meta.get("context_length")
+    ctx = int(raw) if raw is not None and raw.isdigit() else None
+    if out and ctx is None:
+        raise ValueError(f"{path}: positions tensors without a __metadata__ context_length (got {raw!r})")
+    for i, p in enumerate(out):  # kv-compress checks these too; a file may come from elsewhere
+        if p.numel() and (int(p.min()) < 0 or int(p.max()) >= ctx or not bool((p.diff(dim=-1) > 0).all())):
+            raise ValueError(f"{path}: layer_{i}_positions must be strictly increasing indices in [0, {ctx})")
+    return out, ctx
 
 
 # A sidecar is a few hundred bytes of flat JSON; anything far larger is not one.
