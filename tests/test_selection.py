@@ -181,6 +181,7 @@ def test_threshold_reaches_its_coverage_in_every_row(model) -> None:
         sel = select_cache(layers, SelectionSpec("attention", attention_threshold=t, min_tokens=1, window=16), queries, scaling)
         m = sel.metrics
         assert m.tokens_kept == max(m.threshold_tokens) and len(m.threshold_tokens) == len(layers)
+        assert 1 <= m.threshold_tokens_median_row <= m.tokens_kept
         assert m.attention_coverage_min >= t - 1e-5
         assert 0 <= m.information_loss <= 1 and m.token_savings == 80 - m.tokens_kept
         assert all(p.shape[-1] == m.tokens_kept for p in sel.positions)

@@ -109,7 +109,7 @@ class SelectionMetrics:
     ``bandwidth_savings``: 1 − (kept keys and values in the cache dtype + one bit per context
     position per row for the indices) / (the full keys and values), before any codec.
     ``threshold_tokens``: per layer, the count the threshold asked for (largest row), before
-    the layers were made equal.
+    the layers were made equal; ``threshold_tokens_median_row`` the median row's need.
     """
 
     method: str
@@ -123,6 +123,7 @@ class SelectionMetrics:
     bandwidth_savings: float
     per_layer_coverage: List[float] = field(default_factory=list)
     threshold_tokens: List[int] = field(default_factory=list)
+    threshold_tokens_median_row: float = math.nan
 
     def to_dict(self) -> Dict[str, Any]:
         """A JSON-serialisable dict."""
@@ -294,12 +295,18 @@ def rank_positions(method: str, keys: torch.Tensor, scores: Optional[torch.Tenso
     raise ValueError(f"selection must be one of {list(SELECTION_METHODS)}, got {method!r}")
 
 
-def threshold_count(order: torch.Tensor, scores: torch.Tensor, threshold: float) -> int:
-    """The fewest leading positions of ``order`` whose ``scores`` sum to ``threshold`` in every row."""
+def threshold_needs(order: torch.Tensor, scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Per row, the fewest leading positions of ``order`` whose ``scores`` sum to ``threshold``:
+    [batch, kv_heads] (int64); ``order`` and ``scores`` are [batch, kv_heads, context]."""
     mass = torch.gather(scores.float(), -1, order).cumsum(-1)  # [b, h, ctx]
     reached = mass >= threshold - 1e-6
-    need = torch.where(reached.any(-1), reached.float().argmax(-1) + 1, torch.full_like(mass[..., 0], mass.shape[-1]).long())
-    return int(need.max().item())
+    full = torch.full_like(mass[..., 0], mass.shape[-1]).long()
+    return torch.where(reached.any(-1), reached.float().argmax(-1).long() + 1, full)
+
+
+def threshold_count(order: torch.Tensor, scores: torch.Tensor, threshold: float) -> int:
+    """The fewest leading positions of ``order`` whose ``scores`` sum to ``threshold`` in every row."""
+    return int(threshold_needs(order, scores, threshold).max().item())
 
 
 def _information_loss(probs: torch.Tensor, values: torch.Tensor, idx: torch.Tensor) -> Tuple[float, float]:
@@ -352,8 +359,11 @@ def select_cache(layers: Sequence[Tuple[torch.Tensor, torch.Tensor]], spec: Sele
         scores.append(s)
         orders.append(rank_positions(spec.method, k, s, spec.window))
     per_layer: List[int] = []
+    row_median = math.nan
     if spec.attention_threshold is not None:
-        per_layer = [threshold_count(o, s, spec.attention_threshold) for o, s in zip(orders, scores)]
+        needs = [threshold_needs(o, s, spec.attention_threshold) for o, s in zip(orders, scores)]
+        per_layer = [int(n.max()) for n in needs]
+        row_median = float(torch.cat([n.flatten() for n in needs]).float().median())
         count = spec.bound(max(per_layer), ctx)
     else:
         count = spec.ratio_count(ctx)
@@ -381,7 +391,8 @@ def select_cache(layers: Sequence[Tuple[torch.Tensor, torch.Tensor]], spec: Sele
         attention_coverage=sum(coverage) / len(coverage) if coverage else math.nan,
         attention_coverage_min=cov_min if coverage else math.nan,
         information_loss=math.sqrt(loss_num / loss_den) if loss_den > 0 else math.nan,
-        bandwidth_savings=1 - sent / full, per_layer_coverage=coverage, threshold_tokens=per_layer)
+        bandwidth_savings=1 - sent / full, per_layer_coverage=coverage, threshold_tokens=per_layer,
+        threshold_tokens_median_row=row_median)
     return CacheSelection(kept_layers, positions, ctx, metrics)
 
 
@@ -555,7 +566,8 @@ def summarize_selection(metrics: Sequence[Any]) -> Optional[Dict[str, Any]]:
             "attention_coverage": mean("attention_coverage"), "attention_coverage_min": min(covs) if covs else math.nan,
             "information_loss": mean("information_loss"), "bandwidth_savings_before_codec": mean("bandwidth_savings"),
             "bandwidth_savings_on_disk": 1 - comp / fp16 if fp16 else math.nan,
-            "disk_ratio_vs_fp16_full": fp16 / comp if comp else math.nan, "threshold_tokens": per_layer}
+            "disk_ratio_vs_fp16_full": fp16 / comp if comp else math.nan, "threshold_tokens": per_layer,
+            "threshold_tokens_median_row": mean("threshold_tokens_median_row")}
 
 
 def describe_selection(summary: Dict[str, Any]) -> str:
