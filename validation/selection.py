@@ -468,7 +468,8 @@ def select_tokens(keys: torch.Tensor, values: torch.Tensor, queries: Optional[to
                          min_tokens=min_tokens, max_tokens=max_tokens,
                          window=window or (q4.shape[2] if q4 is not None else DEFAULT_WINDOW))
     sel = select_cache([(k4, v4)], spec, None if q4 is None else {0: q4}, scaling)
-    (k, v), idx = sel.layers[0], sel.positions[0]
+    kept_pairs = sel.layers  # one layer: [(key, value)]
+    (k, v), idx = kept_pairs[0], sel.positions[0]
     if flat:
         return SelectionResult(idx[0, 0], k[0, 0], v[0, 0], sel.metrics)
     return SelectionResult(idx, k, v, sel.metrics)
