@@ -44,6 +44,8 @@ CASES: List[Tuple[str, str, List[str]]] = [
     ("long_f16.safetensors", "nf3", ["--scheme", "nf", "--bits", "3"]),
     ("cache_f16.safetensors", "nf4-g32", ["--scheme", "nf", "--bits", "4", "--group-size", "32"]),
     ("long_f16.safetensors", "preset-nf-steps", ["--preset", "pkg/compression/testdata/golden/presets/nf-steps.json"]),
+    # The compact preset once it became steps in 4-bit codes (long_f16 holds the earlier compact's container).
+    ("cache_f16.safetensors", "preset-compact-steps", ["--preset", "compact"]),
 ]
 
 

@@ -255,7 +255,7 @@ def test_default_grid_is_explicit_and_valid() -> None:
         ('[{"name": "", "codec": {}}]', "entry 1: \"name\" must be a non-empty string, got ''"),
         ('[{"name": "a", "codec": {}}, {"name": "a", "codec": {}}]', "entry 2: name 'a' is already used by entry 1"),
         ('[{"name": "a", "codec": {"shceme": "sym"}}]', r"entry 1 \(a\): unknown codec key\(s\) \['shceme'\]; allowed"),
-        ('[{"name": "a", "codec": {"scheme": "nf4"}}]', r"scheme must be one of \['sym', 'asym'\], got 'nf4'"),
+        ('[{"name": "a", "codec": {"scheme": "nf4"}}]', r"scheme must be one of \['sym', 'asym', 'nf'\], got 'nf4'"),
         ('[{"name": "a", "codec": {"bits": 5}}]', r"bits must be one of \[2, 3, 4, 8\], got 5"),
         ('[{"name": "a", "codec": {"group_size": 48}}]', r"group_size must be one of \[32, 64, 128\], got 48"),
         ('[{"name": "a", "codec": [1]}]', "\"codec\" must be an object, got list"),
