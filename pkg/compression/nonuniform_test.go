@@ -367,3 +367,31 @@ func goldenConfigsNF() []GoldenCase {
 			Roles: &RolePlans{Layers: []LayerPlan{{Layers: []int{0}, Keys: &RolePlan{Steps: 3.7}, Values: &RolePlan{Scheme: SchemeNF, Bits: 2}}}}},
 	}
 }
+
+// BenchmarkNF compares the nf scheme (scalar code) and plans with steps
+// (vector encoders) with the plans they replace, on the 2,048-token bench
+// cache: compress and decompress, in-library.
+func BenchmarkNF(b *testing.B) {
+	compact := presetConfig(PresetCompact)
+	vnf3 := presetConfig(PresetCompact)
+	vnf3.Roles = &RolePlans{Keys: compact.Roles.Keys, Values: &RolePlan{Scheme: SchemeNF, Bits: 3}}
+	vnf4 := DefaultConfig()
+	vnf4.Roles = &RolePlans{Values: &RolePlan{Scheme: SchemeNF, Bits: 4}}
+	for _, c := range []struct {
+		name string
+		cfg  Config
+	}{{"default", DefaultConfig()}, {"default-vnf4", vnf4}, {"compact", compact}, {"compact-vnf3", vnf3}} {
+		b.Run("compress/"+c.name, func(b *testing.B) {
+			src := benchCache(b, 64)
+			b.SetBytes(inputBytes(src))
+			start := cpuSeconds()
+			for b.Loop() {
+				if _, err := Compress(src, c.cfg); err != nil {
+					b.Fatal(err)
+				}
+			}
+			reportCPU(b, start, inputBytes(src))
+		})
+		b.Run("decompress/"+c.name, func(b *testing.B) { benchDecompress(b, benchCache(b, 64), c.cfg) })
+	}
+}
