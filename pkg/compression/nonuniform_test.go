@@ -377,10 +377,13 @@ func BenchmarkNF(b *testing.B) {
 	vnf3.Roles = &RolePlans{Keys: compact.Roles.Keys, Values: &RolePlan{Scheme: SchemeNF, Bits: 3}}
 	vnf4 := DefaultConfig()
 	vnf4.Roles = &RolePlans{Values: &RolePlan{Scheme: SchemeNF, Bits: 4}}
+	kasym := DefaultConfig() // docs/experiments/presets/default-kasym-v4steps6.json
+	kasym.Roles = &RolePlans{Keys: &RolePlan{Scheme: SchemeAsym, Rotate: RotateNone, Axis: KeyAxisChannel, GroupSize: 128},
+		Values: &RolePlan{Steps: 6}}
 	for _, c := range []struct {
 		name string
 		cfg  Config
-	}{{"default", DefaultConfig()}, {"default-vnf4", vnf4}, {"compact", compact}, {"compact-vnf3", vnf3}} {
+	}{{"default", DefaultConfig()}, {"default-vnf4", vnf4}, {"default-kasym-v4steps6", kasym}, {"compact", compact}, {"compact-vnf3", vnf3}} {
 		b.Run("compress/"+c.name, func(b *testing.B) {
 			src := benchCache(b, 64)
 			b.SetBytes(inputBytes(src))
