@@ -108,6 +108,9 @@ type Config struct {
 	// Roles, when not nil, gives keys and values (of all layers or of some)
 	// plans of their own on top of the fields above.
 	Roles *RolePlans
+	// contextLength is the input's original context length when it holds
+	// positions tensors (selection.go); set by Compress and CompressFile.
+	contextLength int64
 	// Preset names the preset the configuration came from ("" for none).
 	Preset string
 	// ExactMetrics measures the error of rotated tensors in the original
