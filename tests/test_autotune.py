@@ -260,9 +260,12 @@ def test_autotune_end_to_end_through_the_binary(kv_compress_bin: str, tiny_model
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "tuned.json"
+    space = tmp_path / "space.json"  # two candidates per role keep the run short
+    space.write_text(json.dumps({r: [c.plan for c in default_space(r, 64, bits=(3, 4)) if c.group_size != 256]
+                                 for r in ROLES}))
     code = cli.main(["--model", str(tiny_model_dir), "--text-file", str(long_corpus), "--max-length", "64",
                      "--stride", "16", "--eval-windows", "3", "--calibration-windows", "3", "--sensitivity-tokens", "8",
-                     "--batch-windows", "2", "--bits", "2,3,4", "--rounds", "2", "--budget-kl", "0.02",
+                     "--batch-windows", "2", "--space-file", str(space), "--rounds", "2", "--budget-kl", "0.02",
                      "--compare", "default", "--output", str(out), "--quiet"])
     summary = capsys.readouterr().out.strip().splitlines()
     assert code in (0, 1) and len(summary) == 1 and "autotuned:" in summary[0]
@@ -281,6 +284,7 @@ def test_autotune_end_to_end_through_the_binary(kv_compress_bin: str, tiny_model
     assert (tmp_path / "allocation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "held-out" in (tmp_path / "autotune.md").read_text()
     assert len(doc["tensors"]) == 2 * 22 and all(t["bytes"] > 0 for t in doc["tensors"])
+    assert doc["candidates"] == {"keys": ["k3-asym-ch128", "k4-asym-ch128"], "values": ["v3-sym-had-tok64", "v3-asym-had-tok64", "v4-sym-had-tok64"]}
     # the preset runs through validate_perplexity.py, and its size matches the held-out measurement
     report = tmp_path / "vp.json"
     rc = vp.main(["--model", str(tiny_model_dir), "--text-file", str(long_corpus), "--cpu", "--max-length", "64",

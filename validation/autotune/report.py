@@ -107,7 +107,8 @@ def report_dict(result: AutotuneResult, plots: Dict[str, str], command: str = ""
         "best_uniform_of_space": None if result.uniform is None else {
             "keys": result.uniform[0].plan("keys", 0).name, "values": result.uniform[0].plan("values", 0).name,
             "calibration": result.uniform[1].to_dict()},
-        "rounds": [{"budget_kl": r.budget_kl, "within_budget": r.within_budget, **r.verification.to_dict()}
+        "rounds": [{"budget_kl": r.budget_kl, "within_budget": r.within_budget,
+                    "predicted_ratio_vs_fp16": result.sizes.ratio(r.assignment), **r.verification.to_dict()}
                    for r in result.rounds],
         "chosen_round": result.chosen_round,
         "candidates": {r: [c.name for c in result.candidates[r]] for r in ROLES},
@@ -158,13 +159,15 @@ def markdown(result: AutotuneResult, doc: Dict[str, Any]) -> str:
     if result.uniform is not None:
         ua, uv = result.uniform
         lines.append(_row(f"best uniform of the space ({ua.plan('keys', 0).name} / {ua.plan('values', 0).name}), calibration", uv))
-    lines += ["", "## Rounds", "", "| round | KL budget | sum of parts | measured KL | ΔPPL % | ratio | within |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "## Rounds (calibration windows, each plan through the binary)", "",
+              "| round | KL budget | sum of parts | measured KL | ΔPPL % | predicted ratio | measured ratio | within |",
+              "|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(result.rounds):
         v = r.verification
         mark = " (chosen)" if i == result.chosen_round else ""
         lines.append(f"| {i}{mark} | {r.budget_kl:.5f} | {v.predicted_kl:.5f} | {v.kl:.5f} | {v.delta_pct:+.2f}% | "
-                     f"{v.disk_ratio_vs_fp16:.3f}x | {'yes' if r.within_budget else 'no'} |")
+                     f"{result.sizes.ratio(r.assignment):.3f}x | {v.disk_ratio_vs_fp16:.3f}x | "
+                     f"{'yes' if r.within_budget else 'no'} |")
     lines += ["", "## Allocation", "", f"![allocation]({HEATMAP_FILENAME})", "", "| layer | keys | values |", "|---|---|---|"]
     a = result.assignment
     for i in range(a.num_layers):
