@@ -26,8 +26,8 @@ from validation.autotune.sensitivity import (
     calibration_starts,
     evaluation_span,
     kl_mean,
-    set_cache_tensor,
 )
+from validation.compat import set_cache_tensor
 from validation.autotune.space import (
     ROLES,
     Assignment,

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from validation.autotune.space import ROLES, Candidate
+from validation.compat import set_cache_tensor
 from validation.reference_codec import encode_reference
 
 
@@ -60,14 +61,6 @@ def _base_model(model: Any) -> Any:
     if inner is not None and isinstance(getattr(inner, "layers", None), torch.nn.ModuleList):
         return inner
     return None
-
-
-def set_cache_tensor(cache: Any, layer: int, role: str, tensor: torch.Tensor) -> None:
-    """Put ``tensor`` as the keys (``role`` "keys") or values of ``layer`` in a DynamicCache, in place."""
-    if hasattr(cache, "layers"):  # transformers 4.56+ / 5.x
-        setattr(cache.layers[layer], role, tensor)
-    else:  # 4.46-4.55
-        getattr(cache, "key_cache" if role == "keys" else "value_cache")[layer] = tensor
 
 
 class PartialForward:
