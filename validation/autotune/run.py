@@ -295,6 +295,8 @@ def run_autotune(opts: AutotuneOptions, console: Optional[Console] = None, progr
         console.info(f"round {i}: KL budget {budget_kl:.5f} (sum of parts {v.predicted_kl:.5f}) -> measured KL {v.kl:.5f}, "
                      f"ΔPPL {v.delta:+.4f} ({v.delta_pct:+.2f}%), {v.disk_ratio_vs_fp16:.3f}x ({'within' if ok else 'over'})")
         budget_kl = next_budget(rounds, target, opts.budget.metric())
+    if not rounds:
+        raise AutotuneError(f"no plan of the candidates fits a KL budget up to {budget_kl:.3g}: widen --bits or --space")
     ok_rounds = [j for j, r in enumerate(rounds) if r.within_budget]
     if ok_rounds:
         chosen = max(ok_rounds, key=lambda j: rounds[j].verification.disk_ratio_vs_fp16)
