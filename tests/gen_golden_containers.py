@@ -26,7 +26,7 @@ GOLDEN = REPO / "pkg" / "compression" / "testdata" / "golden"
 BIN = REPO / "bin" / "kv-compress"
 
 # (input file, case name, compress flags). Version 1's cases, then cases for
-# what version 2 added (entropy stages, presets, per-role plans).
+# what version 2 added (entropy stages, presets, per-role plans, nf, steps).
 CASES: List[Tuple[str, str, List[str]]] = [
     ("cache_f16.safetensors", "default", []),
     ("cache_f16.safetensors", "seed", ["--seed-scheme"]),
@@ -40,7 +40,38 @@ CASES: List[Tuple[str, str, List[str]]] = [
     ("long_f16.safetensors", "sparse-zstd", ["--sparsity", "0.97", "--rotate", "none"]),
     ("long_f16.safetensors", "preset-compact", ["--preset", "compact"]),
     ("cache_f16.safetensors", "preset-near-lossless", ["--preset", "near-lossless"]),
+    # Token selection (docs/format.md section 9): positions tensors stored as bitmaps.
+    ("selected_f16.safetensors", "selection", []),
+    # The nf scheme and steps (issue 11); a preset file's path is relative to the repository root.
+    ("long_f16.safetensors", "nf3", ["--scheme", "nf", "--bits", "3"]),
+    ("cache_f16.safetensors", "nf4-g32", ["--scheme", "nf", "--bits", "4", "--group-size", "32"]),
+    ("long_f16.safetensors", "preset-nf-steps", ["--preset", "pkg/compression/testdata/golden/presets/nf-steps.json"]),
+    # The compact preset once it became steps in 4-bit codes (long_f16 holds the earlier compact's container).
+    ("cache_f16.safetensors", "preset-compact-steps", ["--preset", "compact"]),
 ]
+
+# Golden inputs this script writes itself when they are missing (the Go golden
+# test writes the others); once committed they are never rewritten.
+SELECTED_INPUT = "selected_f16.safetensors"
+
+
+def write_selected_input(path: Path) -> None:
+    """A token-selected cache: 2 layers of keys/values [1, 2, 24, 64] float16 and
+    ``layer_{i}_positions`` [1, 2, 24] int32, sorted indices drawn from a context of 48
+    (metadata ``context_length``); one head keeps the first and last positions."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(12)
+    tensors = {}
+    for i in range(2):
+        tensors[f"layer_{i}_key"] = (torch.randn(1, 2, 24, 64, generator=g) * 2).to(torch.float16)
+        tensors[f"layer_{i}_value"] = torch.randn(1, 2, 24, 64, generator=g).to(torch.float16)
+        rows = [torch.randperm(48, generator=g)[:24].sort().values for _ in range(2)]
+        rows[0] = torch.cat([torch.arange(12), torch.arange(36, 48)])
+        tensors[f"layer_{i}_positions"] = torch.stack(rows).unsqueeze(0).to(torch.int32).contiguous()
+    save_file(tensors, str(path), metadata={"context_length": "48"})
+
 
 
 @dataclass
@@ -83,6 +114,8 @@ def main() -> int:
     known = {c["container"] for c in doc["cases"]}
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     added = 0
+    if not (GOLDEN / SELECTED_INPUT).exists():
+        write_selected_input(GOLDEN / SELECTED_INPUT)
     with tempfile.TemporaryDirectory() as tmp:
         for inp, name, flags in CASES:
             rel = f"containers/v{version}_{inp.split('.')[0]}_{name}.kvc"
@@ -93,7 +126,7 @@ def main() -> int:
                 print(f"{target}: exists but is not in {manifest.name}; remove it or add it by hand", file=sys.stderr)
                 return 1
             subprocess.run([str(BIN), "compress", "-i", str(GOLDEN / inp), "-o", str(target), *flags],
-                           check=True, capture_output=True)
+                           check=True, capture_output=True, cwd=REPO)
             restored = Path(tmp) / "restored.safetensors"
             subprocess.run([str(BIN), "decompress", "-i", str(target), "-o", str(restored)], check=True, capture_output=True)
             case = ContainerCase(rel, inp, flags, sha256(target.read_bytes()), tensor_hashes(restored))
