@@ -88,11 +88,11 @@ func lowRankCache(heads, seq, dim, rank, used int, basis, mean []float32, seed u
 
 // basesFile is what writeProjectionPreset puts in a bases file: one tensor's basis.
 type basesFile struct {
-	name               string
-	dt                 safetensors.DType
-	basisShape         []int64
-	meanShape          []int64
-	basis, mean        []float32
+	name                string
+	dt                  safetensors.DType
+	basisShape          []int64
+	meanShape           []int64
+	basis, mean         []float32
 	extraTensor, noMean bool
 }
 
