@@ -40,6 +40,9 @@ CASES: List[Tuple[str, str, List[str]]] = [
     ("long_f16.safetensors", "sparse-zstd", ["--sparsity", "0.97", "--rotate", "none"]),
     ("long_f16.safetensors", "preset-compact", ["--preset", "compact"]),
     ("cache_f16.safetensors", "preset-near-lossless", ["--preset", "near-lossless"]),
+    # Low-rank projection (issue 12): presets written by tests/gen_golden_bases.py, paths relative to golden/.
+    ("long_f16.safetensors", "lowrank-v16", ["--preset", "projection/lowrank-v16.json"]),
+    ("long_f16.safetensors", "lowrank-kv8-f32", ["--preset", "projection/lowrank-kv8-f32.json"]),
 ]
 
 
@@ -93,7 +96,7 @@ def main() -> int:
                 print(f"{target}: exists but is not in {manifest.name}; remove it or add it by hand", file=sys.stderr)
                 return 1
             subprocess.run([str(BIN), "compress", "-i", str(GOLDEN / inp), "-o", str(target), *flags],
-                           check=True, capture_output=True)
+                           check=True, capture_output=True, cwd=GOLDEN)  # preset paths are relative to golden/
             restored = Path(tmp) / "restored.safetensors"
             subprocess.run([str(BIN), "decompress", "-i", str(target), "-o", str(restored)], check=True, capture_output=True)
             case = ContainerCase(rel, inp, flags, sha256(target.read_bytes()), tensor_hashes(restored))
