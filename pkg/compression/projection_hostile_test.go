@@ -12,7 +12,7 @@ import (
 
 // projectedContainer compresses a small cache whose values go through an
 // F32 rank-8 basis, with every payload stored raw, so a test can rewrite them.
-func projectedContainer(t *testing.T) (*Result, *safetensors.File) {
+func projectedContainer(t testing.TB) (*Result, *safetensors.File) {
 	t.Helper()
 	const heads, dim, rank = 2, 32, 8
 	basis, mean := orthoBasis(heads, dim, rank, safetensors.F32, 4)
@@ -30,6 +30,12 @@ func projectedContainer(t *testing.T) (*Result, *safetensors.File) {
 		t.Fatal(err)
 	}
 	return res, asContainer(t, res)
+}
+
+// projectedFile is projectedContainer's container as a parsed file.
+func projectedFile(tb testing.TB) *safetensors.File {
+	_, f := projectedContainer(tb)
+	return f
 }
 
 // rewriteEntry changes the value entry of a container's index (and, with
@@ -132,4 +138,39 @@ func TestProjectionEntryFieldsOptional(t *testing.T) {
 	if pres.Parts.Bases != 2*32*8*4+2*32*4 {
 		t.Fatalf("bases part %d bytes, want the raw F32 basis and mean", pres.Parts.Bases)
 	}
+}
+
+// FuzzProjectedDecompress mutates a container with a projected entry: any
+// input must decode or be refused, never panic, and a decoded projected
+// tensor must come back finite (the basis bounds guarantee it).
+func FuzzProjectedDecompress(f *testing.F) {
+	f.Add(encodeFile(f, projectedFile(f)))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		file, err := safetensors.Parse(data)
+		if err != nil {
+			return
+		}
+		restored, err := DecompressWithin(file, 2, fuzzBudget)
+		if errors.Is(err, ErrInternal) {
+			t.Fatalf("internal error: %v", err)
+		}
+		if err != nil {
+			return
+		}
+		for i := range restored.Tensors {
+			tt := &restored.Tensors[i]
+			if !tt.DType.IsFloat() {
+				continue
+			}
+			v := make([]float32, tt.NumElements())
+			if err := safetensors.DecodeFloat32(tt.DType, tt.Data, v); err != nil {
+				t.Fatal(err)
+			}
+			for _, x := range v {
+				if math.IsNaN(float64(x)) || math.IsInf(float64(x), 0) {
+					t.Fatalf("tensor %q restored a non-finite value", tt.Name)
+				}
+			}
+		}
+	})
 }
