@@ -320,3 +320,46 @@ func TestProjectionMismatchRefused(t *testing.T) {
 		t.Fatalf("got %v, want ErrProjection naming the tensor", err)
 	}
 }
+
+// BenchmarkProjection compresses and decompresses a SmolLM2-shaped layer
+// ([1, 3, 2048, 64] float16 keys and values) with the values projected to
+// rank 32, beside the same cache through the default codec.
+func BenchmarkProjection(b *testing.B) {
+	const heads, seq, dim, rank = 3, 2048, 64, 32
+	basis, mean := orthoBasis(heads, dim, rank, safetensors.F16, 1)
+	pb, err := NewProjectionBasis(heads, dim, rank, safetensors.F16, f16Bytes(basis), f16Bytes(mean))
+	if err != nil {
+		b.Fatal(err)
+	}
+	src := lowRankCache(heads, seq, dim, rank, 16, basis, mean, 1)
+	proj := DefaultConfig()
+	proj.Roles = &RolePlans{Values: &RolePlan{Axis: KeyAxisChannel, Rotate: RotateNone}}
+	proj.Projection = &ProjectionSet{Bases: map[string]*ProjectionBasis{"layer_0_value": pb}}
+	for _, bc := range []struct {
+		name string
+		cfg  Config
+	}{{"default", DefaultConfig()}, {"values-rank32", proj}} {
+		bc.cfg.Workers = 1
+		res, err := Compress(src, bc.cfg)
+		if err != nil {
+			b.Fatal(err)
+		}
+		container := asContainer(b, res)
+		b.Run("compress/"+bc.name, func(b *testing.B) {
+			b.SetBytes(int64(2 * heads * seq * dim * 2))
+			for b.Loop() {
+				if _, err := Compress(src, bc.cfg); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+		b.Run("decompress/"+bc.name, func(b *testing.B) {
+			b.SetBytes(int64(2 * heads * seq * dim * 2))
+			for b.Loop() {
+				if _, err := Decompress(container, 1); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
