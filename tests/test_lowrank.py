@@ -193,3 +193,20 @@ def test_hostile_bases_refused(damage: str, exit_code: int, says: str, kv_compre
     assert r.returncode == exit_code, r.stderr
     assert says in r.stderr and "p.json" in r.stderr and not out.exists()
     assert json.loads(r.stdout)["exit_code"] == exit_code
+
+
+def test_merge_sets_what_is_not_projected(kv_compress_bin: str, tmp_path: Path) -> None:
+    """--merge: the keys follow the merged preset (2-bit here), the projected values their own plan."""
+    from validation.calibrate import _merge
+
+    merged = _merge(str(GOLDEN.parent.parent.parent.parent / "docs" / "experiments" / "presets" / "compact-2bit-vasym.json"))
+    cache = synthetic_cache(1, 2, 128, 64, torch.float16, seed=5)
+    save_file(cache, str(tmp_path / "cache.safetensors"))
+    preset = write_preset(fit_bases(fitted(cache), 1, rank=16), tmp_path / "m.json", model="synthetic",
+                          coefficients=CoefficientPlan(bits=4), rank=16, energy=None, calibration={}, merge=merged)
+    assert preset["base"] == "compact" and preset["codec"] == {"bits": 2} and preset["layers"][-1]["values"]["bits"] == 4
+    r = run_bin(kv_compress_bin, "compress", "-i", str(tmp_path / "cache.safetensors"), "-o", str(tmp_path / "c.kvc"),
+                "--preset", str(tmp_path / "m.json"))
+    assert r.returncode == 0, r.stderr
+    modes = {e["name"]: (e["mode"], "projection" in e) for e in index_of(tmp_path / "c.kvc")}
+    assert modes == {"layer_0_key": ("int2", False), "layer_0_value": ("int4", True)}

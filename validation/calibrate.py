@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="coefficients per scale, along the tokens")
     p.add_argument("--base", default="default", choices=("default", "compact", "near-lossless", "seed"),
                    help="built-in preset for everything not projected (keys, identity layers)")
+    p.add_argument("--merge", metavar="PRESET.json", default=None,
+                   help="take base, codec, keys, values and layers from this preset file for what is not projected "
+                        "(the projected tensors' own layer plans come after its layers)")
     p.add_argument("--bases-dtype", choices=("f16", "f32"), default="f16", help="stored dtype of bases and means")
     p.add_argument("--model", default="embedded", help="model to calibrate (default: the embedded SmolLM2-135M)")
     p.add_argument("--dataset", default="embedded",
@@ -62,6 +65,21 @@ def _layers(spec: str) -> List[int]:
         return [int(x) for x in spec.split(",") if x.strip()]
     except ValueError:
         raise ValidationError(f"--identity-layers must be comma-separated layer numbers, got {spec!r}") from None
+
+
+def _merge(path: Optional[str]) -> Dict[str, Any]:
+    """The base, codec, keys, values and layers of preset file ``path`` (empty without one)."""
+    if path is None:
+        return {}
+    import json
+
+    try:
+        doc = json.loads(open(path, encoding="utf-8").read())
+    except (OSError, ValueError) as e:
+        raise ValidationError(f"--merge {path}: {e}") from None
+    if not isinstance(doc, dict) or "projection" in doc:
+        raise ValidationError(f"--merge {path}: want a preset object without a projection of its own")
+    return {k: doc[k] for k in ("base", "codec", "keys", "values", "layers") if k in doc}
 
 
 def calibration_windows(num_tokens: int, start: int, length: int, count: int) -> List[int]:
@@ -119,7 +137,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               coefficients=CoefficientPlan(bits=args.bits, scheme=args.scheme, group_size=args.group_size),
                               rank=args.rank, energy=args.energy, calibration=calibration,
                               dtype=torch.float16 if args.bases_dtype == "f16" else torch.float32, name=args.name,
-                              base=args.base)
+                              base=args.base, merge=_merge(args.merge))
     except (ValidationError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

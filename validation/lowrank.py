@@ -178,11 +178,16 @@ def write_preset(
     name: Optional[str] = None,
     description: str = "",
     base: str = "default",
+    merge: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, Any]:
     """Write ``path`` (the preset JSON) and its bases file ``<stem>.bases.safetensors`` beside it.
 
     Returns the preset as written. ``dtype`` (float16 or float32) is the bases' stored dtype.
+    ``merge`` (a preset file's ``base``, ``codec``, ``keys``, ``values``, ``layers``) sets what is
+    not projected; ``base`` applies when it names none. Its layer plans come first, so the
+    projected tensors' coefficient plans override them.
     """
+    merge = merge or {}
     from safetensors.torch import save_file
 
     if dtype not in (torch.float16, torch.float32):
@@ -211,8 +216,9 @@ def write_preset(
         "name": name or stem,
         "description": description or f"low-rank projection ({_what(rank, energy)}) of {model}'s cache, "
                                       f"coefficients {coefficients.bits}-bit",
-        "base": base,
-        "layers": plans,
+        "base": merge.get("base", base),
+        **{k: merge[k] for k in ("codec", "keys", "values") if k in merge},
+        "layers": [*merge.get("layers", []), *plans],
         "projection": {
             "bases": bases_path.name, "sha256": digest, "model": model, "head_dim": bases.head_dim,
             "n_layers": bases.num_layers, "n_kv_heads": bases.kv_heads, "rank": rank or 0, "energy": energy or 0,
