@@ -1,6 +1,6 @@
 """PCA bases for kv-compress's low-rank projection, and the preset files that name them.
 
-The projection (docs/format.md section 9) maps each row ``x`` [head_dim] of a key or value
+The projection (docs/format.md section 10) maps each row ``x`` [head_dim] of a key or value
 tensor, per KV head, to ``r`` coefficients ``c = (x − mean) · B`` (``B`` [head_dim, r], orthonormal
 columns); kv-compress quantizes the coefficients and rebuilds ``ĉ · Bᵀ + mean``. This module fits
 ``B`` and ``mean`` by PCA on calibration caches and writes them as a preset:

@@ -1,4 +1,4 @@
-"""An independent torch implementation of kv-compress's low-rank projection (docs/format.md section 9).
+"""An independent torch implementation of kv-compress's low-rank projection (docs/format.md section 10).
 
 It follows the written rules, not the Go code, and agrees with the binary bit for bit: both
 fix the order of every sum and round every product to float32 (no fused multiply-add), and

@@ -107,7 +107,7 @@ type Entry struct {
 	SinkP     *Payload `json:"sink_rows,omitempty"`
 	Raw       *Payload `json:"raw,omitempty"`
 	// Projection, when present, says the rows were projected onto a
-	// low-rank basis before quantizing (section 9 of docs/format.md).
+	// low-rank basis before quantizing (section 10 of docs/format.md).
 	Projection *ProjectionEntry `json:"projection,omitempty"`
 }
 

@@ -8,7 +8,7 @@ import (
 	"github.com/kv-cache-p2p/validation/pkg/safetensors"
 )
 
-// This file holds the low-rank projection (docs/format.md section 9): per KV
+// This file holds the low-rank projection (docs/format.md section 10): per KV
 // head, a tensor's rows x (length D) become r coefficients c = (x − mean)·B,
 // B being a D×r basis calibrated by PCA (python -m validation.calibrate);
 // the coefficients are quantized like any tensor, and the decoder rebuilds
