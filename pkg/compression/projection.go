@@ -33,6 +33,16 @@ const (
 // a hostile file cannot make a decoder allocate without bound.
 const maxBasisElements = 1 << 26
 
+// basisFits reports whether heads × dim × rank is at most maxBasisElements,
+// computed without wrapping whatever the (non-negative) inputs.
+func basisFits(heads, dim, rank int64) bool {
+	if heads > maxBasisElements || dim > maxBasisElements || rank > maxBasisElements {
+		return false
+	}
+	hd := heads * dim // at most 2^52
+	return hd <= maxBasisElements && hd*rank <= maxBasisElements
+}
+
 // ProjectionBasis is the projection of one tensor (layer_{i}_key or
 // layer_{i}_value): for each of Heads KV heads a Dim × Rank matrix whose
 // columns are the principal directions, and a mean of Dim values.
@@ -60,7 +70,7 @@ func NewProjectionBasis(heads, dim, rank int, dtype safetensors.DType, basisRaw,
 	if heads < 1 || dim < 1 || rank < 1 || rank > dim {
 		return nil, fmt.Errorf("%w: heads %d, head_dim %d, rank %d (want heads >= 1 and 1 <= rank <= head_dim)", ErrProjection, heads, dim, rank)
 	}
-	if int64(heads)*int64(dim)*int64(rank) > maxBasisElements {
+	if !basisFits(int64(heads), int64(dim), int64(rank)) {
 		return nil, fmt.Errorf("%w: %d heads x %d x %d exceeds %d basis elements", ErrProjection, heads, dim, rank, maxBasisElements)
 	}
 	w := dtype.Bits() / 8

@@ -176,7 +176,7 @@ func checkProjection(e *Entry, p tensorPlan) ([]int64, error) {
 	if pe.Rank < 1 || int64(pe.Rank) > dim || pe.Heads < 1 {
 		return nil, fmt.Errorf("%w: rank %d, heads %d for head_dim %d (want 1 <= rank <= head_dim, heads >= 1)", ErrProjection, pe.Rank, pe.Heads, dim)
 	}
-	if pe.Heads > maxBasisElements || int64(pe.Heads)*dim*int64(pe.Rank) > maxBasisElements { // each factor is bounded first: no wrap
+	if !basisFits(int64(pe.Heads), dim, int64(pe.Rank)) {
 		return nil, fmt.Errorf("%w: %d heads x %d x %d exceeds %d basis elements", ErrProjection, pe.Heads, dim, pe.Rank, maxBasisElements)
 	}
 	b := ProjectionBasis{Heads: pe.Heads, Dim: int(dim), Rank: pe.Rank}

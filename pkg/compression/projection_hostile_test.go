@@ -104,6 +104,7 @@ func TestProjectionContainerRefused(t *testing.T) {
 		{"huge rank", proj(func(p map[string]any) { p["rank"] = 1 << 40 }), "", nil, ErrProjection, "rank"},
 		{"heads that do not fit", proj(func(p map[string]any) { p["heads"] = 3 }), "", nil, ErrProjection, "3 heads"},
 		{"huge heads", proj(func(p map[string]any) { p["heads"] = 1 << 30 }), "", nil, ErrProjection, "basis elements"},
+		{"heads that would wrap", proj(func(p map[string]any) { p["heads"] = int64(1) << 58 }), "", nil, ErrProjection, "basis elements"},
 		{"bad dtype", proj(func(p map[string]any) { p["dtype"] = "F64" }), "", nil, ErrProjection, "dtype"},
 		{"basis payload missing", proj(func(p map[string]any) { delete(p, "basis") }), "", nil, ErrCorrupt, "missing basis"},
 		{"basis size lies", proj(func(p map[string]any) { p["basis"].(map[string]any)["raw_bytes"] = 12 }), "", nil, ErrCorrupt, "basis payload declares"},
@@ -173,4 +174,22 @@ func FuzzProjectedDecompress(f *testing.F) {
 			}
 		}
 	})
+}
+
+func TestBasisFits(t *testing.T) {
+	tests := []struct {
+		heads, dim, rank int64
+		want             bool
+	}{
+		{3, 64, 32, true},
+		{1, 1 << 13, 1 << 13, true},
+		{1, 1 << 40, 1 << 30, false}, // would wrap int64 if multiplied directly
+		{1 << 58, 64, 64, false},
+		{2, 1 << 13, 1 << 13, false},
+	}
+	for _, tc := range tests {
+		if got := basisFits(tc.heads, tc.dim, tc.rank); got != tc.want {
+			t.Errorf("basisFits(%d, %d, %d) = %v, want %v", tc.heads, tc.dim, tc.rank, got, tc.want)
+		}
+	}
 }
