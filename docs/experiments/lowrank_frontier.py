@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ax.set_ylabel("ΔPPL % (log scale)")
     ax.set_title("SmolLM2-135M, embedded Wikipedia, 4,096 scored tokens")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
     print(f"wrote {args.out}")
