@@ -521,7 +521,7 @@ func encodeVectorRows(t *safetensors.Tensor, p tensorPlan, ws *generalScratch) (
 
 // decodeGeneral rebuilds a tensor's bytes from its raw payloads.
 func decodeGeneral(e *Entry, p tensorPlan, codes, scales, mins, sink []byte, dst []byte, ws *generalScratch) error {
-	if p.Scheme == SchemeSym && p.Bits == 4 && decodeSym4Rows(e, p, codes, scales, sink, dst, ws) {
+	if vectorWidth(p.Bits) && decodeVectorRows(e, p, codes, scales, mins, sink, dst, ws) {
 		return nil
 	}
 	dt := safetensors.DType(e.DType)
@@ -572,10 +572,11 @@ func decodeGeneral(e *Entry, p tensorPlan, codes, scales, mins, sink []byte, dst
 	return nil
 }
 
-// decodeSym4Rows is decodeGeneral for symmetric 4-bit groups through the
-// vector decoders (rows, or channels for per-channel keys). It returns false
-// when they decline; decodeGeneral then rewrites all of dst.
-func decodeSym4Rows(e *Entry, p tensorPlan, codes, scales, sink, dst []byte, ws *generalScratch) bool {
+// decodeVectorRows is decodeGeneral for 2, 3 or 4-bit groups of either
+// scheme through the vector decoders (rows, or channels for per-channel
+// keys). It returns false when they decline; decodeGeneral then rewrites
+// all of dst.
+func decodeVectorRows(e *Entry, p tensorPlan, codes, scales, mins, sink, dst []byte, ws *generalScratch) bool {
 	dt := safetensors.DType(e.DType)
 	l := p.layout(e.Shape)
 	rot, ok := vectorPlan(p, dt, l)
@@ -584,8 +585,14 @@ func decodeSym4Rows(e *Entry, p tensorPlan, codes, scales, sink, dst []byte, ws 
 	}
 	width := dt.Bits() / 8
 	seqBytes, sinkBytes := l.seq*l.dim*width, p.Sink*l.dim*width
-	codesPer, scalesPer := l.perOuter()
-	if len(codes) != l.outer*codesPer || len(scales) != l.outer*scalesPer || len(sink) != l.outer*sinkBytes || len(dst) != l.outer*seqBytes {
+	_, scalesPer := l.perOuter()
+	codesPer := l.keep * l.dim * p.Bits / 8 // whole bytes: dim is a multiple of 8
+	minsPer := 0
+	if p.Scheme == SchemeAsym {
+		minsPer = scalesPer
+	}
+	if len(codes) != l.outer*codesPer || len(scales) != l.outer*scalesPer || len(mins) != l.outer*minsPer ||
+		len(sink) != l.outer*sinkBytes || len(dst) != l.outer*seqBytes {
 		return false
 	}
 	for o := range l.outer {
@@ -594,6 +601,7 @@ func decodeSym4Rows(e *Entry, p tensorPlan, codes, scales, sink, dst []byte, ws 
 		job := rowDecodeJob{
 			codes: codes[o*codesPer : (o+1)*codesPer], scales: scales[o*scalesPer : (o+1)*scalesPer],
 			dt: dt, dim: l.dim, group: p.Group, rot: rot, dst: dst[base+sinkBytes : base+seqBytes],
+			spec: specOf(p), mins: mins[o*minsPer : (o+1)*minsPer],
 		}
 		if p.Axis == AxisSeq {
 			ws.deq = grow(ws.deq, l.keep*l.dim)

@@ -367,6 +367,9 @@ func halfTable(dst *[16]uint16, s float32, dt safetensors.DType) {
 // dequantizeTensor writes the reconstruction of packed codes with float16
 // scales into dst as little-endian elements of dtype dt.
 func dequantizeTensor(codes []byte, scales []uint16, g int, dt safetensors.DType, dst []byte) {
+	if dequantizeTensorSIMD(codes, scales, g, dt, dst) {
+		return
+	}
 	var lut [16]float32
 	var lut16 [16]uint16
 	width := dt.Bits() / 8

@@ -217,7 +217,14 @@ type rowDecodeJob struct {
 	group  int
 	rot    *rotation
 	dst    []byte
+	// spec and mins (asym only) describe codes other than sym4, packed
+	// LSB-first as rowJob packs them; a zero spec means sym4.
+	spec codeSpec
+	mins []byte
 }
+
+// general reports whether the job's codes are other than sym4.
+func (j *rowDecodeJob) general() bool { return j.spec != (codeSpec{}) && j.spec != sym4 }
 
 // decodeRows runs job with the vector decoder. It returns false, with dst in
 // an unspecified state, when the job must go through the scalar path instead
@@ -242,6 +249,9 @@ func decodeChannels(job rowDecodeJob, keep int, y []float32) bool {
 // nibbleWord returns the 8 codes (fewer, zero-padded, at the end of src) that
 // start at nibble index at of src, packed low nibble first into a uint32.
 func nibbleWord(src []byte, at int) uint32 {
+	if i := at / 2; i+8 <= len(src) { // one unaligned load where 8 bytes remain
+		return uint32(binary.LittleEndian.Uint64(src[i:]) >> (4 * (at % 2)))
+	}
 	var v uint64
 	for i, b := range src[at/2 : min(at/2+5, len(src))] {
 		v |= uint64(b) << (8 * i)

@@ -3,6 +3,7 @@
 package compression
 
 import (
+	"encoding/binary"
 	"math"
 	"simd/archsimd"
 
@@ -186,14 +187,23 @@ func encodeRowsSIMD(job *rowJob, st *tensorStats) bool {
 	gBytes := g * spec.bits / 8
 	var sums errorSums
 	groupsRow := dim / g
+	fused := job.rot != nil && job.rot.n == 64 && job.dt == safetensors.F16 // decoded and rotated in one pass
+	var inMax archsimd.Uint32x8                                             // the input's largest magnitude, when fused
+	var yMax archsimd.Uint32x8                                              // the largest value measured in registers
+	inRegisters := seed && job.rot == nil                                   // the seed's scheme: measured group by group
 	for r := range rows {
-		if !decodeRow(job.src[r*dim*width:(r+1)*dim*width], job.dt, x) {
+		in := job.src[r*dim*width : (r+1)*dim*width]
+		if fused {
+			decodeRotate64(job.rot, &bf, in, w, &inMax)
+			clearUpper() // scalar code follows
+		} else if !decodeRow(in, job.dt, x) {
 			return false
 		}
 		v, y := x, w
 		if job.rot != nil {
-			copyVec(w, x)
-			rotateForward(job.rot, &bf, w)
+			if !fused {
+				rotateForward(job.rot, &bf, w, x)
+			}
 			v = w
 			if rotated {
 				y = x // the row as read is no longer needed
@@ -232,16 +242,31 @@ func encodeRowsSIMD(job *rowJob, st *tensorStats) bool {
 				for i := range yg {
 					yg[i] = mv
 				}
+				if inRegisters && !sums.add(grp, yg, job.dt) { // measured here, as the others
+					return false
+				}
+			case seed && rotated: // measured while in registers: no values stored
+				quantizeGroupMeasured(grp, s, out, &packed, &sums, safetensors.F32, &yMax)
+				continue
+			case seed && job.rot == nil: // the same, each value rounded to the stored dtype
+				quantizeGroupMeasured(grp, s, out, &packed, &sums, job.dt, &yMax)
+				continue
 			case seed:
 				quantizeGroup(grp, s, out, yg, &packed)
 			default:
 				quantizeGroupBits(grp, s, mv, cv, out, yg)
 			}
+			if rotated {
+				sums.add(grp, yg, safetensors.F32) // rotated input against its reconstruction
+			}
 		}
 		switch {
-		case rotated:
-			sums.add(w, x, safetensors.F32) // rotated input against its reconstruction
+		case rotated: // measured group by group above
+		case inRegisters: // likewise
 		case job.rot != nil:
+			if fused {
+				decodeRow(in, job.dt, x) // the row as read, to measure against
+			}
 			rotateInverse(job.rot, &bf, w)
 			fallthrough
 		default:
@@ -249,12 +274,12 @@ func encodeRowsSIMD(job *rowJob, st *tensorStats) bool {
 				return false
 			}
 		}
-		if sums.pending >= vectorFlushEvery {
-			sums.flush(st)
-		}
 	}
 	sums.flush(st)
-	return true
+	if !roundedFits(yMax) {
+		return false // the scalar path measures what the shortcut cannot
+	}
+	return !fused || finiteBits(inMax)
 }
 
 func encodeChannelsSIMD(job *channelJob, st *tensorStats) bool {
@@ -295,19 +320,26 @@ func encodeChannelsSIMD(job *channelJob, st *tensorStats) bool {
 		shifts[i] = archsimd.BroadcastUint32x8(uint32(bits * i))
 	}
 	var sums errorSums
+	fused := job.rot != nil && job.rot.n == 64 && job.dt == safetensors.F16 // decoded and rotated in one pass
+	var inMax archsimd.Uint32x8                                             // the input's largest magnitude, when fused
 	for k := range groupsRow {
 		t0, t1 := k*g, min((k+1)*g, keep)
 		n := (t1 - t0) * dim
 		for t := t0; t < t1; t++ {
 			r := (t - t0) * dim
-			if !decodeRow(job.src[t*dim*width:(t+1)*dim*width], job.dt, x[r:r+dim]) {
+			in := job.src[t*dim*width : (t+1)*dim*width]
+			switch {
+			case fused:
+				decodeRotate64(job.rot, &bf, in, w[r:r+dim], &inMax)
+				if !rotated {
+					decodeRow(in, job.dt, x[r:r+dim]) // the row as read, to measure against
+				}
+			case !decodeRow(in, job.dt, x[r:r+dim]):
 				return false
-			}
-		}
-		copyVec(w[:n], x[:n])
-		if job.rot != nil {
-			for r := 0; r < n; r += dim {
-				rotateForward(job.rot, &bf, w[r:r+dim])
+			case job.rot != nil:
+				rotateForward(job.rot, &bf, w[r:r+dim], x[r:r+dim])
+			default:
+				copyVec(w[r:r+dim], x[r:r+dim])
 			}
 		}
 		y := w
@@ -356,9 +388,14 @@ func encodeChannelsSIMD(job *channelJob, st *tensorStats) bool {
 			}
 			sv, lv, mvv := archsimd.LoadFloat32x8(&div), archsimd.LoadFloat32x8(&live), archsimd.LoadFloat32x8(&mins)
 			var acc archsimd.Uint32x8
+			// Measured in the rotated basis, the error is summed here, in
+			// registers, and the values are not stored.
+			var exx, eee, eyy archsimd.Float32x8
+			var eme archsimd.Uint32x8
 			for t := t0; t < t1; t++ {
 				at := (t-t0)*dim + cb
-				v := archsimd.LoadFloat32x8Slice(w[at : at+8])
+				v0 := archsimd.LoadFloat32x8Slice(w[at : at+8])
+				v := v0
 				if spec.asym {
 					v = v.Sub(mvv)
 				}
@@ -367,35 +404,48 @@ func encodeChannelsSIMD(job *channelJob, st *tensorStats) bool {
 				if spec.asym {
 					rec = rec.Add(mvv)
 				}
-				rec.StoreSlice(y[at : at+8])
+				if rotated {
+					e := v0.Sub(rec)
+					exx = exx.Add(v0.Mul(v0))
+					eee = eee.Add(e.Mul(e))
+					eyy = eyy.Add(rec.Mul(rec))
+					eme = eme.Max(e.AsUint32x8().And(absMask))
+				} else {
+					rec.StoreSlice(y[at : at+8])
+				}
 				acc = acc.Or(q.ConvertToInt32().AsUint32x8().And(mask).ShiftLeft(shifts[t%8]))
 				if t%8 == 7 || t == t1-1 {
 					acc.Store(&words)
-					for l := range 8 { // not range words: that copies the array with SSE moves
-						putCodes(col[(cb+l)*bytesPer+(t/8)*bits:], words[l], bits)
+					if bits == 4 { // one 32-bit store a lane, inlined
+						for l := range 8 { // not range words: that copies the array with SSE moves
+							binary.LittleEndian.PutUint32(col[(cb+l)*bytesPer+(t/8)*4:], words[l])
+						}
+					} else {
+						for l := range 8 {
+							putCodes(col[(cb+l)*bytesPer+(t/8)*bits:], words[l], bits)
+						}
 					}
 					acc = archsimd.Uint32x8{}
 				}
 			}
-		}
-		for r := 0; r < n; r += dim {
 			if rotated {
-				sums.add(w[r:r+dim], x[r:r+dim], safetensors.F32)
-			} else {
-				yr := w[r : r+dim]
-				if job.rot != nil {
-					rotateInverse(job.rot, &bf, yr)
-				}
-				if !sums.add(x[r:r+dim], yr, job.dt) {
-					return false
-				}
+				sums.merge(exx, eee, eyy, eme, 8*(t1-t0))
 			}
-			if sums.pending >= vectorFlushEvery {
-				sums.flush(st)
+		}
+		for r := 0; r < n && !rotated; r += dim { // rotated: measured above
+			yr := w[r : r+dim]
+			if job.rot != nil {
+				rotateInverse(job.rot, &bf, yr)
+			}
+			if !sums.add(x[r:r+dim], yr, job.dt) {
+				return false
 			}
 		}
 	}
 	sums.flush(st)
+	if fused && !finiteBits(inMax) {
+		return false // the scalar path names the value
+	}
 	clear(job.codes)
 	for d := range dim {
 		if bits == 4 {

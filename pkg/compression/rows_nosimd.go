@@ -2,6 +2,8 @@
 
 package compression
 
+import "github.com/kv-cache-p2p/validation/pkg/safetensors"
+
 // haveSIMD is false in builds without GOEXPERIMENT=simd on amd64: every
 // encoder runs its scalar path.
 const haveSIMD = false
@@ -13,3 +15,5 @@ func decodeRowsSIMD(*rowDecodeJob) bool { return false }
 func decodeChannelsSIMD(*rowDecodeJob, int, []float32) bool { return false }
 
 func encodeChannelsSIMD(*channelJob, *tensorStats) bool { return false }
+
+func dequantizeTensorSIMD([]byte, []uint16, int, safetensors.DType, []byte) bool { return false }

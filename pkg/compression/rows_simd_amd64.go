@@ -49,16 +49,40 @@ func (b *butterflies) inVector(x archsimd.Float32x8) archsimd.Float32x8 {
 	return x.Mul(b.a4).Add(x.Permute(b.p4))
 }
 
+// finish is what a rotation does after its last butterfly stage: multiply
+// by the scale, then (the inverse only, signs not nil) by the signs. Fused
+// into the stores of the last stage, it rounds exactly as a separate pass.
+type finish struct {
+	sc    archsimd.Float32x8
+	signs []float32
+}
+
+// apply finishes x, the 8 elements at offset at of a row.
+func (f *finish) apply(x archsimd.Float32x8, at int) archsimd.Float32x8 {
+	x = x.Mul(f.sc)
+	if f.signs != nil {
+		s := f.signs[at&(len(f.signs)-1):] // a power of two long: no division
+		x = x.Mul(archsimd.LoadFloat32x8Slice(s[:8]))
+	}
+	return x
+}
+
 // acrossVectors runs butterfly stages h = from, 2·from, ... < n on each
-// block of n elements of v (from and n multiples of 8).
-func acrossVectors(v []float32, n, from int) {
+// block of n elements of v (from and n multiples of 8), and fin, when not
+// nil, with the stores of the last stage.
+func acrossVectors(v []float32, n, from int, fin *finish) {
 	for h := from; h < n; h *= 2 {
+		last := fin != nil && 2*h >= n
 		for i := 0; i < len(v); i += 2 * h {
 			for j := i; j < i+h; j += 8 {
 				a := archsimd.LoadFloat32x8Slice(v[j : j+8])
 				b := archsimd.LoadFloat32x8Slice(v[j+h : j+h+8])
-				a.Add(b).StoreSlice(v[j : j+8])
-				a.Sub(b).StoreSlice(v[j+h : j+h+8])
+				s, d := a.Add(b), a.Sub(b)
+				if last {
+					s, d = fin.apply(s, j), fin.apply(d, j+h)
+				}
+				s.StoreSlice(v[j : j+8])
+				d.StoreSlice(v[j+h : j+h+8])
 			}
 		}
 	}
@@ -78,73 +102,89 @@ func stages64(x0, x1, x2, x3, x4, x5, x6, x7 archsimd.Float32x8) (y0, y1, y2, y3
 	return x0.Add(x4), x1.Add(x5), x2.Add(x6), x3.Add(x7), x0.Sub(x4), x1.Sub(x5), x2.Sub(x6), x3.Sub(x7)
 }
 
-// blocks64 runs the stages h = 1, ..., 32 on every 64 elements of v (whose
-// length is a multiple of 64), after multiplying by signs when not nil.
-func blocks64(v []float32, bf *butterflies, signs []float32) {
-	for i := 0; i < len(v); i += 64 {
-		b := v[i : i+64 : i+64]
+// blocks64 runs the stages h = 1, ..., 32 on every 64 elements of src
+// (whose length is a multiple of 64) into dst (src itself or a slice of
+// the same length), after multiplying by signs when not nil, and finishes
+// with fin when not nil.
+func blocks64(dst, src []float32, bf *butterflies, signs []float32, fin *finish) {
+	for i := 0; i < len(src); i += 64 {
+		b := src[i : i+64 : i+64]
+		o := dst[i : i+64 : i+64]
 		// Eight named vectors rather than an array, which Go would zero
 		// first with legacy SSE stores (clearUpper).
 		load := func(k int) archsimd.Float32x8 {
 			x := archsimd.LoadFloat32x8Slice(b[8*k : 8*k+8])
 			if signs != nil {
-				s := signs[(i+8*k)%len(signs):]
+				s := signs[(i+8*k)&(len(signs)-1):] // a power of two long
 				x = x.Mul(archsimd.LoadFloat32x8Slice(s[:8]))
 			}
 			return bf.inVector(x)
 		}
 		x0, x1, x2, x3, x4, x5, x6, x7 := stages64(load(0), load(1), load(2), load(3), load(4), load(5), load(6), load(7))
-		x0.StoreSlice(b[0:8])
-		x1.StoreSlice(b[8:16])
-		x2.StoreSlice(b[16:24])
-		x3.StoreSlice(b[24:32])
-		x4.StoreSlice(b[32:40])
-		x5.StoreSlice(b[40:48])
-		x6.StoreSlice(b[48:56])
-		x7.StoreSlice(b[56:64])
+		if fin != nil {
+			x0, x1, x2, x3 = fin.apply(x0, i), fin.apply(x1, i+8), fin.apply(x2, i+16), fin.apply(x3, i+24)
+			x4, x5, x6, x7 = fin.apply(x4, i+32), fin.apply(x5, i+40), fin.apply(x6, i+48), fin.apply(x7, i+56)
+		}
+		x0.StoreSlice(o[0:8])
+		x1.StoreSlice(o[8:16])
+		x2.StoreSlice(o[16:24])
+		x3.StoreSlice(o[24:32])
+		x4.StoreSlice(o[32:40])
+		x5.StoreSlice(o[40:48])
+		x6.StoreSlice(o[48:56])
+		x7.StoreSlice(o[56:64])
 	}
 }
 
-// rotateForward is rotation.forward for a row whose length is a multiple of
-// r.n (itself a multiple of 8), with the same roundings in the same order:
-// signs, the stages h = 1, 2, 4, ..., then the scale.
-func rotateForward(r *rotation, bf *butterflies, v []float32) {
-	from := 8
+// rotateForward is rotation.forward of src into dst (src itself, or a
+// slice of the same length whose length is a multiple of r.n, itself a
+// multiple of 8), with the same roundings in the same order: signs, the
+// stages h = 1, 2, 4, ..., then the scale.
+func rotateForward(r *rotation, bf *butterflies, dst, src []float32) {
+	fin := finish{sc: archsimd.BroadcastFloat32x8(r.scale)}
 	if r.n >= 64 {
-		blocks64(v, bf, r.signs)
-		from = 64
-	} else {
-		for i := 0; i < len(v); i += 8 {
-			x := archsimd.LoadFloat32x8Slice(v[i : i+8])
-			sg := archsimd.LoadFloat32x8Slice(r.signs[i%r.n : i%r.n+8])
-			bf.inVector(x.Mul(sg)).StoreSlice(v[i : i+8])
+		if r.n == 64 {
+			blocks64(dst, src, bf, r.signs, &fin)
+			return
 		}
+		blocks64(dst, src, bf, r.signs, nil)
+		acrossVectors(dst, r.n, 64, &fin)
+		return
 	}
-	acrossVectors(v, r.n, from)
-	sc := archsimd.BroadcastFloat32x8(r.scale)
-	for i := 0; i < len(v); i += 8 {
-		archsimd.LoadFloat32x8Slice(v[i : i+8]).Mul(sc).StoreSlice(v[i : i+8])
+	for i := 0; i < len(src); i += 8 {
+		x := archsimd.LoadFloat32x8Slice(src[i : i+8])
+		at := i & (r.n - 1) // r.n is a power of two
+		sg := archsimd.LoadFloat32x8Slice(r.signs[at : at+8])
+		x = bf.inVector(x.Mul(sg))
+		if r.n == 8 {
+			x = fin.apply(x, i)
+		}
+		x.StoreSlice(dst[i : i+8])
 	}
+	acrossVectors(dst, r.n, 8, &fin)
 }
 
 // rotateInverse is rotation.inverse: the stages h = 1, 2, 4, ..., then
 // (v·scale)·sign.
 func rotateInverse(r *rotation, bf *butterflies, v []float32) {
-	from := 8
+	fin := finish{sc: archsimd.BroadcastFloat32x8(r.scale), signs: r.signs}
 	if r.n >= 64 {
-		blocks64(v, bf, nil)
-		from = 64
-	} else {
-		for i := 0; i < len(v); i += 8 {
-			bf.inVector(archsimd.LoadFloat32x8Slice(v[i : i+8])).StoreSlice(v[i : i+8])
+		if r.n == 64 {
+			blocks64(v, v, bf, nil, &fin)
+			return
 		}
+		blocks64(v, v, bf, nil, nil)
+		acrossVectors(v, r.n, 64, &fin)
+		return
 	}
-	acrossVectors(v, r.n, from)
-	sc := archsimd.BroadcastFloat32x8(r.scale)
 	for i := 0; i < len(v); i += 8 {
-		sg := archsimd.LoadFloat32x8Slice(r.signs[i%r.n : i%r.n+8])
-		archsimd.LoadFloat32x8Slice(v[i : i+8]).Mul(sc).Mul(sg).StoreSlice(v[i : i+8])
+		x := bf.inVector(archsimd.LoadFloat32x8Slice(v[i : i+8]))
+		if r.n == 8 {
+			x = fin.apply(x, i)
+		}
+		x.StoreSlice(v[i : i+8])
 	}
+	acrossVectors(v, r.n, 8, &fin)
 }
 
 // decodeRow converts one row of dtype dt to float32 in x. It returns false if
@@ -212,11 +252,17 @@ func maxLane(v archsimd.Uint32x8) uint32 {
 func clearUpper() { archsimd.ClearAVXUpperBits() }
 
 // errorSums accumulates the error of a reconstruction in 8 float32 lanes,
-// flushed to the float64 totals every flushEvery elements.
+// folded into 8 float64 lanes every vectorFlushEvery elements without
+// leaving the vector registers; flush adds the lanes to a tensorStats once,
+// at the end of a job. The float32 partial sums are as long as the scalar
+// paths' (128 elements a lane); only the order of the float64 additions
+// differs from theirs, far below the metrics' printed precision.
 type errorSums struct {
-	xx, ee, yy archsimd.Float32x8
-	maxErr     archsimd.Uint32x8
-	pending    int
+	xx, ee, yy             archsimd.Float32x8
+	xxLo, xxHi, eeLo, eeHi archsimd.Float64x4
+	yyLo, yyHi             archsimd.Float64x4
+	maxErr                 archsimd.Uint32x8
+	pending, n             int
 }
 
 const vectorFlushEvery = 1024 // 128 per lane, as often as the scalar paths flush
@@ -264,32 +310,55 @@ func (s *errorSums) add(x, y []float32, dt safetensors.DType) bool {
 	}
 	s.xx, s.ee, s.yy, s.maxErr = xx, ee, yy, me
 	s.pending += len(x)
+	if s.pending >= vectorFlushEvery {
+		s.fold()
+	}
 	return true
 }
 
+// fold moves the float32 partial sums into the float64 lanes, in vector
+// registers only: no scalar or legacy SSE code runs (see clearUpper).
+func (s *errorSums) fold() {
+	s.xxLo, s.xxHi = s.xxLo.Add(s.xx.GetLo().ConvertToFloat64()), s.xxHi.Add(s.xx.GetHi().ConvertToFloat64())
+	s.eeLo, s.eeHi = s.eeLo.Add(s.ee.GetLo().ConvertToFloat64()), s.eeHi.Add(s.ee.GetHi().ConvertToFloat64())
+	s.yyLo, s.yyHi = s.yyLo.Add(s.yy.GetLo().ConvertToFloat64()), s.yyHi.Add(s.yy.GetHi().ConvertToFloat64())
+	// Zero by XOR: a Go zero value would be stored with legacy SSE moves.
+	z := s.maxErr.Xor(s.maxErr).AsFloat32x8()
+	s.xx, s.ee, s.yy = z, z, z
+	s.n += s.pending
+	s.pending = 0
+}
+
+// flush adds everything accumulated to st and resets s. It ends the vector
+// work of its caller.
 func (s *errorSums) flush(st *tensorStats) {
-	if s.pending == 0 {
+	s.fold()
+	if s.n == 0 {
+		clearUpper()
 		return
 	}
 	clearUpper() // before the arrays are zeroed
-	var xx, ee, yy [8]float32
-	s.xx.Store(&xx)
-	s.ee.Store(&ee)
-	s.yy.Store(&yy)
-	clearUpper()
+	var xx, ee, yy [8]float64
+	s.xxLo.Store((*[4]float64)(xx[:4]))
+	s.xxHi.Store((*[4]float64)(xx[4:]))
+	s.eeLo.Store((*[4]float64)(ee[:4]))
+	s.eeHi.Store((*[4]float64)(ee[4:]))
+	s.yyLo.Store((*[4]float64)(yy[:4]))
+	s.yyHi.Store((*[4]float64)(yy[4:]))
+	m := maxLane(s.maxErr) // clears the upper halves again
 	var sxx, see, syy float64
 	for i := range 8 {
-		sxx += float64(xx[i])
-		see += float64(ee[i])
-		syy += float64(yy[i])
+		sxx += xx[i]
+		see += ee[i]
+		syy += yy[i]
 	}
-	st.n += int64(s.pending)
+	st.n += int64(s.n)
 	st.sumXX += sxx
 	st.sumEE += see
 	st.sumYY += syy
 	st.sumXY += (sxx + syy - see) / 2 // Σxy from Σx², Σy² and Σ(x−y)²
-	st.maxErr = max(st.maxErr, float64(math.Float32frombits(maxLane(s.maxErr))))
-	*s = errorSums{maxErr: s.maxErr}
+	st.maxErr = max(st.maxErr, float64(math.Float32frombits(m)))
+	*s = errorSums{}
 }
 
 // nibbleShifts moves code i of a 32-bit word (4 bytes, low nibble first) to
@@ -318,18 +387,29 @@ func dequantizeGroup(in []byte, s float32, y []float32) {
 
 // encodeRow writes y (len a multiple of 8) as little-endian elements of dt
 // into out, rounding half to even as safetensors.EncodeFloat32 does, with c
-// (from newHalfConv, made once per job) for float16 and bfloat16. It returns
-// false if a float16 element of this row or an earlier one converted with c
-// is too large for the shortcut (|y| ≥ 65504).
-func encodeRow(y []float32, dt safetensors.DType, out []byte, c *halfConv) bool {
+// (from newHalfConv, made once per job) for float16 and bfloat16. Whether
+// every float16 element was small enough for the shortcut (|y| < 65504) is
+// checked once per job, by c.fits: a job that fails it is decoded again by
+// the scalar path, which rewrites all of its output.
+func encodeRow(y []float32, dt safetensors.DType, out []byte, c *halfConv) {
 	if dt == safetensors.F32 {
 		for i := 0; i < len(y); i += 8 {
 			archsimd.LoadFloat32x8Slice(y[i : i+8]).AsUint8x32().StoreSlice(out[4*i : 4*i+32])
 		}
-		return true
+		return
 	}
 	packHalves(y, out, c)
-	return !c.f16 || maxLane(c.mx) < 0x477fe000
+}
+
+// fits reports whether every float16 element c converted was below 65504,
+// where the shortcut of conv is exact. It ends the vector work of its
+// caller.
+func (c *halfConv) fits() bool {
+	if !c.f16 {
+		clearUpper()
+		return true
+	}
+	return maxLane(c.mx) < 0x477fe000
 }
 
 // halfConv converts float32 vectors to float16 or bfloat16 bit patterns.
@@ -393,6 +473,9 @@ func packHalves(y []float32, out []byte, c *halfConv) {
 }
 
 func decodeRowsSIMD(job *rowDecodeJob) bool {
+	if job.general() {
+		return decodeRowsBits(job)
+	}
 	dim, g := job.dim, job.group
 	width := job.dt.Bits() / 8
 	rows := len(job.dst) / (dim * width)
@@ -403,7 +486,23 @@ func decodeRowsSIMD(job *rowDecodeJob) bool {
 		bf = newButterflies()
 	}
 	groupsRow := dim / g
+	// A group of 64 under the rotation of 64 (the default codec's values)
+	// goes from codes to output bytes in registers.
+	fused := job.rot != nil && job.rot.n == 64 && g == 64
 	for r := range rows {
+		if fused {
+			for k := range groupsRow {
+				gi := r*groupsRow + k
+				s16 := uint16(job.scales[2*gi]) | uint16(job.scales[2*gi+1])<<8
+				if s16&0x7c00 == 0x7c00 || s16&0x8000 != 0 {
+					return false // corrupt: the scalar path names the scale
+				}
+				o := job.dst[(r*dim+k*64)*width : (r*dim+(k+1)*64)*width]
+				dequantInverseEncode64(job.codes[gi*32:(gi+1)*32], safetensors.F16ToF32(s16), job.rot, &bf, job.dt, o, &hc)
+				clearUpper() // the next scale is converted in scalar code
+			}
+			continue
+		}
 		for k := range groupsRow {
 			gi := r*groupsRow + k
 			s16 := uint16(job.scales[2*gi]) | uint16(job.scales[2*gi+1])<<8
@@ -412,17 +511,24 @@ func decodeRowsSIMD(job *rowDecodeJob) bool {
 			}
 			dequantizeGroup(job.codes[gi*g/2:(gi+1)*g/2], safetensors.F16ToF32(s16), y[k*g:(k+1)*g])
 		}
-		if job.rot != nil {
+		switch {
+		case job.rot != nil && job.rot.n == 64:
+			inverseEncode64(job.rot, &bf, y, job.dt, job.dst[r*dim*width:(r+1)*dim*width], &hc)
+		case job.rot != nil:
 			rotateInverse(job.rot, &bf, y)
+			fallthrough
+		default:
+			encodeRow(y, job.dt, job.dst[r*dim*width:(r+1)*dim*width], &hc)
 		}
-		if !encodeRow(y, job.dt, job.dst[r*dim*width:(r+1)*dim*width], &hc) {
-			return false
-		}
+		clearUpper() // the next row's scales are converted in scalar code
 	}
-	return true
+	return hc.fits()
 }
 
 func decodeChannelsSIMD(job *rowDecodeJob, keep int, y []float32) bool {
+	if job.general() {
+		return decodeChannelsBits(job, keep, y)
+	}
 	dim, g := job.dim, job.group
 	width := job.dt.Bits() / 8
 	groupsRow := (keep + g - 1) / g
@@ -467,13 +573,16 @@ func decodeChannelsSIMD(job *rowDecodeJob, keep int, y []float32) bool {
 		bf = newButterflies()
 	}
 	for t := range keep {
-		row := y[t*dim : (t+1)*dim]
-		if job.rot != nil {
+		row, out := y[t*dim:(t+1)*dim], job.dst[t*dim*width:(t+1)*dim*width]
+		switch {
+		case job.rot != nil && job.rot.n == 64:
+			inverseEncode64(job.rot, &bf, row, job.dt, out, &hc)
+		case job.rot != nil:
 			rotateInverse(job.rot, &bf, row)
-		}
-		if !encodeRow(row, job.dt, job.dst[t*dim*width:(t+1)*dim*width], &hc) {
-			return false
+			fallthrough
+		default:
+			encodeRow(row, job.dt, out, &hc)
 		}
 	}
-	return true
+	return hc.fits()
 }
