@@ -40,10 +40,35 @@ CASES: List[Tuple[str, str, List[str]]] = [
     ("long_f16.safetensors", "sparse-zstd", ["--sparsity", "0.97", "--rotate", "none"]),
     ("long_f16.safetensors", "preset-compact", ["--preset", "compact"]),
     ("cache_f16.safetensors", "preset-near-lossless", ["--preset", "near-lossless"]),
+    # Token selection (docs/format.md section 9): positions tensors stored as bitmaps.
+    ("selected_f16.safetensors", "selection", []),
     # Low-rank projection (issue 12): presets written by tests/gen_golden_bases.py, paths relative to golden/.
     ("long_f16.safetensors", "lowrank-v16", ["--preset", "projection/lowrank-v16.json"]),
     ("long_f16.safetensors", "lowrank-kv8-f32", ["--preset", "projection/lowrank-kv8-f32.json"]),
 ]
+
+# Golden inputs this script writes itself when they are missing (the Go golden
+# test writes the others); once committed they are never rewritten.
+SELECTED_INPUT = "selected_f16.safetensors"
+
+
+def write_selected_input(path: Path) -> None:
+    """A token-selected cache: 2 layers of keys/values [1, 2, 24, 64] float16 and
+    ``layer_{i}_positions`` [1, 2, 24] int32, sorted indices drawn from a context of 48
+    (metadata ``context_length``); one head keeps the first and last positions."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(12)
+    tensors = {}
+    for i in range(2):
+        tensors[f"layer_{i}_key"] = (torch.randn(1, 2, 24, 64, generator=g) * 2).to(torch.float16)
+        tensors[f"layer_{i}_value"] = torch.randn(1, 2, 24, 64, generator=g).to(torch.float16)
+        rows = [torch.randperm(48, generator=g)[:24].sort().values for _ in range(2)]
+        rows[0] = torch.cat([torch.arange(12), torch.arange(36, 48)])
+        tensors[f"layer_{i}_positions"] = torch.stack(rows).unsqueeze(0).to(torch.int32).contiguous()
+    save_file(tensors, str(path), metadata={"context_length": "48"})
+
 
 
 @dataclass
@@ -86,6 +111,8 @@ def main() -> int:
     known = {c["container"] for c in doc["cases"]}
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     added = 0
+    if not (GOLDEN / SELECTED_INPUT).exists():
+        write_selected_input(GOLDEN / SELECTED_INPUT)
     with tempfile.TemporaryDirectory() as tmp:
         for inp, name, flags in CASES:
             rel = f"containers/v{version}_{inp.split('.')[0]}_{name}.kvc"

@@ -39,6 +39,7 @@ from validation.options import (
 from validation.quick_test import run_quick_test
 from validation.reports import _quiet_line
 from validation.runner import run_validation
+from validation.selection import DEFAULT_MIN_TOKENS, SELECTION_METHODS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -93,6 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     codec.add_argument("--bits", type=int, choices=ALLOWED_BITS, help="code width of keys and values")
     codec.add_argument("--key-bits", type=int, choices=ALLOWED_BITS, help="code width of keys (overrides --bits)")
     codec.add_argument("--value-bits", type=int, choices=ALLOWED_BITS, help="code width of values (overrides --bits)")
+    sel = p.add_argument_group("token selection", "keep a subset of the context positions after the prefill "
+                               "(validation/selection.py); scored tokens keep their real positions")
+    sel.add_argument("--selection", choices=SELECTION_METHODS,
+                     help="attention (observation-window attention, SnapKV), knorm (lowest key norm) or recent "
+                          "(first 4 + most recent, StreamingLLM)")
+    sel.add_argument("--keep-ratio", type=float, metavar="R", help="keep round(R x context) positions, R in (0, 1]")
+    sel.add_argument("--attention-threshold", type=float, metavar="T",
+                     help="attention only: keep until the cumulative attention reaches T, in (0, 1]")
+    sel.add_argument("--min-tokens", type=int, metavar="N", help=f"keep at least N positions (default {DEFAULT_MIN_TOKENS})")
+    sel.add_argument("--max-tokens", type=int, metavar="N", help="keep at most N positions (default: the context)")
     p.add_argument("--plots", metavar="DIR", help="write PNG plots here (the per-layer SNR heatmap; with --sweep, "
                                                  "also the tables and the frontier; default for --sweep: sweep-results)")
     p.add_argument("--sweep", action="store_true", help="score a grid of codec configurations against one shared "
@@ -124,7 +135,8 @@ def options_from_args(args: argparse.Namespace, codec: Dict[str, Any]) -> Valida
         stride=args.stride, max_samples=args.max_samples, batch_windows=args.batch_windows,
         group_size=args.group_size, sparsity=args.sparsity, device=args.device, cpu=args.cpu,
         threshold=args.threshold, gate=args.gate, seed=args.seed, output_json=args.output_json,
-        hub_timeout=args.hub_timeout, plots=args.plots, **codec,
+        hub_timeout=args.hub_timeout, plots=args.plots, selection=args.selection, keep_ratio=args.keep_ratio,
+        attention_threshold=args.attention_threshold, min_tokens=args.min_tokens, max_tokens=args.max_tokens, **codec,
     )
 
 
@@ -132,6 +144,8 @@ def _check_args(args: argparse.Namespace, codec: Dict[str, Any]) -> ValidationOp
     """Every argument error, raised before any work (no model load, no binary call)."""
     if args.sweep_grid and not args.sweep:
         raise ValidationError(f"--sweep-grid {args.sweep_grid} needs --sweep")
+    if args.selection and (args.sweep or args.quick_test):
+        raise ValidationError(f"--selection {args.selection} applies to a validation run, not to --sweep or --quick-test")
     if args.sweep and args.quick_test:
         raise ValidationError("use either --sweep or --quick-test, not both")
     if args.sweep and codec:

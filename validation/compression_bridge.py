@@ -442,9 +442,15 @@ def roundtrip_kv_cache(
     sparsity: float = 0.0,
     device: str = "cpu",
     timeout: Optional[float] = DEFAULT_TIMEOUT_S,
+    positions: Optional[Sequence[Any]] = None,
+    context_length: Optional[int] = None,
     **codec: Any,
 ) -> Tuple[Any, CompressionMetrics]:
     """Send a cache through the real binary and back: save → compress → decompress → load.
+
+    A token-selected cache (validation/selection.py) also passes ``positions``, its kept
+    indices [batch, kv_heads, kept] per layer, and the original ``context_length``; they travel
+    in the container, and the indices the binary restores must equal them (else ValueError).
 
     Args:
         cache: a DynamicCache (or legacy tuple) with tensors ``[batch, kv_heads, seq, head_dim]``;
@@ -465,7 +471,7 @@ def roundtrip_kv_cache(
         restored = os.path.join(tmp, "restored.safetensors")
         timings: Dict[str, float] = {}
         t = time.perf_counter()
-        save_kv_cache(cache, src)
+        save_kv_cache(cache, src, positions=positions, context_length=context_length)
         timings["save"] = (time.perf_counter() - t) * 1e3
         t = time.perf_counter()
         # The folder is scratch, removed on the way out: no fsync (--no-sync).
@@ -476,9 +482,22 @@ def roundtrip_kv_cache(
         timings["decompress"] = (time.perf_counter() - t) * 1e3
         t = time.perf_counter()
         rebuilt, _ = load_kv_cache(restored, metadata_path=src + ".metadata.json", device=device)
+        if positions is not None:
+            _check_positions(restored, positions, context_length)
         timings["load"] = (time.perf_counter() - t) * 1e3
     metrics.extra["bridge_timings_ms"] = timings
     return rebuilt, metrics
+
+
+def _check_positions(restored: str, positions: Sequence[Any], context_length: Optional[int]) -> None:
+    """ValueError unless the restored file holds exactly ``positions`` and ``context_length``."""
+    from validation.kv_cache_utils import read_positions
+
+    back, ctx = read_positions(restored)
+    if ctx != context_length or len(back) != len(positions) or any(
+            not bool((b == p.to(b.device, b.dtype)).all()) if b.shape == p.shape else True for b, p in zip(back, positions)):
+        raise ValueError(f"kv-compress restored other positions than it was given (context length {ctx}, "
+                         f"expected {context_length})")
 
 
 def relative_rmse(snr_db: float) -> float:

@@ -54,6 +54,8 @@ DTYPES: Dict[str, torch.dtype] = {
 _DTYPE_NAMES: Dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 _TENSOR_NAME = re.compile(r"^layer_(0|[1-9][0-9]*)_(key|value)$")
+# A token-selected cache's kept indices per layer (docs/format.md section 9), beside its keys and values.
+_POSITIONS_NAME = re.compile(r"^layer_(0|[1-9][0-9]*)_positions$")
 
 # Elements per chunk when computing statistics (32 MiB of float64 at a time).
 _STATS_CHUNK = 1 << 22
@@ -407,8 +409,15 @@ def save_kv_cache(
     path: str,
     metadata_path: Optional[str] = None,
     model_name: Optional[str] = None,
+    positions: Optional[Sequence[torch.Tensor]] = None,
+    context_length: Optional[int] = None,
 ) -> KVCacheMetadata:
     """Write a cache to a safetensors file plus a JSON sidecar, atomically; return its metadata.
+
+    A token-selected cache also passes ``positions``, one [batch, kv_heads, kept] integer tensor
+    per layer (the kept indices, sorted), and the original ``context_length``: they are written
+    as ``layer_{i}_positions`` (int32) and the safetensors ``__metadata__`` ``context_length``,
+    which kv-compress stores as a bitmap (docs/format.md section 9).
 
     Tensors are named ``layer_{i}_key`` / ``layer_{i}_value``, shape [batch, kv_heads,
     seq_len, head_dim]; any batch size is allowed. float16 and float32 are written as they
@@ -433,6 +442,14 @@ def save_kv_cache(
     for i, (k, v) in enumerate(layers):
         tensors[f"layer_{i}_key"] = k.detach().to(device="cpu", dtype=stored).contiguous()
         tensors[f"layer_{i}_value"] = v.detach().to(device="cpu", dtype=stored).contiguous()
+    file_metadata = None
+    if positions is not None:
+        if context_length is None or len(positions) != len(layers):
+            raise ValueError(f"positions need one tensor per layer ({len(layers)}, got {len(positions)}) and a "
+                             f"context_length (got {context_length!r})")
+        for i, p in enumerate(positions):
+            tensors[f"layer_{i}_positions"] = p.detach().to(device="cpu", dtype=torch.int32).contiguous()
+        file_metadata = {"context_length": str(int(context_length))}
     sidecar = json.dumps(meta.to_dict(), indent=2, sort_keys=True) + "\n"
 
     for p in (path, metadata_path):
@@ -442,7 +459,7 @@ def save_kv_cache(
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(sidecar)
 
-    _atomic_write([(path, lambda tmp: save_file(tensors, tmp)), (metadata_path, write_sidecar)])
+    _atomic_write([(path, lambda tmp: save_file(tensors, tmp, metadata=file_metadata)), (metadata_path, write_sidecar)])
     return meta
 
 
@@ -460,6 +477,8 @@ def _read_layers(path: str, device: str) -> KVLayers:
     found: Dict[int, Dict[str, torch.Tensor]] = {}
     for name, t in tensors.items():
         m = _TENSOR_NAME.match(name)
+        if m is None and _POSITIONS_NAME.match(name):
+            continue  # a selected cache's indices: read_positions returns them
         if m is None:
             raise ValueError(
                 f"{path}: unexpected tensor {name!r}; tensors must be named layer_{{i}}_key / layer_{{i}}_value"
@@ -491,6 +510,29 @@ def _read_layers(path: str, device: str) -> KVLayers:
                 )
         layers.append((pair["key"], pair["value"]))
     return layers
+
+
+def read_positions(path: str) -> Tuple[List[torch.Tensor], Optional[int]]:
+    """A token-selected cache file's kept indices: ``layer_{i}_positions`` [batch, kv_heads, kept]
+    (int64) in layer order and the ``__metadata__`` ``context_length``; ``([], None)`` for a
+    cache without selection. ValueError when the indices are not strictly increasing within
+    [0, context_length) or the context length is missing."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+        names = {int(m.group(1)): n for n in f.keys() if (m := _POSITIONS_NAME.match(n))}
+        if sorted(names) != list(range(len(names))):
+            raise ValueError(f"{path}: positions tensors must be numbered 0..n-1, got layers {sorted(names)}")
+        out = [f.get_tensor(names[i]).long() for i in range(len(names))]
+    raw = meta.get("context_length")
+    ctx = int(raw) if raw is not None and raw.isdigit() else None
+    if out and ctx is None:
+        raise ValueError(f"{path}: positions tensors without a __metadata__ context_length (got {raw!r})")
+    for i, p in enumerate(out):  # kv-compress checks these too; a file may come from elsewhere
+        if p.numel() and (int(p.min()) < 0 or int(p.max()) >= ctx or not bool((p.diff(dim=-1) > 0).all())):
+            raise ValueError(f"{path}: layer_{i}_positions must be strictly increasing indices in [0, {ctx})")
+    return out, ctx
 
 
 # A sidecar is a few hundred bytes of flat JSON; anything far larger is not one.

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 from validation.compression_bridge import codec_args
+from validation.selection import SelectionSpec
 
 DEFAULT_MODEL = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
 EMBEDDED_ALIASES = ("embedded", "smollm2")
@@ -82,6 +83,21 @@ class ValidationOptions:
     entropy: Optional[str] = None
     preset: Optional[str] = None
     plots: Optional[str] = None
+    # Token selection (validation/selection.py): a method and keep_ratio or attention_threshold.
+    selection: Optional[str] = None
+    keep_ratio: Optional[float] = None
+    attention_threshold: Optional[float] = None
+    min_tokens: Optional[int] = None
+    max_tokens: Optional[int] = None
+
+    @property
+    def selection_spec(self) -> Optional[SelectionSpec]:
+        """The token selection the options ask for (None: keep every position)."""
+        if self.selection is None:
+            return None
+        extra = {} if self.min_tokens is None else {"min_tokens": self.min_tokens}
+        return SelectionSpec(method=self.selection, keep_ratio=self.keep_ratio,
+                             attention_threshold=self.attention_threshold, max_tokens=self.max_tokens, **extra)
 
     @property
     def codec(self) -> Dict[str, Any]:
@@ -120,6 +136,16 @@ class ValidationOptions:
         if self.hub_timeout <= 0:
             raise ValidationError(f"--hub-timeout must be > 0 seconds, got {self.hub_timeout}")
         check_codec(self.codec)
+        if self.selection is None:
+            given = [f for f in ("keep_ratio", "attention_threshold", "min_tokens", "max_tokens") if getattr(self, f) is not None]
+            if given:
+                raise ValidationError(f"{['--' + f.replace('_', '-') for f in given]} need --selection, one of "
+                                      f"['attention', 'knorm', 'recent']")
+        else:
+            try:
+                self.selection_spec.check()
+            except ValueError as e:
+                raise ValidationError(str(e)) from None
 
 
 def check_codec(codec: Dict[str, Any], group_size: int = DEFAULT_GROUP_SIZE, sparsity: float = 0.0) -> None:

@@ -26,6 +26,7 @@ from validation.compat import cache_to_layers, forward, layers_to_cache, output_
 from validation.corpora import load_corpus, load_wikitext, tokenize_corpus
 from validation.diagnostics import CacheDiagnostics, SNRAccumulator
 from validation.models import _geometry, _model_device
+from validation.selection import SelectionSpec, selected_prefill, selection_position_ids
 from validation.options import (
     DEFAULT_BATCH_WINDOWS,
     DEFAULT_GROUP_SIZE,
@@ -327,6 +328,7 @@ def run_protocol(
     work_dir: Optional[str] = None,
     progress: bool = False,
     snr_diagnostics: bool = True,
+    selection: Optional[SelectionSpec] = None,
     **codec: Any,
 ) -> ProtocolOutcome:
     """Score ``windows`` [num_windows, max_length] with the original and the kv-compress-reconstructed cache.
@@ -339,6 +341,11 @@ def run_protocol(
     ``codec`` (scheme, rotate, key_axis, sink, bits, key_bits, value_bits) goes to the binary;
     omitted options take its defaults. With ``snr_diagnostics`` the per-layer, per-KV-head key
     and value SNR of every batch is accumulated into ``outcome.diagnostics``.
+
+    With ``selection`` (validation/selection.py) each batch's cache keeps only the selected
+    positions before the binary sees it; the compressed pass attends to that shorter cache
+    with position ids that continue from the original context length, and each call's
+    metrics carry the selection's metrics and sizes against the full cache.
     """
     from validation.compression_bridge import roundtrip_kv_cache
     from validation.progress import progress_bar
@@ -372,7 +379,7 @@ def run_protocol(
             bsz = batch.shape[0]
             with torch.inference_mode():
                 t = time.perf_counter()
-                pre = prefill_contexts(model, batch[:, :context], keep_arg)
+                pre, chosen = selected_prefill(model, selection, lambda: prefill_contexts(model, batch[:, :context], keep_arg))
                 first_logits, prefill_cache, layers = pre.first_logits, pre.cache, pre.layers
                 timings["prefill"] += time.perf_counter() - t
                 geometry = pre.geometry
@@ -380,27 +387,33 @@ def run_protocol(
 
                 t = time.perf_counter()
                 recon_cache, metrics = roundtrip_kv_cache(
-                    prefill_cache, work_dir, group_size=group_size, sparsity=sparsity, device=str(device), **codec
+                    prefill_cache if chosen is None else chosen.layers, work_dir, group_size=group_size,
+                    sparsity=sparsity, device=str(device), positions=None if chosen is None else chosen.positions,
+                    context_length=None if chosen is None else context, **codec
                 )
+                if chosen is not None:
+                    chosen.annotate(metrics, layers)
                 timings["bridge"] += time.perf_counter() - t
                 metrics_list.append(metrics)
                 for step, ms in (getattr(metrics, "extra", {}) or {}).get("bridge_timings_ms", {}).items():
                     bridge_steps[step] = bridge_steps.get(step, 0.0) + ms / 1e3
-                recon_layers = check_reconstruction(layers, recon_cache)
+                sent = layers if chosen is None else chosen.layers
+                recon_layers = check_reconstruction(sent, recon_cache)
                 if snr is not None:
                     t = time.perf_counter()
-                    snr.update(layers, recon_layers)
+                    snr.update(sent, recon_layers)
                     timings["diagnostics"] = timings.get("diagnostics", 0.0) + time.perf_counter() - t
                 del recon_layers
 
                 t = time.perf_counter()
                 baseline_cache = layers_to_cache(layers)  # fresh cache holding copies of the original tensors
-                del prefill_cache, layers
+                del prefill_cache, layers, sent, chosen
                 scored_in = batch[:, context:max_length - 1]  # [batch, stride - 1]
                 if scored_in.shape[1] > 0:
                     logits_b = forward(model, baseline_cache, input_ids=scored_in, use_cache=True).logits
                     del baseline_cache
-                    logits_c = forward(model, recon_cache, input_ids=scored_in, use_cache=True).logits
+                    logits_c = forward(model, recon_cache, input_ids=scored_in, use_cache=True,
+                                       **selection_position_ids(selection, context, scored_in)).logits
                     del recon_cache
                 else:
                     vocab = first_logits.shape[-1]

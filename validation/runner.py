@@ -38,6 +38,7 @@ from validation.reports import (
     print_results,
 )
 from validation.results import ValidationResult, build_result
+from validation.selection import describe_selection, summarize_selection
 from validation.stats import aggregate_metrics, kld_summary
 
 
@@ -77,7 +78,8 @@ def evaluate(
                      f"b mod {ranks.world_size}, rank 0 gathers and reports")
     outcome = distributed.run_protocol_sharded(
         model, windows, options.stride, starts=starts, group_size=options.group_size, sparsity=options.sparsity,
-        batch_windows=options.batch_windows, progress=progress and console.verbose, ctx=ranks, **options.codec,
+        batch_windows=options.batch_windows, progress=progress and console.verbose, ctx=ranks,
+        selection=options.selection_spec, **options.codec,
     )
     console.info(f"Generated: {outcome.num_layers} layers, {len(outcome.windows)} x {context} tokens, "
                  f"{_fmt_mb(outcome.cache_bytes)} ({outcome.cache_dtype})")
@@ -100,6 +102,9 @@ def evaluate(
                  + ("" if options.codec else " (the binary's defaults)"))
     console.info(f"Bits per element: {result.bits_per_element:.3f}; on disk {result.disk_ratio_vs_fp16:.2f}x "
                  f"smaller than the cache as float16")
+    selection = summarize_selection(outcome.metrics)
+    if selection is not None:
+        console.info(describe_selection(selection))
     console.info(f"RMSE: {result.rmse:.6f} ({100 * relative_rmse(result.snr_db):.1f}% of the cache's RMS)")
     console.info(f"SNR: {result.snr_db:.2f} dB")
     diag = outcome.diagnostics
@@ -170,6 +175,7 @@ def evaluate(
                   "fp16_size_bytes": agg.get("fp16_size_bytes"), "compression_ratio": agg.get("compression_ratio"),
                   "aggregate": {k: v for k, v in agg.items() if k != "codec"},
                   "per_call": [_metrics_dict(m) for m in outcome.metrics]},
+        "selection": selection,
         "diagnostics": diag.to_dict() if diag is not None else None,
         "plots": plots,
         "cache": {"bytes": outcome.cache_bytes, "dtype": outcome.cache_dtype, "num_layers": outcome.num_layers,

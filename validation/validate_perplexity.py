@@ -85,7 +85,9 @@ def run_full_validation(
     caches; 6 perplexity with them. Extra keyword arguments are ValidationOptions fields
     (model, dataset, text_file, max_length, stride, max_samples, group_size, ..., output_json, plots)
     including the codec options ``scheme``, ``rotate``, ``key_axis``, ``sink``, ``bits``,
-    ``key_bits`` and ``value_bits`` (omitted or None: the kv-compress binary's defaults).
+    ``key_bits`` and ``value_bits`` (omitted or None: the kv-compress binary's defaults), and
+    the token selection ``selection`` ("attention", "knorm", "recent") with ``keep_ratio`` or
+    ``attention_threshold``, ``min_tokens``, ``max_tokens`` (validation/selection.py).
     """
     allowed = {f.name for f in dataclasses.fields(ValidationOptions)} - {"device", "threshold"}
     unknown = sorted(set(options) - allowed)

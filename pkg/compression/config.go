@@ -111,6 +111,9 @@ type Config struct {
 	// Projection, when not nil, holds low-rank bases by tensor name: those
 	// tensors are projected before quantizing (projection.go).
 	Projection *ProjectionSet
+	// contextLength is the input's original context length when it holds
+	// positions tensors (selection.go); set by Compress and CompressFile.
+	contextLength int64
 	// Preset names the preset the configuration came from ("" for none).
 	Preset string
 	// ExactMetrics measures the error of rotated tensors in the original

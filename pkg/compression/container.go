@@ -100,12 +100,15 @@ type Entry struct {
 	Rotate string  `json:"rotate,omitempty"`
 	Sink   int     `json:"sink,omitempty"`
 	// GroupSize is the tensor's own group size when it differs from the codec's (version 2).
-	GroupSize int      `json:"group_size,omitempty"`
-	Codes     *Payload `json:"codes,omitempty"`
-	Scales    *Payload `json:"scales,omitempty"`
-	Mins      *Payload `json:"mins,omitempty"`
-	SinkP     *Payload `json:"sink_rows,omitempty"`
-	Raw       *Payload `json:"raw,omitempty"`
+	GroupSize int `json:"group_size,omitempty"`
+	// ContextLength is the original context length of a positions entry
+	// (mode "positions", selection.go); its Raw payload is then the bitmap.
+	ContextLength int64    `json:"context_length,omitempty"`
+	Codes         *Payload `json:"codes,omitempty"`
+	Scales        *Payload `json:"scales,omitempty"`
+	Mins          *Payload `json:"mins,omitempty"`
+	SinkP         *Payload `json:"sink_rows,omitempty"`
+	Raw           *Payload `json:"raw,omitempty"`
 	// Projection, when present, says the rows were projected onto a
 	// low-rank basis before quantizing (section 10 of docs/format.md).
 	Projection *ProjectionEntry `json:"projection,omitempty"`
@@ -227,6 +230,9 @@ func ReadIndex(f *safetensors.File) (*Index, error) {
 		}
 		names[e.Name] = true
 	}
+	if err := checkPositionsIndex(idx.Entries); err != nil {
+		return nil, err
+	}
 	for _, t := range f.Tensors {
 		if !used[t.Name] {
 			return nil, fmt.Errorf("%w: payload %q is not in the index", ErrCorrupt, t.Name)
@@ -288,6 +294,9 @@ func checkEntry(payloads map[string]*safetensors.Tensor, e *Entry, g int, used m
 		p.data = t.Data
 		return nil
 	}
+	if e.Mode == ModePositions {
+		return checkPositionsEntry(e, check)
+	}
 	if e.Mode == ModeStored {
 		if e.Codes != nil || e.Scales != nil || e.Mins != nil || e.SinkP != nil || e.Projection != nil {
 			return fmt.Errorf("%w: stored entry with quantized payloads", ErrCorrupt)
@@ -296,7 +305,7 @@ func checkEntry(payloads map[string]*safetensors.Tensor, e *Entry, g int, used m
 	}
 	bits := bitsOfMode(e.Mode)
 	if bits == 0 {
-		return fmt.Errorf("%w: unknown mode %q (want int2, int3, int4, int8 or %q)", ErrCorrupt, e.Mode, ModeStored)
+		return fmt.Errorf("%w: unknown mode %q (want int2, int3, int4, int8, %q or %q)", ErrCorrupt, e.Mode, ModeStored, ModePositions)
 	}
 	if !dt.IsFloat() {
 		return fmt.Errorf("%w: mode %s for non-float dtype %s", ErrCorrupt, e.Mode, dt)

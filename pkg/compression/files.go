@@ -56,6 +56,9 @@ func CompressFile(in, out string, cfg Config) (*Report, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", in, err)
 	}
+	if cfg.contextLength, err = checkSelectionInput(src.f); err != nil {
+		return nil, fmt.Errorf("%s: %w", in, err)
+	}
 	t0 := time.Now()
 	cts, err := compressAll(src, cfg, workers, func(i int, ct *compressedTensor) error {
 		if sp == nil { // metrics: only the sizes are needed

@@ -33,8 +33,18 @@ func FuzzDecompressIndex(f *testing.F) {
 		f.Add(res.Metadata[MetaCodec], res.Metadata[MetaTensors], 0, res.Tensors[0].Data)
 		f.Add(res.Metadata[MetaCodec], res.Metadata[MetaTensors], 1, res.Tensors[1].Data)
 	}
+	// A token selection: positions bitmaps beside the keys and values (selection.go).
+	selected, err := Compress(selectedCache(f, 1, 2, 5, 64, 11, 3), DefaultConfig())
+	if err != nil {
+		f.Fatal(err)
+	}
+	codec := selected.Metadata[MetaCodec]
+	for len(codec)%4 != 3 { // the body picks template len(codec) % 4: this one
+		codec += " "
+	}
+	f.Add(codec, selected.Metadata[MetaTensors], 4, selected.Tensors[4].Data)
 	templates := []*Result{base(DefaultConfig()), base(Config{GroupSize: 32, Scheme: SchemeAsym, Rotate: RotateHadamard, KeyAxis: KeyAxisChannel, Sink: 1, Bits: 3}),
-		base(presetConfig(PresetCompact))}
+		base(presetConfig(PresetCompact)), selected}
 	f.Fuzz(func(t *testing.T, codec, index string, which int, payload []byte) {
 		tmpl := templates[len(codec)%len(templates)]
 		tensors := append([]safetensors.Tensor(nil), tmpl.Tensors...)

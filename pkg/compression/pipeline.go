@@ -79,6 +79,9 @@ func Compress(src *safetensors.File, cfg Config) (*Result, error) {
 	if err != nil {
 		return nil, err
 	}
+	if cfg.contextLength, err = checkSelectionInput(src); err != nil {
+		return nil, err
+	}
 	out, err := compressAll(memorySource(src), cfg, workers, nil)
 	if err != nil {
 		return nil, err
@@ -137,7 +140,7 @@ func assemble(out []compressedTensor, cfg Config, source map[string]string) (*Re
 		entries = append(entries, ct.entry)
 		res.Tensors = append(res.Tensors, ct.payload...)
 		res.PerTensor = append(res.PerTensor, ct.report)
-		if ct.entry.Mode != ModeStored {
+		if ct.entry.Mode != ModeStored && ct.entry.Mode != ModePositions {
 			total.merge(ct.stats)
 			res.QuantizedElements += ct.report.Elements
 			res.QuantizedPayloadBytes += ct.report.CompressedBytes
@@ -162,6 +165,9 @@ func compressTensor(t *safetensors.Tensor, cfg Config, ws *workerScratch) (compr
 	ct := compressedTensor{
 		entry:  Entry{Name: t.Name, DType: string(t.DType), Shape: t.Shape},
 		report: TensorReport{Name: t.Name, Shape: t.Shape, DType: string(t.DType), Elements: n, OriginalBytes: int64(len(t.Data))},
+	}
+	if IsPositions(t.Name) {
+		return compressPositions(t, cfg.contextLength, ws, ct)
 	}
 	if !t.DType.IsFloat() || n == 0 {
 		data, enc := ws.pe.encode(t.Data)
@@ -347,6 +353,9 @@ func decompressAll(src *source, idx *Index, workers int, dst func(w, i int, n in
 func decodeEntry(src *source, e *Entry, g int, dt safetensors.DType, data []byte, s *decompressScratch) error {
 	if e.Mode == ModeStored {
 		return readPayload(src, e.Raw, data, &s.in)
+	}
+	if e.Mode == ModePositions {
+		return decodePositions(src, e, data, s)
 	}
 	plan := e.plan(g)
 	if e.Projection != nil {

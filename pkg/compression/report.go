@@ -85,6 +85,11 @@ func NewReport(res *Result, originalSize int64, codec, total time.Duration) Repo
 		if safetensors.DType(t.DType).IsFloat() {
 			r.FP16SizeBytes += 2*t.Elements - t.OriginalBytes
 		}
+		if t.Mode == ModePositions { // indices, not cache: not part of the float16 cache
+			r.FP16SizeBytes -= t.OriginalBytes
+			r.StoredTensors++
+			continue
+		}
 		if t.Mode != ModeStored {
 			r.QuantizedTensors++
 		} else {
