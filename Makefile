@@ -153,8 +153,11 @@ fuzz:
 	$(GOX) test -run '^$$' -fuzz FuzzRoundTrip -fuzztime $(FUZZTIME) -fuzzminimizetime 200x ./pkg/compression
 
 # The codec frontier: every configuration of the sweep grid on the same windows.
+# SWEEP_GRID is format 2's frontier (presets, per-role plans, nf, steps);
+# SWEEP_GRID= runs the built-in grid of format 1's flags instead.
+SWEEP_GRID ?= docs/experiments/format2-grid.json
 sweep: build-compress venv assets
-	$(PY) validation/validate_perplexity.py --sweep --plots $(BENCH_OUT)/sweep $(ARGS)
+	$(PY) validation/validate_perplexity.py --sweep $(if $(SWEEP_GRID),--sweep-grid $(SWEEP_GRID)) --plots $(BENCH_OUT)/sweep $(ARGS)
 
 clean:
 	rm -rf bin $(BENCH_OUT)

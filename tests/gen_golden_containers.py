@@ -26,7 +26,7 @@ GOLDEN = REPO / "pkg" / "compression" / "testdata" / "golden"
 BIN = REPO / "bin" / "kv-compress"
 
 # (input file, case name, compress flags). Version 1's cases, then cases for
-# what version 2 added (entropy stages, presets, per-role plans).
+# what version 2 added (entropy stages, presets, per-role plans, nf, steps).
 CASES: List[Tuple[str, str, List[str]]] = [
     ("cache_f16.safetensors", "default", []),
     ("cache_f16.safetensors", "seed", ["--seed-scheme"]),
@@ -42,9 +42,15 @@ CASES: List[Tuple[str, str, List[str]]] = [
     ("cache_f16.safetensors", "preset-near-lossless", ["--preset", "near-lossless"]),
     # Token selection (docs/format.md section 9): positions tensors stored as bitmaps.
     ("selected_f16.safetensors", "selection", []),
-    # Low-rank projection (issue 12): presets written by tests/gen_golden_bases.py, paths relative to golden/.
-    ("long_f16.safetensors", "lowrank-v16", ["--preset", "projection/lowrank-v16.json"]),
-    ("long_f16.safetensors", "lowrank-kv8-f32", ["--preset", "projection/lowrank-kv8-f32.json"]),
+    # The nf scheme and steps (issue 11); a preset file's path is relative to the repository root.
+    ("long_f16.safetensors", "nf3", ["--scheme", "nf", "--bits", "3"]),
+    ("cache_f16.safetensors", "nf4-g32", ["--scheme", "nf", "--bits", "4", "--group-size", "32"]),
+    ("long_f16.safetensors", "preset-nf-steps", ["--preset", "pkg/compression/testdata/golden/presets/nf-steps.json"]),
+    # The compact preset once it became steps in 4-bit codes (long_f16 holds the earlier compact's container).
+    ("cache_f16.safetensors", "preset-compact-steps", ["--preset", "compact"]),
+    # Low-rank projection (issue 12): presets written by tests/gen_golden_bases.py, preset paths relative to the repository root.
+    ("long_f16.safetensors", "lowrank-v16", ["--preset", "pkg/compression/testdata/golden/projection/lowrank-v16.json"]),
+    ("long_f16.safetensors", "lowrank-kv8-f32", ["--preset", "pkg/compression/testdata/golden/projection/lowrank-kv8-f32.json"]),
 ]
 
 # Golden inputs this script writes itself when they are missing (the Go golden
@@ -123,7 +129,7 @@ def main() -> int:
                 print(f"{target}: exists but is not in {manifest.name}; remove it or add it by hand", file=sys.stderr)
                 return 1
             subprocess.run([str(BIN), "compress", "-i", str(GOLDEN / inp), "-o", str(target), *flags],
-                           check=True, capture_output=True, cwd=GOLDEN)  # preset paths are relative to golden/
+                           check=True, capture_output=True, cwd=REPO)
             restored = Path(tmp) / "restored.safetensors"
             subprocess.run([str(BIN), "decompress", "-i", str(target), "-o", str(restored)], check=True, capture_output=True)
             case = ContainerCase(rel, inp, flags, sha256(target.read_bytes()), tensor_hashes(restored))

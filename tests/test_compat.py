@@ -64,12 +64,12 @@ def test_dtype_kwargs_names_one_keyword() -> None:
 def test_only_compat_touches_cache_keywords() -> None:
     pattern = re.compile(r"past_key_values\s*=|\.past_key_values\b|[(,]\s*cache=|\.key_cache\b|\.value_cache\b|\.layers\[")
     offenders = []
-    for path in sorted(PACKAGE.glob("*.py")):
+    for path in sorted(PACKAGE.rglob("*.py")):
         if path.name == "compat.py":
             continue
         for n, line in enumerate(path.read_text().splitlines(), 1):
             if pattern.search(line):
-                offenders.append(f"{path.name}:{n}: {line.strip()}")
+                offenders.append(f"{path.relative_to(PACKAGE)}:{n}: {line.strip()}")
     assert offenders == []
 
 

@@ -35,9 +35,9 @@ def sha(t: torch.Tensor) -> str:
 
 
 def load_cases() -> List[Dict[str, Any]]:
-    """The cases of golden.json (format 1's options) and golden_v2.json (per-role plans)."""
+    """The cases of golden.json (format 1's options), golden_v2.json (per-role plans) and golden_nf.json (nf, steps)."""
     cases = []
-    for name in ("golden.json", "golden_v2.json"):
+    for name in ("golden.json", "golden_v2.json", "golden_nf.json"):
         cases += json.loads((GOLDEN / name).read_text())["cases"]
     return cases
 

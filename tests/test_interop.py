@@ -7,7 +7,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
-from typing import List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import pytest
 import torch
@@ -171,13 +171,24 @@ PRESET_FILE = {
 }
 
 
-@pytest.mark.parametrize("preset", ["seed", "default", "compact", "near-lossless", "file"])
+# Format 2's nf scheme and steps (issue 11): nf values per layer, asym keys with steps, sym steps.
+PRESET_FILE_NF: Dict[str, Any] = {
+    "name": "nf-steps", "base": "default",
+    "keys": {"scheme": "asym", "axis": "channel", "group_size": 256, "steps": 9.5},
+    "values": {"scheme": "nf", "bits": 3},
+    "layers": [{"layers": [0], "keys": {"scheme": "sym", "steps": 3.7}, "values": {"bits": 2}},
+               {"layers": [2], "values": {"scheme": "sym", "bits": 4, "steps": 4}}],
+}
+
+
+@pytest.mark.parametrize("preset", ["seed", "default", "compact", "near-lossless", "file", "file-nf"])
 def test_presets_bit_exact(preset: str, tmp_path: Path, kv_compress_bin: str) -> None:
-    """Every built-in preset and a per-role, per-layer preset file reconstruct exactly as the torch
-    reference does with the plans the binary reports (groups of up to 512 along 600 tokens)."""
-    if preset == "file":
+    """Every built-in preset and per-role, per-layer preset files (one with nf and steps) reconstruct
+    exactly as the torch reference does with the plans the binary reports (groups of up to 512 along
+    600 tokens)."""
+    if preset.startswith("file"):
         path = tmp_path / "preset.json"
-        path.write_text(json.dumps(PRESET_FILE))
+        path.write_text(json.dumps(PRESET_FILE_NF if preset == "file-nf" else PRESET_FILE))
         preset = str(path)
     cache = layers_to_cache(random_layers(3, 2, 600, 64, torch.float16, seed=21))
     rebuilt, metrics = cb.roundtrip_kv_cache(cache, str(tmp_path), preset=preset)
@@ -249,7 +260,7 @@ def test_schemes_on_a_model_cache(tiny_llama, tiny_tokenizer, tmp_path: Path, kv
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(scheme="nf4"), r"scheme must be one of \['sym', 'asym'\], got 'nf4'"),
+        (dict(scheme="nf4"), r"scheme must be one of \['sym', 'asym', 'nf'\], got 'nf4'"),
         (dict(rotate="random"), r"rotate must be one of \['none', 'hadamard'\], got 'random'"),
         (dict(key_axis="head"), r"key_axis must be one of \['token', 'channel'\], got 'head'"),
         (dict(bits=5), r"bits must be one of \[2, 3, 4, 8\], got 5"),

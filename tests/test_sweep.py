@@ -112,11 +112,40 @@ def test_codecs_reach_the_binary(tiny_sweep) -> None:
 def test_recommendation_follows_the_ratio_rule(tiny_sweep) -> None:
     outcome, _, _ = tiny_sweep
     eligible = [r for r in outcome.rows if r.disk_ratio_vs_fp16 >= frontier.MIN_RATIO]
-    assert eligible, "the 2-bit point is always above 3.7x"
+    assert eligible, f"the 2-bit point is always above {frontier.MIN_RATIO}x"
     best = outcome.row(outcome.recommended)
     assert best.recommended and best.disk_ratio_vs_fp16 >= frontier.MIN_RATIO
     assert best.delta == min(r.delta for r in eligible)
     assert sum(r.recommended for r in outcome.rows) == 1
+
+
+def test_bits_on_disk_by_part(tiny_sweep) -> None:
+    """Each row splits its bits per element on disk into codes, scales, minimums, sink and header, which
+    add up to the row's bits per element and the header; only the asym row has minimums, only the sink row a sink."""
+    outcome, report, _ = tiny_sweep
+    for row, entry in zip(outcome.rows, report["configs"]):
+        parts = row.bits_by_part
+        assert parts["codes"] > 0 and parts["scales"] > 0 and parts["header"] > 0, row.name
+        assert sum(v for k, v in parts.items() if k != "total") == pytest.approx(parts["total"])
+        stored = parts["total"] - parts["header"] - parts.get("raw", 0)  # bits_per_element leaves the header out
+        assert stored == pytest.approx(row.bits_per_element, rel=1e-6), row.name
+        assert (parts.get("mins", 0) > 0) == (row.codec["scheme"] == "asym"), row.name
+        assert (parts.get("sink", 0) > 0) == (row.codec["sink"] > 0), row.name
+        assert entry["bits_by_part"] == parts
+    assert report["picks"]["default"] == outcome.recommended
+
+
+@pytest.mark.parametrize(
+    "points, expected",
+    [
+        ([("a", 4.4, 0.05), ("b", 5.4, 0.2), ("c", 5.3, 0.1), ("d", 9.0, 6.0)],
+         {"default": "a", "compact": "c", "high_ratio": "d"}),
+        ([("a", 4.0, 0.05), ("b", 4.3, 0.3)], {"default": "b", "compact": None, "high_ratio": None}),
+    ],
+    ids=["every-bar", "only-default"],
+)
+def test_picks(points: list[tuple[str, float, float]], expected) -> None:
+    assert frontier.picks([_row(*p) for p in points]) == expected
 
 
 # -----------------------------------------------------------------------------
@@ -177,10 +206,10 @@ def _row(name: str, ratio: float, delta: float) -> frontier.SweepRow:
 @pytest.mark.parametrize(
     "points, expected",
     [
-        ([("a", 3.76, 0.3), ("b", 3.56, 0.1), ("c", 3.76, 0.2)], "c"),
-        ([("a", 3.56, 0.1), ("b", 2.0, 0.0)], None),
-        ([("a", 3.70, 0.2), ("b", 4.0, 0.2)], "b"),
-        ([("a", 8.0, -5.0), ("b", 3.8, 0.1)], "a"),
+        ([("a", 4.41, 0.3), ("b", 4.2, 0.1), ("c", 4.41, 0.2)], "c"),
+        ([("a", 4.2, 0.1), ("b", 2.0, 0.0)], None),
+        ([("a", 4.30, 0.2), ("b", 4.5, 0.2)], "b"),
+        ([("a", 8.0, -5.0), ("b", 4.4, 0.1)], "a"),
     ],
     ids=["lowest-delta-above-ratio", "none-eligible", "tie-prefers-higher-ratio", "rule-is-lowest-delta"],
 )
@@ -226,7 +255,7 @@ def test_default_grid_is_explicit_and_valid() -> None:
         ('[{"name": "", "codec": {}}]', "entry 1: \"name\" must be a non-empty string, got ''"),
         ('[{"name": "a", "codec": {}}, {"name": "a", "codec": {}}]', "entry 2: name 'a' is already used by entry 1"),
         ('[{"name": "a", "codec": {"shceme": "sym"}}]', r"entry 1 \(a\): unknown codec key\(s\) \['shceme'\]; allowed"),
-        ('[{"name": "a", "codec": {"scheme": "nf4"}}]', r"scheme must be one of \['sym', 'asym'\], got 'nf4'"),
+        ('[{"name": "a", "codec": {"scheme": "nf4"}}]', r"scheme must be one of \['sym', 'asym', 'nf'\], got 'nf4'"),
         ('[{"name": "a", "codec": {"bits": 5}}]', r"bits must be one of \[2, 3, 4, 8\], got 5"),
         ('[{"name": "a", "codec": {"group_size": 48}}]', r"group_size must be one of \[32, 64, 128\], got 48"),
         ('[{"name": "a", "codec": [1]}]', "\"codec\" must be an object, got list"),

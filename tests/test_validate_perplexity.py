@@ -337,7 +337,7 @@ def test_corpus_errors(offline_hub, tmp_path: Path, kwargs: dict, message: str) 
         (["--model", "/nonexistent/model/folder"], "no such folder"),
         (["--model", "nobody/not-a-model", "--hub-timeout", "0.5"], "cannot be loaded"),
         (["--threshold", "abc"], "invalid float value"),
-        (["--scheme", "nf4"], r"argument --scheme: invalid choice: 'nf4' \(choose from '?sym'?, '?asym'?\)"),
+        (["--scheme", "nf4"], r"argument --scheme: invalid choice: 'nf4' \(choose from '?sym'?, '?asym'?, '?nf'?\)"),
         (["--rotate", "givens"], "argument --rotate: invalid choice: 'givens'"),
         (["--key-axis", "row"], "argument --key-axis: invalid choice: 'row'"),
         (["--bits", "5"], "argument --bits: invalid choice: 5"),
@@ -563,7 +563,7 @@ def test_run_full_validation_takes_codec_keywords(
     "kwargs, message",
     [
         ({"schem": "asym"}, r"unknown option\(s\) \['schem'\]"),
-        ({"scheme": "nf4"}, r"--scheme must be one of \['sym', 'asym'\], got 'nf4'"),
+        ({"scheme": "nf4"}, r"--scheme must be one of \['sym', 'asym', 'nf'\], got 'nf4'"),
         ({"sink": -2}, "--sink must be a non-negative integer, got -2"),
         ({"value_bits": 1}, r"--value-bits must be one of \[2, 3, 4, 8\], got 1"),
     ],

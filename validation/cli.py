@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", type=float, default=0.0, help="fraction of smallest elements zeroed, [0, 1) (default 0)")
     codec = p.add_argument_group("codec", "kv-compress codec options; each one omitted takes the binary's default "
                                           "(see docs/cli.md)")
-    codec.add_argument("--scheme", choices=ALLOWED_SCHEMES, help="sym (scale per group) or asym (scale and minimum)")
+    codec.add_argument("--scheme", choices=ALLOWED_SCHEMES, help="sym (scale per group), asym (scale and minimum) or nf (non-uniform Gaussian levels, 2 to 4 bits)")
     codec.add_argument("--rotate", choices=ALLOWED_ROTATIONS, help="none, or a random-sign Hadamard rotation along head_dim")
     codec.add_argument("--key-axis", choices=ALLOWED_KEY_AXES,
                        help="group keys along head_dim (token) or along the sequence per channel (channel)")

@@ -202,3 +202,14 @@ def layers_to_cache(layers: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> Dyna
     for i, (k, v) in enumerate(pairs):
         cache.update(k, v, i)
     return cache
+
+
+def set_cache_tensor(cache: Any, layer: int, role: str, tensor: torch.Tensor) -> None:
+    """Put ``tensor`` ``[batch, kv_heads, seq_len, head_dim]`` in place of a DynamicCache's keys
+    (``role`` "keys") or values of ``layer``, in place (the auto-tuner's one-tensor swaps)."""
+    if role not in ("keys", "values"):
+        raise ValueError(f"role must be one of ['keys', 'values'], got {role!r}")
+    if hasattr(cache, "layers"):  # transformers >= 4.56 and 5.x
+        setattr(cache.layers[layer], role, tensor)
+    else:  # transformers 4.46-4.55
+        getattr(cache, "key_cache" if role == "keys" else "value_cache")[layer] = tensor

@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 BINARY_NAME = "kv-compress"
 ENV_BINARY = "KV_COMPRESS_PATH"
 ALLOWED_GROUP_SIZES: Tuple[int, ...] = (32, 64, 128)
-ALLOWED_SCHEMES: Tuple[str, ...] = ("sym", "asym")
+ALLOWED_SCHEMES: Tuple[str, ...] = ("sym", "asym", "nf")
 ALLOWED_ROTATIONS: Tuple[str, ...] = ("none", "hadamard")
 ALLOWED_KEY_AXES: Tuple[str, ...] = ("token", "channel")
 ALLOWED_BITS: Tuple[int, ...] = (2, 3, 4, 8)
@@ -368,7 +368,7 @@ def compress_kv_cache(
         timeout: seconds before the binary is killed (``None``: no limit).
         no_sync: pass ``--no-sync`` (skip the fsync before the rename): only
             for scratch folders whose files need not survive a crash.
-        **codec: ``scheme`` ("sym" | "asym"), ``rotate`` ("none" | "hadamard"),
+        **codec: ``scheme`` ("sym" | "asym" | "nf"), ``rotate`` ("none" | "hadamard"),
             ``key_axis`` ("token" | "channel"), ``sink`` (positions kept exact),
             ``bits`` / ``key_bits`` / ``value_bits`` (2, 3, 4 or 8), ``entropy``
             ("auto" | "lz4" | "none"), ``preset`` (a built-in name or a JSON

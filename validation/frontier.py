@@ -3,7 +3,8 @@
 A row's size axis is the on-disk ratio against the same cache stored as float16; its quality
 axis the perplexity delta (with its paired-bootstrap interval) over the same windows for
 every row. :func:`recommend` applies the frontier's rule: the lowest delta among the rows at
-least ``min_ratio`` times smaller on disk.
+least ``min_ratio`` times smaller on disk; :func:`picks` applies it at each of issue 11's bars
+(the default at 4.3x, the compact preset at 5.3x, the best point at 8x).
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ from validation import results
 from validation import stats
 from validation.diagnostics import pyplot_agg, save_figure
 
-MIN_RATIO = 3.7  # the recommendation needs at least this ratio on disk against float16
+MIN_RATIO = 4.3  # the recommendation (the default codec) needs at least this ratio on disk against float16
+COMPACT_RATIO = 5.3  # the compact preset's bar
+HIGH_RATIO = 8.0  # the high-ratio end of the frontier that is reported
+PART_ORDER = ("codes", "scales", "mins", "sink", "raw", "header")  # bits_by_part's parts, in table order
 
 
 # -----------------------------------------------------------------------------
@@ -58,6 +62,9 @@ class SweepRow:
     diagnostics: Optional[Dict[str, Any]] = None
     per_window: List[Dict[str, Any]] = field(default_factory=list)
     timings_s: Dict[str, float] = field(default_factory=dict)
+    # Bits per quantized element on disk by part (codes, scales, mins, sink, raw, header, total),
+    # after the entropy stage, over every call of the configuration.
+    bits_by_part: Dict[str, float] = field(default_factory=dict)
 
 
 def pareto_flags(ratios: Sequence[float], deltas: Sequence[float]) -> List[bool]:
@@ -77,6 +84,16 @@ def recommend(rows: Sequence[SweepRow], min_ratio: float = MIN_RATIO) -> Optiona
     if not eligible:
         return None
     return min(eligible, key=lambda r: (r.delta, -r.disk_ratio_vs_fp16))
+
+
+def picks(rows: Sequence[SweepRow]) -> Dict[str, Optional[str]]:
+    """The row names the frontier rule picks at each bar: ``default`` (lowest ΔPPL at >= MIN_RATIO),
+    ``compact`` (at >= COMPACT_RATIO) and ``high_ratio`` (at >= HIGH_RATIO); None where no row reaches the bar."""
+    out: Dict[str, Optional[str]] = {}
+    for key, ratio in (("default", MIN_RATIO), ("compact", COMPACT_RATIO), ("high_ratio", HIGH_RATIO)):
+        best = recommend(rows, ratio)
+        out[key] = best.name if best else None
+    return out
 
 
 def build_rows(configs: Sequence[Any], outcomes: Sequence[protocol.ProtocolOutcome], threshold: float,
@@ -102,6 +119,7 @@ def build_rows(configs: Sequence[Any], outcomes: Sequence[protocol.ProtocolOutco
             per_window=[{"start": w.start, "tokens": w.tokens, "nll_compressed": w.nll_compressed,
                          "kl_sum": w.kl_sum, "top1_matches": w.top1_matches} for w in outcome.windows],
             timings_s={k: round(v, 3) for k, v in outcome.timings.items()},
+            bits_by_part=dict(agg.get("bits_per_element_by_part") or {}),
         ))
     for row, flag in zip(rows, pareto_flags([r.disk_ratio_vs_fp16 for r in rows], [r.delta for r in rows])):
         row.pareto = flag
@@ -133,10 +151,18 @@ def _bits_text(codec: Optional[Dict[str, Any]]) -> str:
     return f"{kb}" if kb == vb else f"{kb}/{vb}"
 
 
+def parts_text(bits_by_part: Dict[str, float]) -> str:
+    """``codes + scales + mins + sink + header`` bits per element, e.g. ``2.41+0.20+0+0.04+0.01``; ``?`` when unknown."""
+    if not bits_by_part:
+        return "?"
+    shown = [p for p in PART_ORDER if p != "raw" or bits_by_part.get("raw")]
+    return "+".join(f"{bits_by_part.get(p, 0.0):.3g}" for p in shown)
+
+
 def markdown_table(rows: Sequence[SweepRow], threshold: float, min_ratio: float = MIN_RATIO) -> str:
     """The Markdown table of sweep.md (sorted by on-disk ratio, highest first)."""
-    head = ("| # | config | scheme | rotate | key axis | sink | bits (K/V) | G | bits/elem | ratio vs fp16 (disk) "
-            "| ΔPPL | 95% CI | KL (nats/tok) | top-1 | SNR (dB) | gate | Pareto |")
+    head = ("| # | config | scheme | rotate | key axis | sink | bits (K/V) | G | bits/elem | codes+scales+mins+sink+header "
+            "| ratio vs fp16 (disk) | ΔPPL | 95% CI | KL (nats/tok) | top-1 | SNR (dB) | gate | Pareto |")
     lines = [head, "|" + "|".join("---" for _ in range(head.count("|") - 1)) + "|"]
     for r in sorted_rows(rows):
         c = r.resolved_codec or r.codec
@@ -145,7 +171,7 @@ def markdown_table(rows: Sequence[SweepRow], threshold: float, min_ratio: float 
         lines.append(
             f"| {r.index} | {name} | {c.get('scheme', '?')} | {c.get('rotate', '?')} | {c.get('key_axis', '?')} "
             f"| {c.get('sink', '?')} | {_bits_text(c)} | {c.get('group_size', '?')} | {r.bits_per_element:.3f} "
-            f"| {r.disk_ratio_vs_fp16:.2f}x | {r.delta:+.3f} | [{r.delta_ci_low:+.3f}, {r.delta_ci_high:+.3f}] "
+            f"| {parts_text(r.bits_by_part)} | {r.disk_ratio_vs_fp16:.2f}x | {r.delta:+.3f} | [{r.delta_ci_low:+.3f}, {r.delta_ci_high:+.3f}] "
             f"| {r.kl_divergence:.4f} | {100 * r.top1_agreement:.2f}% | {r.snr_db:.2f} | {gate} "
             f"| {'yes' if r.pareto else ''} |"
         )

@@ -22,9 +22,15 @@ shape ``[..., S, D]`` (a vector is ``[1, D]``), with ``N`` sink positions:
    ``code = clamp(round(v / scale), −qmax − 1, qmax)``.
    ``asym``: ``scale = float16((max − min) / (2^b − 1))``, ``minimum = float16(min)``,
    ``code = clamp(round((v − minimum) / scale), 0, 2^b − 1)``.
-   Rounding is half to even; a zero scale gives code 0.
+   Rounding is half to even; a zero scale gives code 0. A plan's ``steps`` (format 2)
+   replaces the divisor ``qmax`` (sym) or ``2^b − 1`` (asym) by ``float32(steps)``;
+   codes are still clamped to the width's range.
+   ``nf`` with ``b`` bits (2, 3 or 4): ``scale = float16(max|v|)``, ``t = v / scale``
+   (``t = 0`` for a zero scale), ``code`` = the number of ``NF_THRESHOLDS[b]`` strictly
+   below ``t``, codes in ``[0, 2^b − 1]``.
 7. Codes (two's complement for ``sym``) are packed LSB-first into a bit stream.
-8. Reconstruction: ``code · scale`` (plus ``minimum`` for ``asym``: two roundings),
+8. Reconstruction: ``code · scale`` (plus ``minimum`` for ``asym``: two roundings;
+   ``NF_LEVELS[b][code] · scale`` for ``nf``, a zero product made +0),
    back to the tensor layout, inverse rotation ``signs ⊙ (c · H v)``, then rounded
    half to even to the original dtype, saturating: a value that would round past
    the dtype's largest finite value (65504 for float16) becomes that value, never
@@ -42,11 +48,37 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
 _MASK64 = (1 << 64) - 1
+# The nf scheme's tables (docs/format.md): Lloyd-Max levels of N(0, 1) divided by the outer
+# level, as float32 (the decimals are the float32 values to the last bit), and the float32
+# midpoints of neighbouring levels.
+NF_LEVELS: Dict[int, Tuple[str, ...]] = {
+    2: ("-1", "-0.299771428", "0.299771428", "1"),
+    3: ("-1", "-0.624508917", "-0.351312429", "-0.113894224", "0.113894224", "0.351312429", "0.624508917", "1"),
+    4: ("-1", "-0.757163525", "-0.59212929", "-0.459721863", "-0.344852537", "-0.240343124", "-0.14200753",
+        "-0.0469865762", "0.0469865762", "0.14200753", "0.240343124", "0.344852537", "0.459721863", "0.59212929",
+        "0.757163525", "1"),
+}
+NF_THRESHOLDS: Dict[int, Tuple[str, ...]] = {
+    2: ("-0.649885714", "0", "0.649885714"),
+    3: ("-0.812254429", "-0.487910688", "-0.232603326", "0", "0.232603326", "0.487910688", "0.812254429"),
+    4: ("-0.878581762", "-0.674646378", "-0.525925577", "-0.402287185", "-0.29259783", "-0.191175327",
+        "-0.0944970548", "0", "0.0944970548", "0.191175327", "0.29259783", "0.402287185", "0.525925577",
+        "0.674646378", "0.878581762"),
+}
+
+
+def nf_table(bits: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """float32 levels ``[2^bits]`` and thresholds ``[2^bits − 1]`` of the nf scheme; ValueError for other widths."""
+    if bits not in NF_LEVELS:
+        raise ValueError(f"scheme nf takes bits {sorted(NF_LEVELS)}, got {bits}")
+    as_f32 = lambda xs: torch.tensor([float(x) for x in xs], dtype=torch.float64).to(torch.float32)  # noqa: E731
+    return as_f32(NF_LEVELS[bits]), as_f32(NF_THRESHOLDS[bits])
+
 SIGN_SEED = 0x6B762D636F6D7072  # "kv-compr"
 _KEY = re.compile(r"^layer_(0|[1-9][0-9]*)_key$")
 _VALUE = re.compile(r"^layer_(0|[1-9][0-9]*)_value$")
@@ -78,6 +110,7 @@ class TensorPlan:
     rotate: str = "none"
     sink: int = 0
     group: Optional[int] = None  # the tensor's own group size (format 2); None: the codec's
+    steps: Optional[float] = None  # sym/asym divisor in place of the width's own (format 2); None: the width's
 
 
 def role(name: str) -> str:
@@ -102,13 +135,13 @@ def plan_for(name: str, shape, *, scheme: str = "sym", rotate: str = "none", key
     ``roles`` is a preset file's per-role part (``{"keys": {...}, "values": {...},
     "layers": [{"layers": [i, ...], "keys": {...}, "values": {...}}]}``, fields
     ``scheme``, ``bits``, ``group_size``, ``rotate``, ``axis`` ("token" | "channel"),
-    ``sink``): the role's plan applies first, then every layer plan listing the
+    ``sink``, ``steps``): the role's plan applies first, then every layer plan listing the
     tensor's layer, in order; an absent field keeps the value below it.
     """
     r = role(name)
     b = {"key": key_bits or bits, "value": value_bits or bits}.get(r, bits)
     axis = "seq" if r == "key" and key_axis == "channel" and len(shape) >= 2 else "last"
-    plan = {"scheme": scheme, "bits": b, "axis": axis, "rotate": rotate, "group": None}
+    plan = {"scheme": scheme, "bits": b, "axis": axis, "rotate": rotate, "group": None, "steps": None}
     want_sink = sink
     key = {"key": "keys", "value": "values"}.get(r)
     if roles and key:
@@ -116,7 +149,8 @@ def plan_for(name: str, shape, *, scheme: str = "sym", rotate: str = "none", key
         for rp in [roles.get(key)] + [lp.get(key) for lp in roles.get("layers") or [] if layer in lp["layers"]]:
             if not rp:
                 continue
-            for field_name, plan_key in (("scheme", "scheme"), ("bits", "bits"), ("rotate", "rotate"), ("group_size", "group")):
+            for field_name, plan_key in (("scheme", "scheme"), ("bits", "bits"), ("rotate", "rotate"), ("group_size", "group"),
+                                         ("steps", "steps")):
                 if rp.get(field_name):
                     plan[plan_key] = rp[field_name]
             if rp.get("axis") == "channel" and len(shape) >= 2:
@@ -232,9 +266,24 @@ def encode_reference(x: torch.Tensor, group_size: int, sparsity: float = 0.0, *,
     rows = w.transpose(1, 2).reshape(outer * d, keep) if p.axis == "seq" else w.reshape(outer * keep, d)
 
     lo, hi = (0, 2**p.bits - 1) if p.scheme == "asym" else (-(2 ** (p.bits - 1)), 2 ** (p.bits - 1) - 1)
-    divisor = float(hi)
+    divisor = float(torch.tensor(p.steps, dtype=torch.float32)) if p.steps else float(hi)
+    nf = nf_table(p.bits) if p.scheme == "nf" else None
     scale_parts, min_parts, code_parts, deq_parts = [], [], [], []
     for g in _group_stats(rows, group_size):
+        if nf is not None:
+            levels, thresholds = nf
+            scale16 = g.abs().amax(dim=2, keepdim=True).to(torch.float16)
+            if torch.isinf(scale16).any():
+                raise ValueError("a group scale overflows float16")
+            sc = scale16.to(torch.float32)
+            safe = torch.where(sc > 0, sc, torch.ones_like(sc))
+            t = torch.where(sc > 0, g / safe, torch.zeros_like(g))
+            q = (t.unsqueeze(-1) > thresholds).sum(dim=-1)  # thresholds strictly below t
+            scale_parts.append(scale16)
+            min_parts.append(None)
+            code_parts.append(q.to(torch.int64))
+            deq_parts.append(levels[q] * sc + 0.0)  # a zero product is +0
+            continue
         if p.scheme == "asym":
             mn, mx = g.amin(dim=2, keepdim=True), g.amax(dim=2, keepdim=True)
             mn = mn + 0.0  # a zero minimum is +0, whichever signed zero came first,

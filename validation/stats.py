@@ -74,6 +74,7 @@ def aggregate_metrics(metrics: Sequence[Any]) -> Dict[str, Any]:
     bpe = [float(getattr(m, "bits_per_element", math.nan)) for m in metrics]
     bits_per_element = (sum(b * f for b, f in zip(bpe, fp16_bytes)) / fp16_total
                         if fp16_total and all(fp16_bytes) and all(math.isfinite(b) for b in bpe) else math.nan)
+    bytes_by_part, bits_by_part = _parts(metrics)
     return {
         "compression_ratio": orig / comp if comp else math.nan,
         "ratio_vs_fp16": vs_fp16,
@@ -92,7 +93,33 @@ def aggregate_metrics(metrics: Sequence[Any]) -> Dict[str, Any]:
         "processing_time_ms": sum(m.processing_time_ms for m in metrics),
         "calls": len(metrics),
         "codec": getattr(metrics[0], "codec", None),
+        "bytes_by_part": bytes_by_part,
+        "bits_per_element_by_part": bits_by_part,
     }
+
+
+def _parts(metrics: Sequence[Any]) -> Tuple[Dict[str, int], Dict[str, float]]:
+    """The container bytes by part (codes, scales, mins, sink, raw, header) summed over calls, and the
+    same in bits per quantized element over all calls (plus ``total``); empty when a call lacks them.
+
+    A call's quantized element count is its total bytes × 8 over its ``bits_per_element_by_part["total"]``.
+    """
+    total_bytes: Dict[str, int] = {}
+    elements = 0.0
+    for m in metrics:
+        parts = getattr(m, "bytes_by_part", None) or {}
+        bits = getattr(m, "bits_per_element_by_part", None) or {}
+        stored = sum(v for k, v in parts.items() if k != "total")
+        if not parts or not bits.get("total"):
+            return {}, {}
+        elements += stored * 8 / bits["total"]
+        for k, v in parts.items():
+            total_bytes[k] = total_bytes.get(k, 0) + int(v)
+    if not elements:
+        return total_bytes, {}
+    by_part = {k: v * 8 / elements for k, v in total_bytes.items()}
+    by_part["total"] = sum(by_part.values())
+    return total_bytes, by_part
 
 
 

@@ -51,10 +51,13 @@ from validation.compression_bridge import codec_args, roundtrip_kv_cache
 from validation.diagnostics import SNRAccumulator, plot_snr_heatmap
 from validation.compat import forward, layers_to_cache
 from validation.frontier import (
+    COMPACT_RATIO,
+    HIGH_RATIO,
     MIN_RATIO,
     SweepRow,
     build_rows,
     markdown_table,
+    picks,
     plot_frontier,
     sorted_rows,
 )
@@ -407,6 +410,9 @@ def run_sweep(
         "min_ratio": min_ratio,
         "recommended": sweep.recommended,
         "recommendation_rule": f"lowest delta among configurations with disk_ratio_vs_fp16 >= {min_ratio:g}",
+        "picks": picks(rows),
+        "picks_rule": (f"lowest delta at disk_ratio_vs_fp16 >= {MIN_RATIO:g} (default), >= {COMPACT_RATIO:g} (compact), "
+                       f">= {HIGH_RATIO:g} (high_ratio)"),
         "pareto": [r.name for r in sorted_rows(rows) if r.pareto],
         "baseline": {"perplexity": sweep.baseline_perplexity,
                      "per_window_nll": [{"start": w.start, "tokens": w.tokens, "nll": w.nll_baseline}
@@ -449,6 +455,13 @@ def _markdown_document(sweep: SweepOutcome, rows: Sequence[SweepRow], title: str
                    f"{'passes' if best.passed else 'fails'} the {sweep.threshold:g} gate.")
     else:
         verdict = f"**No configuration reaches {sweep.min_ratio:g}x on disk**, so none is recommended."
+    chosen = picks(rows)
+    bars = (("default", MIN_RATIO), ("compact", COMPACT_RATIO), ("high_ratio", HIGH_RATIO))
+    pick_lines = [f"- lowest ΔPPL at >= {ratio:g}x ({key}): "
+                  + (f"`{chosen[key]}`, ΔPPL {sweep.row(chosen[key]).delta:+.3f} "
+                     f"({100 * sweep.row(chosen[key]).delta / sweep.baseline_perplexity:+.2f}%) at "
+                     f"{sweep.row(chosen[key]).disk_ratio_vs_fp16:.2f}x" if chosen[key] else "none reaches it")
+                  for key, ratio in bars]
     lines = [
         "# Codec sweep",
         "",
@@ -465,6 +478,8 @@ def _markdown_document(sweep: SweepOutcome, rows: Sequence[SweepRow], title: str
         markdown_table(rows, sweep.threshold, sweep.min_ratio),
         "",
         verdict,
+        "",
+        *pick_lines,
         "",
     ]
     return "\n".join(lines)

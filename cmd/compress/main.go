@@ -76,7 +76,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&o.out, "output", "", "output file (same as -o)")
 	fs.IntVar(&o.cfg.GroupSize, "group-size", compression.DefaultGroupSize, "quantization group size along the last axis: 32, 64 or 128")
 	fs.Float64Var(&o.cfg.Sparsity, "sparsity", compression.DefaultSparsity, "fraction in [0, 1) of smallest-magnitude elements zeroed before quantizing")
-	fs.StringVar(&o.cfg.Scheme, "scheme", compression.DefaultScheme, "quantization scheme: sym (scale only) or asym (float16 minimum and scale)")
+	fs.StringVar(&o.cfg.Scheme, "scheme", compression.DefaultScheme, "quantization scheme: sym (scale only), asym (float16 minimum and scale) or nf (non-uniform Gaussian levels, 2 to 4 bits)")
 	fs.StringVar(&o.cfg.Rotate, "rotate", compression.DefaultRotate, "rotation along the last axis before quantizing: none or hadamard")
 	fs.StringVar(&o.cfg.KeyAxis, "key-axis", compression.DefaultKeyAxis, "grouping of key tensors (layer_N_key): token (along head_dim) or channel (along the sequence)")
 	fs.IntVar(&o.cfg.Sink, "sink", compression.DefaultSink, "leading sequence positions of every tensor kept exact")
@@ -260,7 +260,7 @@ usage:
   kv-compress version
 
 codec flags: --preset seed|default|compact|near-lossless|FILE.json (--seed-scheme = --preset seed),
-  then, on top of the preset: --group-size 32|64|128, --scheme sym|asym, --rotate none|hadamard,
+  then, on top of the preset: --group-size 32|64|128, --scheme sym|asym|nf, --rotate none|hadamard,
   --key-axis token|channel, --sink N, --bits 2|3|4|8, --key-bits, --value-bits, --sparsity S,
   --entropy auto|lz4|none
 common flags: --workers N, --max-memory SIZE, --no-sync, --verbose, --pretty; inspect: --verify. Run 'kv-compress SUBCOMMAND -h' for details.

@@ -165,8 +165,8 @@ func (c Config) Validate() error {
 	if !(c.Sparsity >= 0 && c.Sparsity < 1) || math.IsNaN(c.Sparsity) {
 		return fmt.Errorf("%w: sparsity must be in [0, 1), got %v", ErrConfig, c.Sparsity)
 	}
-	if s := c.scheme(); s != SchemeSym && s != SchemeAsym {
-		return fmt.Errorf("%w: scheme must be one of [sym asym], got %q", ErrConfig, s)
+	if s := c.scheme(); !slices.Contains(Schemes, s) {
+		return fmt.Errorf("%w: scheme must be one of %v, got %q", ErrConfig, Schemes, s)
 	}
 	if r := c.rotate(); r != RotateNone && r != RotateHadamard {
 		return fmt.Errorf("%w: rotate must be one of [none hadamard], got %q", ErrConfig, r)
@@ -186,6 +186,13 @@ func (c Config) Validate() error {
 	}{{"bits", c.Bits}, {"key bits", c.KeyBits}, {"value bits", c.ValueBits}} {
 		if b.v != 0 && !slices.Contains(BitWidths, b.v) {
 			return fmt.Errorf("%w: %s must be one of %v, got %d", ErrConfig, b.name, BitWidths, b.v)
+		}
+	}
+	if c.scheme() == SchemeNF {
+		for _, b := range []int{c.bits(), c.keyBits(), c.valueBits()} {
+			if !slices.Contains(NFBitWidths, b) {
+				return fmt.Errorf("%w: scheme nf takes bits %v, got %d", ErrConfig, NFBitWidths, b)
+			}
 		}
 	}
 	if err := c.Roles.Validate(); err != nil {

@@ -311,9 +311,12 @@ func checkEntry(payloads map[string]*safetensors.Tensor, e *Entry, g int, used m
 		return fmt.Errorf("%w: mode %s for non-float dtype %s", ErrCorrupt, e.Mode, dt)
 	}
 	p := e.plan(g)
-	if p.Scheme != SchemeSym && p.Scheme != SchemeAsym || p.Rotate != RotateNone && p.Rotate != RotateHadamard ||
+	if !slices.Contains(Schemes, p.Scheme) || p.Rotate != RotateNone && p.Rotate != RotateHadamard ||
 		p.Axis != AxisLast && p.Axis != AxisSeq {
 		return fmt.Errorf("%w: unknown scheme %q, rotation %q or axis %q", ErrCorrupt, p.Scheme, p.Rotate, p.Axis)
+	}
+	if err := p.checkCodes(); err != nil {
+		return fmt.Errorf("%w: %v", ErrCorrupt, err)
 	}
 	if n == 0 {
 		return fmt.Errorf("%w: empty tensor in mode %s", ErrCorrupt, e.Mode)

@@ -61,20 +61,29 @@ func (r *bitReader) get(bits uint) uint32 {
 // groupCodec quantizes and reconstructs single groups for one scheme and width.
 type groupCodec struct {
 	asym   bool
+	signed bool // sym: two's complement codes
 	bits   uint
 	lo, hi int32
 	div    float32
+	nf     *nfTable // scheme nf: its levels (nonuniform.go)
 }
 
 func newGroupCodec(p tensorPlan) groupCodec {
-	lo, hi, div := levels(p.Scheme, p.Bits)
-	return groupCodec{asym: p.Scheme == SchemeAsym, bits: uint(p.Bits), lo: lo, hi: hi, div: div}
+	lo, hi, _ := levels(p.Scheme, p.Bits)
+	c := groupCodec{asym: p.Scheme == SchemeAsym, signed: p.Scheme == SchemeSym, bits: uint(p.Bits), lo: lo, hi: hi, div: p.divisor()}
+	if t, ok := nfTables[p.Bits]; ok && p.Scheme == SchemeNF {
+		c.nf = &t
+	}
+	return c
 }
 
 // encode writes the codes of group v and returns its float16 scale and minimum
 // (0 for sym), and writes the group's reconstruction (before rounding to the
 // tensor's dtype) into deq.
 func (c groupCodec) encode(v []float32, w *bitWriter, deq []float32) (s16, m16 uint16, err error) {
+	if c.nf != nil {
+		return c.encodeNF(v, w, deq)
+	}
 	var s, mv float32
 	if c.asym {
 		// Plain comparisons: the min and max builtins also order NaN and
@@ -160,8 +169,12 @@ func clampF(v, lo, hi float32) float32 {
 	return v
 }
 
-// value reconstructs one code: float32(q)·s, plus the minimum for asym (two roundings, never fused).
+// value reconstructs one code: float32(q)·s, plus the minimum for asym (two
+// roundings, never fused); for nf float32(level·s), a zero made +0.
 func (c groupCodec) value(q int32, s, mv float32) float32 {
+	if c.nf != nil {
+		return float32(c.nf.levels[q]*s) + 0
+	}
 	y := float32(q) * s
 	if c.asym {
 		y = float32(y) + mv
@@ -177,7 +190,7 @@ func (c groupCodec) decode(r *bitReader, s, mv float32, deq []float32) {
 		var lut [16]float32
 		for u := range lut {
 			q := int32(u)
-			if !c.asym {
+			if c.signed {
 				q = int32(uint32(u)<<28) >> 28
 			}
 			lut[u] = c.value(q, s, mv)
@@ -196,7 +209,7 @@ func (c groupCodec) decode(r *bitReader, s, mv float32, deq []float32) {
 		shift := 32 - c.bits
 		for u := range 1 << c.bits {
 			q := int32(u)
-			if !c.asym {
+			if c.signed {
 				q = int32(uint32(u)<<shift) >> shift
 			}
 			lut[u] = c.value(q, s, mv)
@@ -221,7 +234,7 @@ func (c groupCodec) decode(r *bitReader, s, mv float32, deq []float32) {
 	for i := range deq {
 		u := r.get(c.bits)
 		q := int32(u)
-		if !c.asym {
+		if c.signed {
 			q = int32(u<<shift) >> shift // sign-extend
 		}
 		deq[i] = c.value(q, s, mv)
@@ -443,6 +456,9 @@ var errRotationOverflow = fmt.Errorf("%w: the Hadamard rotation of a row leaves 
 // vectorPlan returns the rotation of a plan and whether the vector encoders
 // and decoders take tensors of this dtype and layout (the code width aside).
 func vectorPlan(p tensorPlan, dt safetensors.DType, l layout) (*rotation, bool) {
+	if p.Scheme == SchemeNF {
+		return nil, false // scalar code only (nonuniform.go)
+	}
 	var rot *rotation
 	if p.Rotate == RotateHadamard {
 		rot = rotationFor(l.dim)

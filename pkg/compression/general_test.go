@@ -209,7 +209,7 @@ func TestSchemeConfigErrors(t *testing.T) {
 		cfg  Config
 		want string
 	}{
-		{"scheme", Config{GroupSize: 64, Scheme: "nf4"}, `[sym asym], got "nf4"`},
+		{"scheme", Config{GroupSize: 64, Scheme: "nf4"}, `[sym asym nf], got "nf4"`},
 		{"rotate", Config{GroupSize: 64, Rotate: "random"}, `[none hadamard], got "random"`},
 		{"key axis", Config{GroupSize: 64, KeyAxis: "head"}, `[token channel], got "head"`},
 		{"bits", Config{GroupSize: 64, Bits: 5}, `[2 3 4 8], got 5`},

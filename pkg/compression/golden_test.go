@@ -214,6 +214,7 @@ var goldenManifests = []struct {
 }{
 	{"golden.json", 1, goldenConfigs},
 	{"golden_v2.json", 2, goldenConfigsV2},
+	{"golden_nf.json", 2, goldenConfigsNF},
 }
 
 func TestGolden(t *testing.T) {

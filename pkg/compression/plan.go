@@ -29,6 +29,10 @@ type RolePlan struct {
 	Axis string `json:"axis,omitempty"`
 	// Sink is the number of leading positions kept exact (nil: inherited).
 	Sink *int `json:"sink,omitempty"`
+	// Steps (sym and asym) is how many uniform steps the group's magnitude
+	// or range spans, at most the width's own (7 for sym 4-bit); fewer make
+	// finer codes rarer, for the entropy stage to store (nonuniform.go).
+	Steps float64 `json:"steps,omitempty"`
 }
 
 // LayerPlan applies role plans to the listed layers only.
@@ -52,8 +56,17 @@ func (r *RolePlan) validate(path string) error {
 	if r == nil {
 		return nil
 	}
-	if r.Scheme != "" && r.Scheme != SchemeSym && r.Scheme != SchemeAsym {
-		return fmt.Errorf("%w: %s.scheme must be one of [sym asym], got %q", ErrConfig, path, r.Scheme)
+	if r.Scheme != "" && !slices.Contains(Schemes, r.Scheme) {
+		return fmt.Errorf("%w: %s.scheme must be one of %v, got %q", ErrConfig, path, Schemes, r.Scheme)
+	}
+	if r.Scheme == SchemeNF && r.Bits != 0 && !slices.Contains(NFBitWidths, r.Bits) {
+		return fmt.Errorf("%w: %s.bits must be one of %v with scheme nf, got %d", ErrConfig, path, NFBitWidths, r.Bits)
+	}
+	if r.Steps != 0 && !validSteps(r.Steps) {
+		return fmt.Errorf("%w: %s.steps must be a number in [1, 255], got %v", ErrConfig, path, r.Steps)
+	}
+	if r.Steps != 0 && r.Scheme == SchemeNF {
+		return fmt.Errorf("%w: %s.steps apply to schemes sym and asym, not nf", ErrConfig, path)
 	}
 	if r.Bits != 0 && !slices.Contains(BitWidths, r.Bits) {
 		return fmt.Errorf("%w: %s.bits must be one of %v, got %d", ErrConfig, path, BitWidths, r.Bits)
@@ -116,6 +129,9 @@ func (r *RolePlan) apply(p *tensorPlan, sink *int, rank int) {
 	p.Bits = or(r.Bits, p.Bits)
 	p.Group = or(r.GroupSize, p.Group)
 	p.Rotate = or(r.Rotate, p.Rotate)
+	if r.Steps != 0 {
+		p.Steps = float32(r.Steps)
+	}
 	switch {
 	case r.Axis == KeyAxisChannel && rank >= 2:
 		p.Axis = AxisSeq

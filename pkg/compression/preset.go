@@ -37,14 +37,21 @@ const (
 func Presets() []Preset {
 	seed := SeedConfig()
 	seed.Entropy = EntropyLZ4
+	// compact: 3-bit grids for keys (7 steps) and a 9-level grid for values
+	// (4 steps), each held in 4-bit codes, which the entropy stage stores in
+	// fewer bits than 3-bit codes take (docs/codec-frontier.md); tensors
+	// that are neither keys nor values get 3-bit codes.
 	compact := DefaultConfig()
 	compact.Bits = 3
-	compact.Roles = &RolePlans{Keys: &RolePlan{Scheme: SchemeAsym, Rotate: RotateNone, Axis: KeyAxisChannel, GroupSize: 128}}
+	compact.Roles = &RolePlans{
+		Keys:   &RolePlan{Scheme: SchemeAsym, Rotate: RotateNone, Axis: KeyAxisChannel, GroupSize: 128, Bits: 4, Steps: 7},
+		Values: &RolePlan{Bits: 4, Steps: 4},
+	}
 	near := Config{GroupSize: 64, Scheme: SchemeSym, Rotate: RotateNone, KeyAxis: KeyAxisToken, Bits: 8, Entropy: EntropyAuto}
 	out := []Preset{
 		{Name: PresetSeed, Description: "the seed's scheme: symmetric INT4, G = 64, no rotation, LZ4 (as format version 1 wrote it)", Config: seed},
 		{Name: PresetDefault, Description: "symmetric 4-bit, G = 64, Hadamard rotation, per-channel keys, first position exact, entropy stage", Config: DefaultConfig()},
-		{Name: PresetCompact, Description: "3 bits: asymmetric per-channel keys (G = 128 along the tokens, no rotation), symmetric rotated values (G = 64), first position exact, entropy stage", Config: compact},
+		{Name: PresetCompact, Description: "about 2.9 bits on disk: asymmetric per-channel keys (G = 128 along the tokens, no rotation, 7 steps), symmetric rotated values (G = 64, 4 steps), both in 4-bit codes, first position exact, entropy stage", Config: compact},
 		{Name: PresetNearLossless, Description: "symmetric 8-bit, G = 64, entropy stage", Config: near},
 	}
 	for i := range out {

@@ -29,8 +29,8 @@ type codeSpec struct {
 var sym4 = codeSpec{bits: 4, lo: qmin, hi: qmax, div: qmax}
 
 func specOf(p tensorPlan) codeSpec {
-	lo, hi, div := levels(p.Scheme, p.Bits)
-	return codeSpec{asym: p.Scheme == SchemeAsym, bits: p.Bits, lo: lo, hi: hi, div: div}
+	lo, hi, _ := levels(p.Scheme, p.Bits)
+	return codeSpec{asym: p.Scheme == SchemeAsym, bits: p.Bits, lo: lo, hi: hi, div: p.divisor()}
 }
 
 // vectorWidth reports whether the vector encoders take codes of this width.

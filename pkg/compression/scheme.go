@@ -13,6 +13,7 @@ import (
 const (
 	SchemeSym  = "sym"  // scale = max|x| / qmax, codes in [-(qmax+1), qmax]
 	SchemeAsym = "asym" // float16 minimum and scale, codes in [0, 2^bits - 1]
+	// SchemeNF ("nf", non-uniform levels) is in nonuniform.go.
 
 	RotateNone     = "none"
 	RotateHadamard = "hadamard" // orthonormal Walsh–Hadamard with fixed random signs along the last axis
@@ -56,6 +57,10 @@ type tensorPlan struct {
 	Rotate string
 	Sink   int // leading positions along the sequence axis kept exact
 	Group  int
+	// Steps, when not 0, is the divisor of the group's magnitude (sym) or
+	// range (asym) in place of the width's own (nonuniform.go). Only the
+	// encoder reads it: decoding is code·scale whatever it was.
+	Steps float32
 	// exact asks for the error in the original basis (Config.ExactMetrics);
 	// it is not part of the format.
 	exact bool
@@ -63,7 +68,7 @@ type tensorPlan struct {
 
 // fast reports whether the plan is the original scheme, which has a tuned path.
 func (p tensorPlan) fast() bool {
-	return p.Scheme == SchemeSym && p.Bits == 4 && p.Axis == AxisLast && p.Rotate == RotateNone && p.Sink == 0
+	return p.Scheme == SchemeSym && p.Bits == 4 && p.Axis == AxisLast && p.Rotate == RotateNone && p.Sink == 0 && p.Steps == 0
 }
 
 // rotatedMetrics reports whether a tensor of dtype dt is measured in the
@@ -138,6 +143,9 @@ func planFor(name string, shape []int64, cfg Config) (tensorPlan, error) {
 	}
 	if err := p.check(shape); err != nil {
 		return p, err
+	}
+	if err := p.checkCodes(); err != nil {
+		return p, fmt.Errorf("tensor %q: %w", name, err)
 	}
 	return p, nil
 }

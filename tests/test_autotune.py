@@ -1,0 +1,307 @@
+"""The auto-tuner (validation/autotune): options, windows, allocation, presets, and a run end to end.
+
+The end-to-end test runs ``python -m validation.autotune`` on a small random Llama saved as a
+local folder, over a text file, through the real ``kv-compress`` binary; the preset it writes is
+then read by the binary (``compress`` + ``inspect``) and by ``validate_perplexity.py --preset``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from validation.autotune import allocate as al
+from validation.autotune import cli
+from validation.autotune.run import AutotuneError, Budget
+from validation.autotune.sensitivity import (
+    CalibrationError,
+    PartialForward,
+    calibration_starts,
+    evaluation_span,
+    kl_mean,
+)
+from validation.compat import set_cache_tensor
+from validation.autotune.space import (
+    ROLES,
+    Assignment,
+    Candidate,
+    SizeTable,
+    SpaceError,
+    assignment_preset,
+    default_space,
+    write_preset,
+)
+
+
+@pytest.fixture(scope="module")
+def small_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> Path:
+    """A random 4-layer Llama (head_dim 64) and the tiny tokenizer as a local folder: few tensors, a short search."""
+    from conftest import make_tiny_llama
+
+    folder = tmp_path_factory.mktemp("autotune-model")
+    make_tiny_llama(num_layers=4, num_kv_heads=2).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def long_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A UTF-8 text file long enough for evaluation windows plus disjoint calibration windows."""
+    path = tmp_path_factory.mktemp("autotune-corpus") / "notes.txt"
+    paragraphs = [f"Paragraph {i}: the quick brown fox jumps over the lazy dog; Robert Boulter is an English "
+                  f"actor. Tropical Storm Fay formed in the western Caribbean Sea number {i * 7 % 13}." for i in range(120)]
+    path.write_text("\n\n".join(paragraphs) + "\n", encoding="utf-8")
+    return path
+
+
+# -----------------------------------------------------------------------------
+# options and errors
+
+
+@pytest.mark.parametrize("budget, budget_kl, kind, value", [
+    (None, None, "ppl_pct", 1.0), ("1%", None, "ppl_pct", 1.0), ("0.5 %", None, "ppl_pct", 0.5),
+    ("0.18", None, "ppl_abs", 0.18), (None, 0.01, "kl", 0.01),
+], ids=["default-1pct", "pct", "pct-space", "absolute", "kl"])
+def test_budget_parse(budget, budget_kl, kind, value) -> None:
+    b = Budget.parse(budget, budget_kl)
+    assert (b.kind, b.value) == (kind, pytest.approx(value))
+
+
+@pytest.mark.parametrize("budget, budget_kl, needle", [
+    ("abc", None, "percentage of the baseline perplexity (e.g. 1%) or an absolute"),
+    ("-1%", None, "must be > 0, got '-1%'"),
+    ("1%", 0.01, "either --budget or --budget-kl"),
+    (None, -0.5, "positive number of nats per token, got -0.5"),
+], ids=["not-a-number", "negative", "both", "kl-negative"])
+def test_budget_errors_name_allowed_values(budget, budget_kl, needle) -> None:
+    with pytest.raises(AutotuneError, match=None) as e:
+        Budget.parse(budget, budget_kl)
+    assert needle in str(e.value)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--bits", "2,5"], "from [2, 3, 4, 8], got '2,5'"),
+    (["--space", "huge"], "invalid choice: 'huge'"),
+    (["--margin", "1.5"], "--margin must be in (0, 1], got 1.5"),
+    (["--sensitivity-tokens", "300"], "--sensitivity-tokens must be in [1, stride - 1 = 255], got 300"),
+    (["--compare", "no-such-preset"], "built-in preset [seed, default, compact, near-lossless] or a preset file, got 'no-such-preset'"),
+    (["--budget", "x%"], "--budget must be a percentage"),
+], ids=["bits", "space", "margin", "sensitivity-tokens", "compare", "budget"])
+def test_cli_errors_exit_2_with_one_line(argv, needle, capsys, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) if argv[0] in ("--bits", "--space") else _nothing():
+        code = cli.main([*argv, "--output", str(tmp_path / "p.json")])
+        assert code == 2
+    err = capsys.readouterr().err
+    assert needle in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "p.json").exists()
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(role="keys", scheme="sym", bits=5, group_size=64, rotate="none", axis="token"), "bits must be one of [2, 3, 4, 8], got 5"),
+    (dict(role="keys", scheme="sym", bits=4, group_size=256, rotate="none", axis="token"), "must be one of [32, 64, 128], got 256"),
+    (dict(role="other", scheme="sym", bits=4, group_size=64, rotate="none", axis="token"), "role must be one of ['keys', 'values']"),
+], ids=["bits", "token-group", "role"])
+def test_candidate_errors_name_allowed_values(kwargs, needle) -> None:
+    with pytest.raises(SpaceError) as e:
+        Candidate(**kwargs)
+    assert needle in str(e.value)
+
+
+def test_default_space_fits_head_dim_and_has_every_width() -> None:
+    for role in ROLES:
+        space = default_space(role, 64)
+        assert {c.bits for c in space} == {2, 3, 4, 8}
+        assert all(c.fits(64) for c in space)
+        assert len({c.name for c in space}) == len(space)
+    assert all(c.group_size <= 32 or c.axis == "channel" for c in default_space("values", 32))
+    with pytest.raises(SpaceError, match=r"--space must be one of \['default', 'wide'\], got 'x'"):
+        default_space("keys", 64, "x")
+
+
+# -----------------------------------------------------------------------------
+# windows
+
+
+@pytest.mark.parametrize("num_tokens, count, length, avoid_end", [
+    (10_000, 8, 1024, 4864), (6_000, 1, 1024, 4864), (5_888, 3, 1024, 4864), (400, 2, 64, 112),
+], ids=["spread", "one", "exactly-fits", "tiny"])
+def test_calibration_windows_are_disjoint_from_evaluation(num_tokens, count, length, avoid_end) -> None:
+    starts = calibration_starts(num_tokens, count, length, avoid_end)
+    assert len(starts) == count
+    assert all(s >= avoid_end and s + length <= num_tokens for s in starts)
+    assert starts == sorted(starts)
+
+
+def test_calibration_windows_refuse_a_short_corpus() -> None:
+    with pytest.raises(CalibrationError, match="need at least 5888"):
+        calibration_starts(5_000, 2, 1024, evaluation_span(16, 1024, 256))
+    assert evaluation_span(16, 1024, 256) == 4864
+
+
+# -----------------------------------------------------------------------------
+# allocation
+
+
+def _tables(seed: int, layers: int = 3, cands: int = 3):
+    rng = np.random.default_rng(seed)
+    keys = default_space("keys", 64, bits=(2, 3, 4))[:cands]
+    values = default_space("values", 64, bits=(2, 3, 4))[:cands]
+    candidates = {"keys": keys, "values": values}
+    kl = {r: rng.uniform(0, 0.01, size=(cands, layers)) for r in ROLES}
+    sizes = SizeTable({r: rng.integers(100, 1000, size=(cands, layers)).tolist() for r in ROLES}, 50, 10_000)
+    return candidates, kl, sizes
+
+
+@pytest.mark.parametrize("seed", range(5), ids=lambda s: f"seed{s}")
+def test_allocation_is_the_optimum_of_the_knapsack(seed: int) -> None:
+    candidates, kl, sizes = _tables(seed)
+    budget = float(sum(kl[r].mean(axis=0).sum() for r in ROLES))  # between the cheapest and the dearest plan
+    a = al.allocate(kl, sizes, candidates, budget, resolution=20000)
+    assert a is not None and al.predicted_kl(kl, a) <= budget
+    best = math.inf
+    n = 3
+    for ck in itertools.product(range(3), repeat=n):
+        for cv in itertools.product(range(3), repeat=n):
+            b = Assignment(candidates, {"keys": list(ck), "values": list(cv)})
+            if al.predicted_kl(kl, b) <= budget:
+                best = min(best, sizes.total(b))
+    # the grid rounds each cost up, so the DP may miss the exact optimum by a hair of budget
+    assert sizes.total(a) <= best * 1.02
+    uni = al.best_uniform(kl, sizes, candidates, budget)
+    assert uni is None or sizes.total(a) <= sizes.total(uni)
+
+
+def test_allocation_returns_none_when_nothing_fits() -> None:
+    candidates, kl, sizes = _tables(0)
+    assert al.allocate(kl, sizes, candidates, 1e-9) is None
+    with pytest.raises(ValueError, match="budget_kl must be > 0, got 0"):
+        al.allocate(kl, sizes, candidates, 0.0)
+
+
+def test_next_budget_stays_inside_the_bracket() -> None:
+    def rnd(b: float, pct: float, ok: bool) -> al.SearchRound:
+        v = al.Verification("x", 10.0, 10.0 * (1 + pct / 100), 0.0, 1.0, 5.0, 1, 3.0)
+        return al.SearchRound(b, None, v, ok)  # type: ignore[arg-type]
+
+    rounds = [rnd(0.01, 0.5, True), rnd(0.03, 2.0, False)]
+    nxt = al.next_budget(rounds, 0.9, "delta_pct")
+    assert 0.01 < nxt < 0.03
+
+
+# -----------------------------------------------------------------------------
+# presets through the binary
+
+
+def test_assignment_preset_is_read_by_the_binary_tensor_by_tensor(kv_compress_bin: str, tmp_path: Path) -> None:
+    from validation.kv_cache_utils import save_kv_cache
+    from validation.compat import layers_to_cache
+
+    n = 4
+    candidates = {r: default_space(r, 64) for r in ROLES}
+    rng = np.random.default_rng(1)
+    choice = {r: rng.integers(0, len(candidates[r]), size=n).tolist() for r in ROLES}
+    a = Assignment(candidates, choice)
+    preset = write_preset(assignment_preset(a, "t", "test"), str(tmp_path / "p.json"))
+    torch.manual_seed(0)
+    layers = [(torch.randn(1, 2, 40, 64), torch.randn(1, 2, 40, 64)) for _ in range(n)]
+    src, out = tmp_path / "c.safetensors", tmp_path / "c.kvc"
+    save_kv_cache(layers_to_cache(layers), str(src))
+    run = subprocess.run([kv_compress_bin, "compress", "-i", str(src), "-o", str(out), "--preset", preset],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["preset"] == "t"
+    info = json.loads(subprocess.run([kv_compress_bin, "inspect", "-i", str(out)], capture_output=True, text=True,
+                                     check=True).stdout)
+    modes = {t["name"]: t.get("mode") for t in info["tensors"]}
+    for role, kind in (("keys", "key"), ("values", "value")):
+        for i in range(n):
+            assert modes[f"layer_{i}_{kind}"] == f"int{a.plan(role, i).bits}"
+
+
+# -----------------------------------------------------------------------------
+# partial passes
+
+
+def test_partial_forward_matches_the_full_pass(tiny_llama) -> None:
+    from validation.compat import cache_to_layers, layers_to_cache, output_cache
+
+    torch.manual_seed(0)
+    ids = torch.randint(2, 500, (2, 40))
+    with torch.inference_mode():
+        layers = cache_to_layers(output_cache(tiny_llama(input_ids=ids[:, :32], use_cache=True)))
+        cache = layers_to_cache(layers)
+        pf = PartialForward(tiny_llama, cache, ids[:, 32:], 32)
+        base = pf.record()
+        assert pf.ok and pf.check_error <= 1e-5
+        k = layers[5][0]
+        set_cache_tensor(cache, 5, "keys", k + 0.5 * torch.randn_like(k))
+        part = pf.run(5)
+        full = layers_to_cache([(k + 0 if i != 5 else cache_to_layers(cache)[5][0], v) for i, (k, v) in enumerate(layers)])
+        from validation.compat import forward
+
+        ref = forward(tiny_llama, full, input_ids=ids[:, 32:], use_cache=True).logits
+        assert torch.allclose(part, ref, atol=1e-4)
+        assert kl_mean(torch.log_softmax(base.float(), -1), part) > 0
+        assert all(t.shape[-2] == 32 for kv in cache_to_layers(cache) for t in kv)
+
+
+# -----------------------------------------------------------------------------
+# end to end
+
+
+def test_autotune_end_to_end_through_the_binary(kv_compress_bin: str, small_model_dir: Path, long_corpus: Path,
+                                                tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from validation import validate_perplexity as vp
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "tuned.json"
+    space = tmp_path / "space.json"  # two candidates per role keep the run short
+    space.write_text(json.dumps({r: [c.plan for c in default_space(r, 64, bits=(3, 4)) if c.group_size != 256]
+                                 for r in ROLES}))
+    code = cli.main(["--model", str(small_model_dir), "--text-file", str(long_corpus), "--max-length", "64",
+                     "--stride", "16", "--eval-windows", "3", "--calibration-windows", "3", "--sensitivity-tokens", "8",
+                     "--batch-windows", "2", "--space-file", str(space), "--rounds", "2", "--budget-kl", "0.02",
+                     "--compare", "default", "--output", str(out), "--quiet"])
+    summary = capsys.readouterr().out.strip().splitlines()
+    assert code in (0, 1) and len(summary) == 1 and "autotuned:" in summary[0]
+    doc = json.loads((tmp_path / "autotune.json").read_text())
+    preset = json.loads(out.read_text())
+    assert preset == doc["preset"] and preset["base"] == "default"
+    # calibration and evaluation share no token
+    span_end = doc["windows"]["evaluation_span"][1]
+    assert doc["windows"]["disjoint"] and all(s >= span_end for s in doc["windows"]["calibration_starts"])
+    # the budget holds on calibration whenever the run says so, and the chosen round is the one reported
+    assert doc["budget"]["met_on_calibration"] == (code == 0)
+    if code == 0:
+        assert doc["calibration"]["kl"] <= 0.02 * doc["budget"]["margin"] + 1e-12
+        assert doc["rounds"][doc["chosen_round"]]["within_budget"]
+    assert set(doc["heldout"]) == {"autotuned", "default"}
+    assert (tmp_path / "allocation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "held-out" in (tmp_path / "autotune.md").read_text()
+    assert len(doc["tensors"]) == 2 * 4 and all(t["bytes"] > 0 for t in doc["tensors"])
+    assert doc["candidates"] == {"keys": ["k3-asym-ch128", "k4-asym-ch128"], "values": ["v3-sym-had-tok64", "v3-asym-had-tok64", "v4-sym-had-tok64"]}
+    # the preset runs through validate_perplexity.py, and its size matches the held-out measurement
+    report = tmp_path / "vp.json"
+    rc = vp.main(["--model", str(small_model_dir), "--text-file", str(long_corpus), "--cpu", "--max-length", "64",
+                  "--stride", "16", "--max-samples", "3", "--batch-windows", "2", "--threshold", "1e9", "--quiet",
+                  "--preset", str(out), "--output-json", str(report)])
+    assert rc == 0
+    vdoc = json.loads(report.read_text())
+    assert vdoc["result"]["compressed_perplexity"] == pytest.approx(doc["heldout"]["autotuned"]["compressed_ppl"], rel=1e-4)
+    assert vdoc["codec"]["disk_ratio_vs_fp16"] == pytest.approx(doc["heldout"]["autotuned"]["disk_ratio_vs_fp16"], rel=1e-6)

@@ -1,0 +1,245 @@
+"""Allocation under a ΔKL budget, and the real check of a whole plan through the binary.
+
+:func:`allocate` solves the multiple-choice knapsack "one candidate per tensor, smallest total
+size on disk, summed ΔKL at most B" exactly on a grid of B / resolution nats (dynamic
+programming; each ΔKL is rounded *up* to the grid, so the sum of parts never exceeds B).
+
+:class:`CalibrationSet` holds the prefilled calibration windows and their baseline logits;
+:meth:`CalibrationSet.verify` sends the whole plan's preset through the real binary (save →
+compress → decompress → load) and scores the windows as the perplexity protocol does
+(``validation.protocol``), so the sum-of-parts estimate meets a real measurement.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from validation.autotune.space import ROLES, Assignment, Candidate, SizeTable
+
+DEFAULT_RESOLUTION = 4000
+
+
+def allocate(kl: Dict[str, np.ndarray], sizes: SizeTable, candidates: Dict[str, List[Candidate]], budget_kl: float,
+             resolution: int = DEFAULT_RESOLUTION) -> Optional[Assignment]:
+    """The assignment of least total size whose summed ΔKL is at most ``budget_kl`` (None if none fits).
+
+    ``kl[role]`` is ``[candidates, layers]`` (nats, >= 0); sizes come from ``sizes.bytes``.
+    """
+    if not budget_kl > 0:
+        raise ValueError(f"budget_kl must be > 0, got {budget_kl}")
+    n = kl["keys"].shape[1]
+    unit = budget_kl / resolution
+    inf = np.iinfo(np.int64).max // 4
+    dp = np.zeros(resolution + 1, dtype=np.int64)  # dp[j]: least bytes with summed units <= j
+    picks: List[np.ndarray] = []
+    tensors = [(r, i) for r in ROLES for i in range(n)]
+    for role, layer in tensors:
+        w = np.ceil(kl[role][:, layer] / unit - 1e-9).astype(np.int64)
+        b = np.asarray([sizes.bytes[role][c][layer] for c in range(len(candidates[role]))], dtype=np.int64)
+        best = np.full(resolution + 1, inf, dtype=np.int64)
+        arg = np.full(resolution + 1, -1, dtype=np.int16)
+        for c in range(len(w)):
+            if w[c] > resolution:
+                continue
+            shifted = np.full(resolution + 1, inf, dtype=np.int64)
+            shifted[w[c]:] = dp[:resolution + 1 - w[c]]
+            cand = np.where(shifted < inf, shifted + b[c], inf)
+            better = cand < best
+            best[better], arg[better] = cand[better], c
+        dp = best
+        picks.append(arg)
+    if dp[resolution] >= inf:
+        return None
+    choice = {r: [0] * n for r in ROLES}
+    j = resolution
+    for (role, layer), arg in zip(reversed(tensors), reversed(picks)):
+        c = int(arg[j])
+        choice[role][layer] = c
+        j -= int(np.ceil(kl[role][c, layer] / unit - 1e-9))
+    return Assignment(candidates, choice)
+
+
+def predicted_kl(kl: Dict[str, np.ndarray], a: Assignment) -> float:
+    """Summed ΔKL of the assignment's tensors (the sum of parts)."""
+    return float(sum(kl[r][a.choice[r][i], i] for r in ROLES for i in range(a.num_layers)))
+
+
+def best_uniform(kl: Dict[str, np.ndarray], sizes: SizeTable, candidates: Dict[str, List[Candidate]],
+                 budget_kl: float) -> Optional[Assignment]:
+    """The smallest assignment with one candidate per role for every layer whose summed ΔKL fits ``budget_kl``."""
+    n = kl["keys"].shape[1]
+    best, best_size = None, math.inf
+    for ck in range(len(candidates["keys"])):
+        for cv in range(len(candidates["values"])):
+            a = Assignment(candidates, {"keys": [ck] * n, "values": [cv] * n})
+            if predicted_kl(kl, a) <= budget_kl and sizes.total(a) < best_size:
+                best, best_size = a, sizes.total(a)
+    return best
+
+
+@dataclass
+class Verification:
+    """One whole plan measured on the calibration windows through the real binary.
+
+    Perplexities and KL as the perplexity protocol computes them (``validation.protocol``);
+    ``disk_ratio_vs_fp16`` and ``compressed_bytes`` from the binary's reports, summed over calls.
+    """
+
+    label: str
+    baseline_ppl: float
+    compressed_ppl: float
+    kl: float
+    top1: float
+    disk_ratio_vs_fp16: float
+    compressed_bytes: int
+    bits_per_element: float
+    predicted_kl: float = math.nan
+    budget_kl: float = math.nan
+    seconds: float = 0.0
+    window_nll: List[Tuple[float, float]] = field(default_factory=list)  # per window: (baseline, compressed) NLL sums
+
+    def interval(self, resamples: int = 2000, seed: int = 0) -> Tuple[float, float]:
+        """95% paired-bootstrap interval of ΔPPL over windows, as ``validate_perplexity.py`` computes it."""
+        from types import SimpleNamespace
+
+        from validation.protocol import WindowScore
+        from validation.stats import paired_bootstrap_interval
+
+        tokens = self.tokens_per_window
+        windows = [WindowScore(0, tokens, b, c, 0.0, 0) for b, c in self.window_nll]
+        return paired_bootstrap_interval(SimpleNamespace(windows=windows), resamples, seed)  # type: ignore[arg-type]
+
+    tokens_per_window: int = 0
+
+    @property
+    def delta(self) -> float:
+        """ΔPPL, compressed minus baseline."""
+        return self.compressed_ppl - self.baseline_ppl
+
+    @property
+    def delta_pct(self) -> float:
+        """ΔPPL in percent of the baseline."""
+        return 100.0 * self.delta / self.baseline_ppl
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-ready fields, ΔPPL included."""
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "window_nll"}
+        lo, hi = self.interval() if len(self.window_nll) > 1 else (math.nan, math.nan)
+        d.update(delta=self.delta, delta_pct=self.delta_pct, delta_ci=[lo, hi], windows=len(self.window_nll))
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+
+
+@dataclass
+class CalibrationSet:
+    """Prefilled calibration windows, batch by batch, with their baseline scoring pass.
+
+    Per batch: ``layers`` ``[(key, value)]`` each ``[batch, kv_heads, context, head_dim]``;
+    ``first_logits`` ``[batch, vocab]``; ``baseline_logits`` ``[batch, stride - 1, vocab]``;
+    ``tokens`` ``[batch, max_length]``.
+    """
+
+    starts: List[int]
+    max_length: int
+    stride: int
+    batches: List[Dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def context(self) -> int:
+        """Context tokens per window."""
+        return self.max_length - self.stride
+
+    @classmethod
+    def build(cls, model: Any, token_ids: torch.Tensor, starts: Sequence[int], max_length: int, stride: int,
+              batch_windows: int, progress: Any = None) -> "CalibrationSet":
+        """Prefill every window's context and run its baseline scoring pass (``token_ids`` ``[num_tokens]``)."""
+        from validation.compat import forward, layers_to_cache
+        from validation.protocol import _supports_logits_to_keep, prefill_contexts
+
+        out = cls(list(starts), max_length, stride)
+        keep = _supports_logits_to_keep(model)
+        context = max_length - stride
+        windows = torch.stack([token_ids[s:s + max_length] for s in starts])
+        with torch.inference_mode():
+            for b0 in range(0, len(starts), batch_windows):
+                batch = windows[b0:b0 + batch_windows]
+                pre = prefill_contexts(model, batch[:, :context], keep)
+                logits_b = forward(model, layers_to_cache(pre.layers), input_ids=batch[:, context:max_length - 1],
+                                   use_cache=True).logits
+                out.batches.append({"layers": pre.layers, "first_logits": pre.first_logits,
+                                    "baseline_logits": logits_b, "tokens": batch})
+                if progress is not None:
+                    progress.update(batch.shape[0])
+        return out
+
+    def verify(self, model: Any, preset_path: str, label: str, work_dir: Optional[str] = None) -> Verification:
+        """Score the windows attending to the binary's reconstruction of their caches under ``preset_path``."""
+        from validation.compat import forward, layers_to_cache
+        from validation.compression_bridge import roundtrip_kv_cache
+        from validation.protocol import _window_stats, check_reconstruction
+        from validation.stats import aggregate_metrics
+
+        t0 = time.perf_counter()
+        nll_b = nll_c = kl_sum = 0.0
+        top1 = tokens = 0
+        metrics = []
+        per_window: List[Tuple[float, float]] = []
+        with tempfile.TemporaryDirectory(prefix="kv-autotune-verify-", dir=work_dir) as tmp, torch.inference_mode():
+            for batch in self.batches:
+                recon, m = roundtrip_kv_cache(layers_to_cache(batch["layers"]), tmp, preset=preset_path)
+                metrics.append(m)
+                check_reconstruction(batch["layers"], recon, f"{label}: ")
+                toks = batch["tokens"]
+                logits_c = forward(model, recon, input_ids=toks[:, self.context:self.max_length - 1],
+                                   use_cache=True).logits
+                labels = toks[:, self.context:]
+                for j in range(toks.shape[0]):
+                    ws = _window_stats(batch["first_logits"][j], batch["baseline_logits"][j], logits_c[j], labels[j])
+                    nll_b, nll_c, kl_sum = nll_b + ws.nll_baseline, nll_c + ws.nll_compressed, kl_sum + ws.kl_sum
+                    top1 += ws.top1_matches
+                    tokens += self.stride
+                    per_window.append((ws.nll_baseline, ws.nll_compressed))
+        agg = aggregate_metrics(metrics)
+        return Verification(label, math.exp(nll_b / tokens), math.exp(nll_c / tokens), kl_sum / tokens, top1 / tokens,
+                            float(agg.get("disk_ratio_vs_fp16", math.nan)), int(agg["compressed_size_bytes"]),
+                            float(agg.get("bits_per_element", math.nan)), seconds=time.perf_counter() - t0,
+                            window_nll=per_window, tokens_per_window=self.stride)
+
+
+@dataclass
+class SearchRound:
+    """One allocation and its real check: the KL budget it was solved for, the plan, the measurement."""
+
+    budget_kl: float
+    assignment: Assignment
+    verification: Verification
+    within_budget: bool
+
+
+def next_budget(rounds: Sequence[SearchRound], target: float, metric: str) -> float:
+    """The KL budget of the next round: a secant step toward ``target`` on the measured metric.
+
+    ``metric`` is "delta_pct" or "kl". Once one round is within the target and one is not, the
+    step stays between the two (bisection in log space when the secant would leave the bracket).
+    """
+    def value(r: SearchRound) -> float:
+        return getattr(r.verification, metric)
+
+    last = rounds[-1]
+    ok = [r for r in rounds if r.within_budget]
+    bad = [r for r in rounds if not r.within_budget]
+    meas = max(value(last), 1e-9)
+    guess = last.budget_kl * min(4.0, max(0.25, (target / meas) ** 0.9))
+    if ok and bad:
+        lo = max(r.budget_kl for r in ok)
+        hi = min((r.budget_kl for r in bad if r.budget_kl > lo), default=None)
+        if hi is not None and not lo < guess < hi:
+            guess = math.sqrt(lo * hi)
+    return guess

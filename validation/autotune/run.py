@@ -1,0 +1,342 @@
+"""The auto-tuner's run: calibration, sizes, sensitivity, allocation with real checks, held-out result.
+
+Steps (docs/python-api.md, "Auto-tuning"):
+
+1. load the model and the whole corpus; place the calibration windows after the evaluation
+   span, prefill them and run their baseline pass (:class:`CalibrationSet`);
+2. one real check of the built-in ``compact`` preset on them (a reference point, and the time
+   one check takes, for the time plan);
+3. each candidate's real size per tensor (``kv-compress metrics``, :func:`measure_sizes`);
+4. each tensor's ΔKL under each candidate (:func:`measure_sensitivity`);
+5. allocation rounds: solve for a KL budget, check the whole plan through the binary, move the
+   KL budget toward the target (a plan over the target is repaired by a tighter budget: the
+   tensors with the worst ΔKL per byte saved step back first), keep the smallest plan within it;
+6. the held-out result: the evaluation windows of ``validate_perplexity.py`` scored with the
+   tuned preset (and any ``--compare`` presets) exactly as that protocol scores them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+from validation.autotune.allocate import (
+    CalibrationSet,
+    SearchRound,
+    Verification,
+    allocate,
+    best_uniform,
+    next_budget,
+    predicted_kl,
+)
+from validation.autotune.sensitivity import (
+    Sensitivity,
+    calibration_starts,
+    evaluation_span,
+    kl_array,
+    measure_sensitivity,
+)
+from validation.autotune.space import (
+    ROLES,
+    Assignment,
+    Candidate,
+    SizeTable,
+    assignment_preset,
+    default_space,
+    load_space_file,
+    measure_sizes,
+    write_preset,
+)
+from validation.progress import progress_bar
+from validation.reports import Console
+
+
+class AutotuneError(ValueError):
+    """A bad option or an impossible search; the message names the allowed values and the value received."""
+
+
+@dataclass
+class Budget:
+    """The quality budget: ``kind`` "ppl_pct" (ΔPPL in % of the baseline), "ppl_abs" (ΔPPL) or "kl" (nats/token)."""
+
+    kind: str
+    value: float
+
+    @classmethod
+    def parse(cls, budget: Optional[str], budget_kl: Optional[float]) -> "Budget":
+        """``--budget 1%`` / ``--budget 0.18`` / ``--budget-kl 0.01``; exactly one (default ``1%``)."""
+        if budget is not None and budget_kl is not None:
+            raise AutotuneError(f"use either --budget or --budget-kl, not both (got --budget {budget} --budget-kl {budget_kl})")
+        if budget_kl is not None:
+            if not (math.isfinite(budget_kl) and budget_kl > 0):
+                raise AutotuneError(f"--budget-kl must be a positive number of nats per token, got {budget_kl}")
+            return cls("kl", float(budget_kl))
+        text = (budget or "1%").strip()
+        pct = text.endswith("%")
+        try:
+            value = float(text[:-1] if pct else text)
+        except ValueError:
+            raise AutotuneError(f"--budget must be a percentage of the baseline perplexity (e.g. 1%) or an absolute "
+                                f"ΔPPL (e.g. 0.18), got {text!r}") from None
+        if not (math.isfinite(value) and value > 0):
+            raise AutotuneError(f"--budget must be > 0, got {text!r}")
+        return cls("ppl_pct" if pct else "ppl_abs", value)
+
+    def describe(self) -> str:
+        """E.g. "ΔPPL <= 1% of the baseline"."""
+        return {"ppl_pct": f"ΔPPL <= {self.value:g}% of the baseline perplexity",
+                "ppl_abs": f"ΔPPL <= {self.value:g}", "kl": f"KL <= {self.value:g} nats per token"}[self.kind]
+
+    def metric(self) -> str:
+        """The Verification attribute compared with :meth:`target`."""
+        return {"ppl_pct": "delta_pct", "ppl_abs": "delta", "kl": "kl"}[self.kind]
+
+    def target(self, margin: float) -> float:
+        """What the calibration measurement must stay at or under: ``margin`` times the budget."""
+        return self.value * margin
+
+    def initial_kl(self, margin: float, baseline_ppl: float) -> float:
+        """The first round's KL budget: ΔNLL is close to KL, so ln(1 + budget) for a perplexity budget."""
+        if self.kind == "kl":
+            return self.value * margin
+        pct = self.value if self.kind == "ppl_pct" else 100.0 * self.value / baseline_ppl
+        return math.log1p(pct * margin / 100.0)
+
+    def met(self, v: Verification, margin: float = 1.0) -> bool:
+        """Whether a measurement is within ``margin`` times the budget."""
+        return getattr(v, self.metric()) <= self.target(margin)
+
+
+@dataclass
+class AutotuneOptions:
+    """Everything a tuning run is configured with (the flags of ``python -m validation.autotune``)."""
+
+    budget: Budget = field(default_factory=lambda: Budget("ppl_pct", 1.0))
+    output: str = "autotune-results/preset.json"
+    report_dir: Optional[str] = None
+    model: Optional[str] = "embedded"
+    dataset: Optional[str] = "embedded"
+    text_file: Optional[str] = None
+    max_length: int = 1024
+    stride: int = 256
+    eval_windows: int = 16
+    calibration_windows: int = 8
+    sensitivity_tokens: int = 16
+    batch_windows: int = 4
+    space: str = "default"
+    space_file: Optional[str] = None
+    bits: Tuple[int, ...] = (2, 3, 4, 8)
+    rounds: int = 4
+    margin: float = 0.9
+    max_minutes: float = 15.0
+    heldout: bool = True
+    compare: List[str] = field(default_factory=list)
+    sink: int = 1
+    device: Optional[str] = None
+    name: str = "autotuned"
+
+    def check(self) -> None:
+        """Raise AutotuneError naming the allowed values and the value received for a bad option."""
+        for flag, value, lo in (("--max-length", self.max_length, 2), ("--eval-windows", self.eval_windows, 1),
+                                ("--calibration-windows", self.calibration_windows, 1),
+                                ("--sensitivity-tokens", self.sensitivity_tokens, 1),
+                                ("--batch-windows", self.batch_windows, 1), ("--rounds", self.rounds, 1)):
+            if value < lo:
+                raise AutotuneError(f"{flag} must be >= {lo}, got {value}")
+        if not 1 <= self.stride < self.max_length:
+            raise AutotuneError(f"--stride must be in [1, {self.max_length - 1}], got {self.stride}")
+        if self.sensitivity_tokens > self.stride - 1:
+            raise AutotuneError(f"--sensitivity-tokens must be in [1, stride - 1 = {self.stride - 1}], got {self.sensitivity_tokens}")
+        if not 0 < self.margin <= 1:
+            raise AutotuneError(f"--margin must be in (0, 1], got {self.margin}")
+        if not (math.isfinite(self.max_minutes) and self.max_minutes > 0):
+            raise AutotuneError(f"--max-minutes must be > 0, got {self.max_minutes}")
+        if self.sink < 0:
+            raise AutotuneError(f"--sink must be >= 0, got {self.sink}")
+
+
+@dataclass
+class AutotuneResult:
+    """What a run found and measured (the report's content)."""
+
+    options: AutotuneOptions
+    preset: Dict[str, Any]
+    assignment: Assignment
+    candidates: Dict[str, List[Candidate]]
+    sizes: SizeTable
+    sensitivity: Sensitivity
+    rounds: List[SearchRound]
+    chosen_round: int
+    calibration_starts: List[int]
+    evaluation_span: Tuple[int, int]
+    reference: Optional[Verification]
+    uniform: Optional[Tuple[Assignment, Verification]]
+    heldout: List[Tuple[str, Verification]]
+    timings: Dict[str, float]
+    model_info: Dict[str, Any]
+    corpus_info: Dict[str, Any]
+    budget_met: bool
+    notes: List[str] = field(default_factory=list)
+
+
+def _candidates(opts: AutotuneOptions, head_dim: int) -> Dict[str, List[Candidate]]:
+    if opts.space_file:
+        return load_space_file(opts.space_file, head_dim)
+    out = {r: default_space(r, head_dim, opts.space, opts.bits) for r in ROLES}
+    for r in ROLES:
+        if not out[r]:
+            raise AutotuneError(f"no {r} candidate of space {opts.space!r} with bits {list(opts.bits)} fits head_dim {head_dim}")
+    return out
+
+
+def run_autotune(opts: AutotuneOptions, console: Optional[Console] = None, progress: bool = True) -> AutotuneResult:
+    """Tune a preset under ``opts.budget``; write it to ``opts.output`` and return the result (report not written)."""
+    import torch
+
+    from validation.options import ValidationOptions
+    from validation.runner import load_run_inputs
+
+    opts.check()
+    console = console or Console(False)
+    t_start = time.perf_counter()
+    cpu_start = time.process_time()
+    deadline = t_start + 60.0 * opts.max_minutes
+    timings: Dict[str, float] = {}
+    vopts = ValidationOptions(model=opts.model, dataset=opts.dataset, text_file=opts.text_file, max_length=opts.max_length,
+                              stride=opts.stride, max_samples=0, device=opts.device)
+    inputs = load_run_inputs(vopts, console, title="Auto-tune under a quality budget", steps=6)
+    model, ids = inputs.model, inputs.token_ids.reshape(-1)
+    timings["load_s"] = time.perf_counter() - t_start
+    span = evaluation_span(opts.eval_windows, opts.max_length, opts.stride)
+    try:
+        starts = calibration_starts(ids.numel(), opts.calibration_windows, opts.max_length, span)
+    except ValueError as e:
+        raise AutotuneError(str(e)) from None
+    head_dim = model.config.head_dim if getattr(model.config, "head_dim", None) else \
+        model.config.hidden_size // model.config.num_attention_heads
+    candidates = _candidates(opts, head_dim)
+    console.info(f"Budget: {opts.budget.describe()} (the search aims at {opts.margin:g} x on calibration)")
+    console.info(f"Evaluation span: tokens [0, {span}); calibration windows at {starts[0]}..{starts[-1] + opts.max_length} "
+                 f"of {ids.numel()} tokens")
+    console.info("Candidates: " + "; ".join(f"{r}: {', '.join(c.name for c in candidates[r])}" for r in ROLES))
+
+    console.step(2, 6, "Prefilling the calibration windows and their baseline pass...")
+    t = time.perf_counter()
+    bar = progress_bar(total=len(starts), desc="calibration prefill", unit="window", enabled=progress)
+    calib = CalibrationSet.build(model, ids, starts, opts.max_length, opts.stride, opts.batch_windows, bar)
+    bar.close()
+    timings["calibration_prefill_s"] = time.perf_counter() - t
+    reference = calib.verify(model, "compact", "compact (built-in)")
+    per_check = reference.seconds
+    console.info(f"compact on calibration: ΔPPL {reference.delta:+.4f} ({reference.delta_pct:+.2f}%), KL {reference.kl:.5f}, "
+                 f"{reference.disk_ratio_vs_fp16:.2f}x; one check takes {per_check:.1f} s")
+
+    console.step(3, 6, "Measuring each candidate's size through the binary...")
+    t = time.perf_counter()
+    first = calib.batches[0]["layers"]
+    bar = progress_bar(total=max(len(candidates[r]) for r in ROLES), desc="sizes", unit="call", enabled=progress)
+    sizes = measure_sizes(first, candidates, sink=opts.sink, progress=bar)
+    bar.close()
+    timings["sizes_s"] = time.perf_counter() - t
+
+    console.step(4, 6, "Measuring each tensor's sensitivity (ΔKL with only that tensor degraded)...")
+    t = time.perf_counter()
+    layers = [(torch.cat([b["layers"][i][0] for b in calib.batches]), torch.cat([b["layers"][i][1] for b in calib.batches]))
+              for i in range(len(first))]
+    ctx = calib.context
+    sens_inputs = torch.cat([b["tokens"][:, ctx:ctx + opts.sensitivity_tokens] for b in calib.batches])
+    reserve = (opts.rounds + 2) * per_check * 1.2
+    n_passes = sum(c.bits != 8 for r in ROLES for c in candidates[r]) * len(first)
+    bar = progress_bar(total=n_passes, desc="sensitivity", unit="pass", enabled=progress)
+    eta_said = [False]
+
+    def on_pass(done: int, total: int) -> None:
+        bar.update(1)
+        if not eta_said[0] and done >= max(10, total // 20):
+            eta_said[0] = True
+            rate = (time.perf_counter() - t) / done
+            left = rate * (total - done) + reserve
+            console.info(f"Time estimate: {rate:.2f} s per pass, about {left / 60:.1f} more minutes "
+                         f"(bounded by --max-minutes {opts.max_minutes:g})")
+
+    sens = measure_sensitivity(model, layers, sens_inputs, candidates, opts.sink, deadline=deadline - reserve, on_pass=on_pass)
+    bar.close()
+    del layers
+    timings["sensitivity_s"] = time.perf_counter() - t
+    for note in sens.notes:
+        console.info(note)
+
+    console.step(5, 6, "Allocating under the budget and checking each plan through the binary...")
+    t = time.perf_counter()
+    kl = kl_array(sens)
+    target = opts.budget.target(opts.margin)
+    budget_kl = opts.budget.initial_kl(opts.margin, reference.baseline_ppl)
+    rounds: List[SearchRound] = []
+    work = os.path.dirname(os.path.abspath(opts.output))
+    os.makedirs(work, exist_ok=True)
+    notes: List[str] = []
+    for i in range(opts.rounds):
+        if i > 0 and time.perf_counter() + per_check > deadline:
+            notes.append(f"--max-minutes left time for {i} of {opts.rounds} allocation rounds")
+            break
+        a = allocate(kl, sizes, candidates, budget_kl)
+        if a is None:
+            budget_kl *= 2
+            continue
+        path = write_preset(assignment_preset(a, f"{opts.name}-round{i}", "auto-tune round", opts.sink), opts.output + f".round{i}.json")
+        v = calib.verify(model, path, f"round {i}")
+        os.remove(path)
+        v.predicted_kl, v.budget_kl = predicted_kl(kl, a), budget_kl
+        ok = opts.budget.met(v, opts.margin)
+        rounds.append(SearchRound(budget_kl, a, v, ok))
+        console.info(f"round {i}: KL budget {budget_kl:.5f} (sum of parts {v.predicted_kl:.5f}) -> measured KL {v.kl:.5f}, "
+                     f"ΔPPL {v.delta:+.4f} ({v.delta_pct:+.2f}%), {v.disk_ratio_vs_fp16:.3f}x ({'within' if ok else 'over'})")
+        budget_kl = next_budget(rounds, target, opts.budget.metric())
+    if not rounds:
+        raise AutotuneError(f"no plan of the candidates fits a KL budget up to {budget_kl:.3g}: widen --bits or --space")
+    ok_rounds = [j for j, r in enumerate(rounds) if r.within_budget]
+    if ok_rounds:
+        chosen = max(ok_rounds, key=lambda j: rounds[j].verification.disk_ratio_vs_fp16)
+    else:
+        chosen = min(range(len(rounds)), key=lambda j: getattr(rounds[j].verification, opts.budget.metric()))
+        notes.append("no round met the budget on calibration: the preset is the round closest to it")
+    assignment = rounds[chosen].assignment
+    uniform = None
+    ua = best_uniform(kl, sizes, candidates, rounds[chosen].budget_kl)
+    if ua is not None and time.perf_counter() + per_check <= deadline + 60:
+        upath = write_preset(assignment_preset(ua, "uniform", "best uniform", opts.sink), opts.output + ".uniform.json")
+        uniform = (ua, calib.verify(model, upath, "best uniform of the space"))
+        os.remove(upath)
+    timings["allocation_s"] = time.perf_counter() - t
+    timings["search_s"] = time.perf_counter() - t_start
+    timings["search_cpu_s"] = time.process_time() - cpu_start
+    cal = rounds[chosen].verification
+    description = (f"auto-tuned under {opts.budget.describe()} on {len(starts)} calibration windows of "
+                   f"{inputs.choice.display_name}: {cal.delta_pct:+.2f}% ΔPPL, {cal.disk_ratio_vs_fp16:.2f}x on calibration")
+    preset = assignment_preset(assignment, opts.name, description, opts.sink)
+    write_preset(preset, opts.output)
+
+    heldout: List[Tuple[str, Verification]] = []
+    if opts.heldout:
+        console.step(6, 6, "Held-out result: the evaluation windows of validate_perplexity.py...")
+        t = time.perf_counter()
+        eval_starts = list(range(0, opts.eval_windows * opts.stride, opts.stride))
+        bar = progress_bar(total=len(eval_starts), desc="held-out prefill", unit="window", enabled=progress)
+        ev = CalibrationSet.build(model, ids, eval_starts, opts.max_length, opts.stride, opts.batch_windows, bar)
+        bar.close()
+        for label, p in [(opts.name, opts.output)] + [(c, c) for c in opts.compare]:
+            v = ev.verify(model, p, label)
+            heldout.append((label, v))
+            console.info(f"held-out {label}: ΔPPL {v.delta:+.4f} ({v.delta_pct:+.2f}%), KL {v.kl:.5f}, "
+                         f"{v.disk_ratio_vs_fp16:.3f}x on disk")
+        timings["heldout_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - t_start
+    timings["total_cpu_s"] = time.process_time() - cpu_start
+    model_info = {"name": inputs.choice.display_name, "source": inputs.choice.source,
+                  "num_layers": len(first), "head_dim": head_dim, "num_kv_heads": int(first[0][0].shape[1])}
+    met = rounds[chosen].within_budget
+    return AutotuneResult(opts, preset, assignment, candidates, sizes, sens, rounds, chosen, starts, (0, span),
+                          reference, uniform, heldout, timings, model_info, inputs.corpus_info, met, notes + sens.notes)
