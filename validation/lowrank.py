@@ -12,7 +12,7 @@ columns); kv-compress quantizes the coefficients and rebuilds ``ĉ · Bᵀ + mea
   [kv_heads, head_dim, r] and ``.mean`` [kv_heads, head_dim], float16 by default.
 
 The bases live in a sidecar rather than in the JSON: a SmolLM2 rank-32 value set is 368 KB as
-float16 and would be several MB of decimal text (docs/decisions/ADR-007-low-rank-projection.md).
+float16 and would be several MB of decimal text (docs/decisions/ADR-008-low-rank-projection.md).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import (
 // ProjectionEntry is the optional "projection" object of a container's index
 // entry: the tensor's rows were projected onto Rank coefficients per head
 // before quantizing, and the entry embeds the basis and mean it needs, so a
-// container decodes on its own (docs/decisions/ADR-007-low-rank-projection.md).
+// container decodes on its own (docs/decisions/ADR-008-low-rank-projection.md).
 type ProjectionEntry struct {
 	// Rank is r, the number of coefficients per row (1 <= r <= head_dim).
 	Rank int `json:"rank"`
