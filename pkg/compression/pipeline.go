@@ -239,28 +239,39 @@ func compressGeneral(t *safetensors.Tensor, plan tensorPlan, cfg Config, ws *wor
 	if err != nil {
 		return ct, err
 	}
-	e := &ct.entry
-	e.Mode, e.Scheme, e.Axis, e.Rotate, e.Sink = modeName(plan.Bits), plan.Scheme, plan.Axis, plan.Rotate, plan.Sink
-	e.GroupSize = ownGroup(plan, cfg)
-	add := func(suffix string, raw []byte) *Payload {
-		data, encoding := ws.pe.encode(raw)
-		p := &Payload{Tensor: t.Name + suffix, Encoding: encoding, RawBytes: int64(len(raw)), CRC32C: checksum(data)}
-		ct.payload = append(ct.payload, u8Tensor(p.Tensor, data))
-		ct.report.CompressedBytes += int64(len(data))
-		return p
-	}
-	e.Codes = add(SuffixCodes, enc.codes)
-	e.Scales = add(SuffixScales, enc.scales)
-	if len(enc.mins) > 0 { // no groups (every position in the sink): no minimums, as the index rules say
-		e.Mins = add(SuffixMins, enc.mins)
-	}
-	if enc.sink != nil {
-		e.SinkP = add(SuffixSink, enc.sink)
-	}
+	e := ct.addQuantized(t.Name, plan, cfg, ws, enc.codes, enc.scales, enc.mins, enc.sink)
 	ct.stats = enc.stats
 	ct.report.Mode = e.Mode
 	ct.report.Quality = enc.stats.quality()
 	return ct, nil
+}
+
+// addPayload encodes raw with the worker's payload encoder, appends it as the
+// U8 tensor name+suffix and returns its index entry.
+func (ct *compressedTensor) addPayload(ws *workerScratch, name, suffix string, raw []byte) *Payload {
+	data, encoding := ws.pe.encode(raw)
+	p := &Payload{Tensor: name + suffix, Encoding: encoding, RawBytes: int64(len(raw)), CRC32C: checksum(data)}
+	ct.payload = append(ct.payload, u8Tensor(p.Tensor, data))
+	ct.report.CompressedBytes += int64(len(data))
+	return p
+}
+
+// addQuantized fills the entry fields a general-path tensor takes from its plan
+// and adds its code, scale, minimum (when any) and sink (when non-nil) payloads,
+// in that order; it returns the entry for the caller to finish.
+func (ct *compressedTensor) addQuantized(name string, plan tensorPlan, cfg Config, ws *workerScratch, codes, scales, mins, sink []byte) *Entry {
+	e := &ct.entry
+	e.Mode, e.Scheme, e.Axis, e.Rotate, e.Sink = modeName(plan.Bits), plan.Scheme, plan.Axis, plan.Rotate, plan.Sink
+	e.GroupSize = ownGroup(plan, cfg)
+	e.Codes = ct.addPayload(ws, name, SuffixCodes, codes)
+	e.Scales = ct.addPayload(ws, name, SuffixScales, scales)
+	if len(mins) > 0 { // no groups (every position in the sink): no minimums, as the index rules say
+		e.Mins = ct.addPayload(ws, name, SuffixMins, mins)
+	}
+	if sink != nil {
+		e.SinkP = ct.addPayload(ws, name, SuffixSink, sink)
+	}
+	return e
 }
 
 // Restored is a decompressed container: the original tensors and metadata.

@@ -134,27 +134,10 @@ func compressProjected(t *safetensors.Tensor, plan tensorPlan, cfg Config, ws *w
 	}
 	st.n = int64(n)
 
-	e := &ct.entry
-	e.Mode, e.Scheme, e.Axis, e.Rotate, e.Sink = modeName(plan.Bits), plan.Scheme, plan.Axis, plan.Rotate, plan.Sink
-	e.GroupSize = ownGroup(plan, cfg)
-	add := func(suffix string, raw []byte) *Payload {
-		data, encoding := ws.pe.encode(raw)
-		p := &Payload{Tensor: t.Name + suffix, Encoding: encoding, RawBytes: int64(len(raw)), CRC32C: checksum(data)}
-		ct.payload = append(ct.payload, u8Tensor(p.Tensor, data))
-		ct.report.CompressedBytes += int64(len(data))
-		return p
-	}
-	e.Codes = add(SuffixCodes, enc.codes)
-	e.Scales = add(SuffixScales, enc.scales)
-	if len(enc.mins) > 0 {
-		e.Mins = add(SuffixMins, enc.mins)
-	}
-	if sink != nil {
-		e.SinkP = add(SuffixSink, sink)
-	}
+	e := ct.addQuantized(t.Name, plan, cfg, ws, enc.codes, enc.scales, enc.mins, sink)
 	e.Projection = &ProjectionEntry{Rank: r, Heads: b.Heads, DType: string(b.DType)}
-	e.Projection.Basis = add(SuffixBasis, b.basisRaw)
-	e.Projection.Mean = add(SuffixMean, b.meanRaw)
+	e.Projection.Basis = ct.addPayload(ws, t.Name, SuffixBasis, b.basisRaw)
+	e.Projection.Mean = ct.addPayload(ws, t.Name, SuffixMean, b.meanRaw)
 	ct.stats = st
 	ct.report.Mode = e.Mode
 	ct.report.Quality = st.quality()
