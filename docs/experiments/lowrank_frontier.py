@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import List, Sequence, Tuple
 
+from frontier_plot import finish, new_figure
+
 # (label, ratio vs fp16 on disk, ΔPPL %) of the format-2 quantization runs in docs/codec-frontier.md.
 QUANTIZATION: List[Tuple[str, float, float]] = [
     ("default", 4.40, 0.27),
@@ -42,12 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("runs", nargs="+")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = new_figure(7.5, 4.8)
     for label, pts, marker, colour in (("quantization", QUANTIZATION, "o", "tab:blue"),
                                        ("low-rank projection (+ quantized coefficients)", load_runs(args.runs), "s", "tab:red")):
         ax.scatter([p[1] for p in pts], [p[2] for p in pts], marker=marker, color=colour, label=label, zorder=3)
@@ -57,12 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ax.set_yscale("log")
     ax.set_xlabel("ratio vs float16 on disk (bases included)")
     ax.set_ylabel("ΔPPL % (log scale)")
-    ax.set_title("SmolLM2-135M, embedded Wikipedia, 4,096 scored tokens")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(args.out, dpi=110)
-    print(f"wrote {args.out}")
+    finish(fig, ax, "SmolLM2-135M, embedded Wikipedia, 4,096 scored tokens", args.out)
     return 0
 
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Sequence
 
+from frontier_plot import finish, new_figure
+
 HERE = Path(__file__).resolve().parent
 STYLE: Dict[str, tuple] = {  # family -> (marker, colour)
     "quantization": ("o", "tab:blue"),
@@ -58,12 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", default=str(HERE.parent / "img" / "families-frontier.png"))
     args = ap.parse_args(argv)
     points, families = load(Path(args.data))
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9, 5.6))
+    fig, ax = new_figure(9, 5.6)
     for fam, (marker, colour) in STYLE.items():
         pts = [p for p in points if p.family == fam]
         ax.scatter([p.ratio for p in pts], [p.delta_percent for p in pts], marker=marker, color=colour,
@@ -82,12 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ax.set_ylim(-0.01, 200)
     ax.set_xlabel("ratio vs float16 on disk (log scale; low-rank bases included)")
     ax.set_ylabel("ΔPPL, % of the baseline (symlog, linear under 0.1%)")
-    ax.set_title("SmolLM2-135M, embedded Wikipedia, 4,096 scored tokens: every family on one axis")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(args.out, dpi=110)
-    print(f"wrote {args.out}")
+    finish(fig, ax, "SmolLM2-135M, embedded Wikipedia, 4,096 scored tokens: every family on one axis", args.out)
     return 0
 
 
