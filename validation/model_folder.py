@@ -17,9 +17,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Dict
+
+from validation.atomic import write_text_atomic
 
 # A tokenizer class every supported release knows; 5.x maps it onto its TokenizersBackend. Both
 # load tokenizer.json as is, so the token ids do not depend on the release.
@@ -27,17 +28,8 @@ PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
 
 
 def _write_json_atomic(path: Path, data: Dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)  # replaces a hard link too: the file it shared is left as it was
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    # replaces a hard link too: the file it shared is left as it was
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _read_json_object(path: Path) -> Dict[str, Any]:

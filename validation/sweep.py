@@ -29,10 +29,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,6 +40,7 @@ import numpy as np
 import torch
 
 from validation import jsonio
+from validation.atomic import write_text_atomic
 from validation import models
 from validation import options as run_options
 from validation import protocol
@@ -440,7 +439,7 @@ def run_sweep(
         "versions": reports._versions(),
     }
     jsonio.write_json_atomic(files["json"], report)
-    _write_text_atomic(files["markdown"], _markdown_document(sweep, rows, title, command))
+    write_text_atomic(files["markdown"], _markdown_document(sweep, rows, title, command))
     if options.output_json:
         jsonio.write_json_atomic(options.output_json, report)
 
@@ -485,20 +484,6 @@ def _markdown_document(sweep: SweepOutcome, rows: Sequence[SweepRow], title: str
         "",
     ]
     return "\n".join(lines)
-
-
-def _write_text_atomic(path: str, text: str) -> None:
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _print_summary(console: reports.Console, sweep: SweepOutcome) -> None:
