@@ -136,22 +136,6 @@ func FuzzBitsRowDecoder(f *testing.F) {
 		codes := data[:nCodes]
 		scales := data[nCodes : nCodes+nScales]
 		mins := data[nCodes+nScales : nCodes+nScales+nMins]
-		sink := make([]byte, p.Sink*dim*dt.Bits()/8)
-		for i := range sink {
-			sink[i] = byte(i * 7)
-		}
-		n := seq * dim * dt.Bits() / 8
-		vecOut, scalarOut := make([]byte, n), make([]byte, n)
-		defer func(old bool) { simdEnabled = old }(simdEnabled)
-		simdEnabled = haveSIMD
-		vecErr := decodeGeneral(e, p, codes, scales, mins, sink, vecOut, &generalScratch{})
-		simdEnabled = false
-		scalarErr := decodeGeneral(e, p, codes, scales, mins, sink, scalarOut, &generalScratch{})
-		if (vecErr == nil) != (scalarErr == nil) || (vecErr != nil && vecErr.Error() != scalarErr.Error()) {
-			t.Fatalf("errors differ: vector %v, scalar %v", vecErr, scalarErr)
-		}
-		if vecErr == nil && !bytes.Equal(vecOut, scalarOut) {
-			t.Fatalf("restored bytes differ from the scalar decoder's")
-		}
+		assertDecodeMatchesScalar(t, e, p, codes, scales, mins, seq, dim, dt)
 	})
 }

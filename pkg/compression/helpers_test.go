@@ -2,6 +2,7 @@ package compression
 
 import (
 	"bytes"
+	"errors"
 	"math"
 	"math/rand/v2"
 	"testing"
@@ -94,4 +95,48 @@ func asContainer(tb testing.TB, res *Result) *safetensors.File {
 		tb.Fatal(err)
 	}
 	return container
+}
+
+// assertDecodeMatchesScalar decodes the same streams of a [.., seq, dim] tensor of dt
+// (with a deterministic sink of p.Sink rows) once with the vector kernels, when the
+// CPU has them, and once with the scalar ones, and fails unless both give the same
+// error or the same bytes.
+func assertDecodeMatchesScalar(t *testing.T, e *Entry, p tensorPlan, codes, scales, mins []byte, seq, dim int, dt safetensors.DType) {
+	t.Helper()
+	sink := make([]byte, p.Sink*dim*dt.Bits()/8)
+	for i := range sink {
+		sink[i] = byte(i * 7)
+	}
+	n := seq * dim * dt.Bits() / 8
+	vecOut, scalarOut := make([]byte, n), make([]byte, n)
+	defer func(old bool) { simdEnabled = old }(simdEnabled)
+	simdEnabled = haveSIMD
+	vecErr := decodeGeneral(e, p, codes, scales, mins, sink, vecOut, &generalScratch{})
+	simdEnabled = false
+	scalarErr := decodeGeneral(e, p, codes, scales, mins, sink, scalarOut, &generalScratch{})
+	if (vecErr == nil) != (scalarErr == nil) || (vecErr != nil && vecErr.Error() != scalarErr.Error()) {
+		t.Fatalf("errors differ: vector %v, scalar %v", vecErr, scalarErr)
+	}
+	if vecErr == nil && !bytes.Equal(vecOut, scalarOut) {
+		t.Fatalf("restored bytes differ from the scalar decoder's")
+	}
+}
+
+// decompressFuzzInput parses data as a container and decodes it on two workers
+// within fuzzBudget. It returns nil when either step refuses the input, and fails
+// the test on ErrInternal, which no input may cause.
+func decompressFuzzInput(t *testing.T, data []byte) *Restored {
+	t.Helper()
+	file, err := safetensors.Parse(data)
+	if err != nil {
+		return nil
+	}
+	restored, err := DecompressWithin(file, 2, fuzzBudget)
+	if errors.Is(err, ErrInternal) {
+		t.Fatalf("internal error: %v", err)
+	}
+	if err != nil {
+		return nil
+	}
+	return restored
 }
