@@ -130,6 +130,8 @@ class Candidate:
         steps = plan.get("steps") or 0
         if isinstance(steps, float) and steps.is_integer():
             steps = int(steps)
+        if steps and steps == max_steps(plan["scheme"], int(plan["bits"])):
+            steps = 0  # the width's own divisor: the same plan as no steps
         return cls(role, plan["scheme"], int(plan["bits"]), int(plan["group_size"]), plan["rotate"], plan["axis"], steps)
 
 
@@ -212,7 +214,8 @@ def assignment_preset(a: Assignment, name: str, description: str, sink: int = 1,
     """The preset file (docs/cli.md) that gives every tensor its candidate.
 
     The most frequent candidate of each role becomes the role plan (``keys`` / ``values``, every
-    field explicit); each other candidate becomes one ``layers`` entry listing its layers. Base
+    field explicit); each other candidate becomes one ``layers`` entry listing its layers (with
+    ``steps`` explicit when the role plan has steps and the candidate has none). Base
     ``default`` supplies the rest (entropy stage ``auto``); ``sink`` positions stay exact.
     """
     out: Dict[str, Any] = {"name": name, "description": description, "base": "default", "codec": {"sink": sink}}
@@ -224,11 +227,24 @@ def assignment_preset(a: Assignment, name: str, description: str, sink: int = 1,
             if ci != common:
                 layer_entries.setdefault((role, ci), []).append(layer)
     if layer_entries:
-        out["layers"] = [{"layers": layers, role: a.candidates[role][ci].plan}
+        out["layers"] = [{"layers": layers, role: _layer_plan(a.candidates[role][ci], out[role])}
                          for (role, ci), layers in sorted(layer_entries.items(), key=lambda kv: kv[1][0])]
     if extra:
         out.update(extra)
     return out
+
+
+def _layer_plan(c: Candidate, role_plan: Dict[str, Any]) -> Dict[str, Any]:
+    """``c``'s plan as a ``layers`` entry over ``role_plan``.
+
+    A layer plan's absent field keeps the role plan's value, so a candidate without steps under a
+    role plan with steps states its width's own divisor explicitly (the same divisor, so the same
+    codes, bit for bit).
+    """
+    plan = c.plan
+    if "steps" in role_plan and "steps" not in plan:
+        plan["steps"] = max_steps(c.scheme, c.bits)
+    return plan
 
 
 def uniform_preset(keys: Candidate, values: Candidate, name: str, sink: int = 1) -> Dict[str, Any]:
