@@ -151,6 +151,8 @@ def test_default_space_holds_the_compact_plans_with_steps() -> None:
     assert (keys.name, values.name) == ("k4s7-asym-ch128", "v4s4-sym-had-tok64")
     assert (keys.levels, values.levels) == (8, 9)
     assert Candidate.from_plan("values", values.plan) == values and values.plan["steps"] == 4
+    # steps equal to the width's own divisor are the plan without steps
+    assert Candidate.from_plan("keys", {**keys.plan, "steps": 15}) == Candidate("keys", "asym", 4, 128, "none", "channel")
     assert "steps" not in Candidate("keys", "asym", 4, 128, "none", "channel").plan
     assert not any(c.steps for c in default_space("keys", 64, bits=(2, 3, 8)))
     with pytest.raises(SpaceError, match=r"unknown \['stepz'\]"):
@@ -353,10 +355,10 @@ def test_autotune_end_to_end_through_the_binary(kv_compress_bin: str, small_mode
     assert len(doc["tensors"]) == 2 * 4 and all(t["bytes"] > 0 for t in doc["tensors"])
     assert doc["candidates"] == {"keys": ["k3-asym-ch128", "k4-asym-ch128", "k4s7-asym-ch128"],
                                  "values": ["v3-sym-had-tok64", "v3-asym-had-tok64", "v4-sym-had-tok64", "v4s4-sym-had-tok64"]}
-    # every tensor's plan in the written preset is one of the candidates, steps included
-    plans = {r: [c.plan for c in map(lambda p, r=r: Candidate.from_plan(r, p), json.loads(space.read_text())[r])] for r in ROLES}
-    assert all(preset[r] in plans[r] for r in ROLES)
-    assert all(entry[r] in plans[r] for entry in preset.get("layers", []) for r in ROLES if r in entry)
+    # every plan in the written preset is one of the candidates, steps included
+    cands = {r: [Candidate.from_plan(r, p) for p in json.loads(space.read_text())[r]] for r in ROLES}
+    assert all(Candidate.from_plan(r, preset[r]) in cands[r] for r in ROLES)
+    assert all(Candidate.from_plan(r, entry[r]) in cands[r] for entry in preset.get("layers", []) for r in ROLES if r in entry)
     # the preset runs through validate_perplexity.py, and its size matches the held-out measurement
     report = tmp_path / "vp.json"
     rc = vp.main(["--model", str(small_model_dir), "--text-file", str(long_corpus), "--cpu", "--max-length", "64",
