@@ -149,6 +149,7 @@ fuzz:
 	$(GOX) test -run '^$$' -fuzz FuzzRowEncoder -fuzztime $(FUZZTIME) -fuzzminimizetime 200x ./pkg/compression
 	$(GOX) test -run '^$$' -fuzz FuzzRowDecoder -fuzztime $(FUZZTIME) -fuzzminimizetime 200x ./pkg/compression
 	$(GOX) test -run '^$$' -fuzz FuzzBitsRowDecoder -fuzztime $(FUZZTIME) -fuzzminimizetime 200x ./pkg/compression
+	$(GOX) test -run '^$$' -fuzz FuzzProjectedDecompress -fuzztime $(FUZZTIME) -fuzzminimizetime 200x ./pkg/compression
 	$(GOX) test -run '^$$' -fuzz FuzzRoundTrip -fuzztime $(FUZZTIME) -fuzzminimizetime 200x ./pkg/compression
 
 # The codec frontier: every configuration of the sweep grid on the same windows.

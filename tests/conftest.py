@@ -108,6 +108,26 @@ def make_tiny_llama(
     return model
 
 
+# A small Gemma 3: sliding-window layers (window GEMMA_WINDOW) before one full layer, head_dim 256.
+GEMMA_LAYERS = 4
+GEMMA_WINDOW = 8
+GEMMA_HEAD_DIM = 256
+
+
+def make_tiny_gemma3(seed: int = 0):
+    """A random float32 ``Gemma3ForCausalLM``: 4 layers (3 sliding, window 8, then 1 full), 1 KV head, head_dim 256."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(
+        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=GEMMA_LAYERS,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=GEMMA_HEAD_DIM, sliding_window=GEMMA_WINDOW,
+        layer_types=["sliding_attention"] * (GEMMA_LAYERS - 1) + ["full_attention"], max_position_embeddings=512,
+        bos_token_id=0, eos_token_id=1, pad_token_id=0,
+    )
+    return Gemma3ForCausalLM(config).eval()
+
+
 @pytest.fixture(scope="session")
 def tiny_llama():
     """A random float32 Llama with TinyLlama's cache geometry: 22 layers, 4 KV heads, head_dim 64."""

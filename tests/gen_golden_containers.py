@@ -48,6 +48,9 @@ CASES: List[Tuple[str, str, List[str]]] = [
     ("long_f16.safetensors", "preset-nf-steps", ["--preset", "pkg/compression/testdata/golden/presets/nf-steps.json"]),
     # The compact preset once it became steps in 4-bit codes (long_f16 holds the earlier compact's container).
     ("cache_f16.safetensors", "preset-compact-steps", ["--preset", "compact"]),
+    # Low-rank projection (issue 12): presets written by tests/gen_golden_bases.py, preset paths relative to the repository root.
+    ("long_f16.safetensors", "lowrank-v16", ["--preset", "pkg/compression/testdata/golden/projection/lowrank-v16.json"]),
+    ("long_f16.safetensors", "lowrank-kv8-f32", ["--preset", "pkg/compression/testdata/golden/projection/lowrank-kv8-f32.json"]),
 ]
 
 # Golden inputs this script writes itself when they are missing (the Go golden

@@ -274,9 +274,16 @@ def test_batch_check_rejects_batch_of_two():
 def test_metadata_from_cache_rejects_empty_and_ragged():
     with pytest.raises(ValueError, match="empty"):
         metadata_from_cache(())
-    layers = random_layers(2) + random_layers(1, seq_len=6)
-    with pytest.raises(ValueError, match=r"layer 2 shape \(1, 4, 6, 64\) differs from layer 0"):
+    layers = random_layers(2) + random_layers(1, heads=2)
+    with pytest.raises(ValueError, match=r"layer 2 shape \(1, 2, 5, 64\) differs from layer 0"):
         metadata_from_cache(layers)
+
+
+def test_metadata_from_cache_records_per_layer_lengths():
+    # layers may differ in length only (sliding windows): seq_len is the longest, the rest listed
+    layers = random_layers(2) + random_layers(1, seq_len=6)
+    meta = metadata_from_cache(layers)
+    assert (meta.seq_len, meta.layer_seq_lens, meta.layer_lengths) == (6, [5, 5, 6], [5, 5, 6])
 
 
 # -----------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from validation.options import (
     DEFAULT_STRIDE,
     DEFAULT_THRESHOLD,
     DEFAULT_WINDOWS,
+    DEVICE_MAPS,
     GATES,
     GROUP_SIZES,
     ValidationError,
@@ -59,12 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick-test", action="store_true", help="synthetic cache + random Llama, no download, < 1 min")
     p.add_argument("--cpu", action="store_true", help="force the CPU even when CUDA is available")
     p.add_argument("--device", help="torch device (cpu, cuda, cuda:1); default: cuda if available, else cpu")
+    p.add_argument("--device-map", choices=DEVICE_MAPS,
+                   help="spread a model larger than one GPU over every visible device with accelerate (auto)")
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="maximum acceptable perplexity delta, > 0 (default 0.5)")
     p.add_argument("--gate", choices=GATES, default=DEFAULT_GATE,
                    help="what must be below --threshold: the delta's point estimate (point, default) or the upper "
                         "end of its 95%% bootstrap interval (upper)")
     p.add_argument("--quiet", action="store_true", help="print only the verdict line")
-    p.add_argument("--model", help=f"Hugging Face id, local folder, or 'embedded' (default: {DEFAULT_MODEL} if cached "
+    p.add_argument("--model", help=f"Hugging Face id, local folder, 'embedded' (SmolLM2-135M) or 'gemma3-270m' (default: {DEFAULT_MODEL} if cached "
                                    "or reachable, else the embedded SmolLM2-135M)")
     p.add_argument("--dataset", choices=DATASET_CHOICES, help="wikitext (WikiText-2 raw test), embedded (= wiki), "
                    "or an embedded domain from exllamav2: wiki, c4 (web), code, multilingual, technical, tiny "
@@ -133,7 +136,7 @@ def options_from_args(args: argparse.Namespace, codec: Dict[str, Any]) -> Valida
     return ValidationOptions(
         model=args.model, dataset=args.dataset, text_file=args.text_file, max_length=args.max_length,
         stride=args.stride, max_samples=args.max_samples, batch_windows=args.batch_windows,
-        group_size=args.group_size, sparsity=args.sparsity, device=args.device, cpu=args.cpu,
+        group_size=args.group_size, sparsity=args.sparsity, device=args.device, device_map=args.device_map, cpu=args.cpu,
         threshold=args.threshold, gate=args.gate, seed=args.seed, output_json=args.output_json,
         hub_timeout=args.hub_timeout, plots=args.plots, selection=args.selection, keep_ratio=args.keep_ratio,
         attention_threshold=args.attention_threshold, min_tokens=args.min_tokens, max_tokens=args.max_tokens, **codec,

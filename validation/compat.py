@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from functools import lru_cache
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import transformers
@@ -173,14 +173,82 @@ def cache_to_layers(cache: Any) -> KVLayers:
     return layers
 
 
-def layers_to_cache(layers: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+def cache_token_counts(cache: Any) -> List[int]:
+    """Per layer, how many tokens the layer has seen: its stored length, or more for a sliding layer.
+
+    A transformers 5.x sliding-window layer (``DynamicSlidingWindowLayer``) keeps only its last
+    ``sliding_window - 1`` keys and values but counts every token in ``cumulative_length``; a
+    full layer (and every layer of a legacy tuple or a 4.x cache) has seen exactly what it stores.
+    """
+    layers = cache_to_layers(cache)
+    objects = getattr(cache, "layers", None) if not isinstance(cache, (tuple, list)) else None
+    counts: List[int] = []
+    for i, (k, _) in enumerate(layers):
+        stored = int(k.shape[2])
+        seen = getattr(objects[i], "cumulative_length", None) if objects is not None and i < len(objects) else None
+        counts.append(max(stored, int(seen)) if isinstance(seen, int) and not isinstance(seen, bool) else stored)
+    return counts
+
+
+def cache_sliding_windows(cache: Any) -> Optional[List[Optional[int]]]:
+    """Per layer, the sliding window of a transformers 5.x sliding-window layer (None: a full layer).
+
+    None when no layer slides (and for a legacy tuple or a 4.x cache, which carry no windows).
+    """
+    objects = getattr(cache, "layers", None) if not isinstance(cache, (tuple, list)) else None
+    if not objects:
+        return None
+    windows: List[Optional[int]] = []
+    for layer in objects:
+        w = getattr(layer, "sliding_window", None) if getattr(layer, "is_sliding", False) else None
+        windows.append(int(w) if isinstance(w, int) and not isinstance(w, bool) else None)
+    return windows if any(w is not None for w in windows) else None
+
+
+def sliding_windows_of(config: Any, num_layers: int) -> Optional[List[Optional[int]]]:
+    """Per layer, the sliding window a model's config gives it (None for a full-attention layer).
+
+    Read from ``config.layer_types`` ("sliding_attention") and ``config.sliding_window``, as
+    transformers 5.x builds its own caches. None when the config names no sliding layer, or
+    its layer count is not ``num_layers``.
+    """
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    types = getattr(text, "layer_types", None)
+    window = getattr(text, "sliding_window", None)
+    if not isinstance(types, (list, tuple)) or len(types) != num_layers or not isinstance(window, int):
+        return None
+    windows = [window if t == "sliding_attention" else None for t in types]
+    return windows if any(w is not None for w in windows) else None
+
+
+def expected_layer_lengths(config: Any, num_layers: int, seq_len: int) -> List[int]:
+    """Per layer, how many of ``seq_len`` tokens a model's cache holds: ``min(seq_len, window - 1)``
+    for a sliding-window layer (transformers keeps ``window - 1``), ``seq_len`` for a full one."""
+    windows = sliding_windows_of(config, num_layers) or [None] * num_layers
+    return [seq_len if w is None else min(seq_len, w - 1) for w in windows]
+
+
+def layers_to_cache(
+    layers: Sequence[Tuple[torch.Tensor, torch.Tensor]],
+    *,
+    seq_len: Optional[int] = None,
+    sliding_windows: Optional[Sequence[Optional[int]]] = None,
+) -> DynamicCache:
     """Build a ``DynamicCache`` for the installed transformers from ``[(key, value), ...]``.
 
-    Each tensor is [batch, kv_heads, seq_len, head_dim]. transformers 4.x: built with
-    ``DynamicCache.from_legacy_cache``. transformers 5.x (which has no ``from_legacy_cache``):
-    ``DynamicCache()`` followed by ``cache.update(key, value, layer_idx)`` per layer, which
-    concatenates onto an empty tensor, so the cache holds copies. The result can be passed
-    to a model through :func:`forward` or :func:`cache_kwargs`.
+    Each tensor is [batch, kv_heads, layer_len, head_dim]; ``layer_len`` may differ per layer.
+    ``seq_len`` is how many tokens the cache covers (default: the longest layer). A layer
+    shorter than ``seq_len`` holds only the last tokens of a sliding window: it becomes a
+    sliding-window layer that has seen ``seq_len`` tokens, with the window ``sliding_windows[i]``
+    or, when not given, ``layer_len + 1`` (transformers keeps ``window - 1`` tokens). A layer
+    given a window in ``sliding_windows`` is a sliding layer even when it holds every token.
+    The model then places the next token at position ``seq_len`` and masks each layer as the
+    unmodified cache would.
+
+    transformers 4.x: built with ``DynamicCache.from_legacy_cache``, uniform layers only.
+    transformers 5.x: ``DynamicCache()`` whose layers are filled with ``update``, so the cache
+    holds copies. Raises ValueError for a malformed layer, a ``seq_len`` below a layer's length,
+    a window that the layer's length contradicts, or differing lengths on transformers 4.x.
     """
     pairs: KVLayers = []
     for i, pair in enumerate(layers):
@@ -194,14 +262,47 @@ def layers_to_cache(layers: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> Dyna
                     f"layer {i} {kind} must be a 4-D tensor [batch, kv_heads, seq_len, head_dim], got {shape}"
                 )
         pairs.append((k, v))
+    lengths = [int(k.shape[2]) for k, _ in pairs]
+    total = max(lengths) if seq_len is None and lengths else seq_len
+    if sliding_windows is not None and len(sliding_windows) != len(pairs):
+        raise ValueError(f"sliding_windows has {len(sliding_windows)} entries for {len(pairs)} layers")
+    windows = _layer_windows(lengths, total, sliding_windows)
 
     from_legacy = getattr(DynamicCache, "from_legacy_cache", None)
     if from_legacy is not None:  # transformers 4.x
+        if any(w is not None for w in windows) and len(set(lengths)) > 1:
+            raise ValueError(f"layers of different lengths {sorted(set(lengths))} need transformers 5.x "
+                             f"(installed: {transformers.__version__})")
         return from_legacy(tuple(pairs))
-    cache = DynamicCache()  # transformers 5.x: layers are appended lazily by update()
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    cache = DynamicCache()  # transformers 5.x: layers are appended lazily by update() unless present
+    for w in windows:
+        cache.layers.append(DynamicLayer() if w is None else DynamicSlidingWindowLayer(sliding_window=w))
     for i, (k, v) in enumerate(pairs):
         cache.update(k, v, i)
+        if windows[i] is not None:
+            cache.layers[i].cumulative_length = total
     return cache
+
+
+def _layer_windows(lengths: Sequence[int], total: Optional[int],
+                   given: Optional[Sequence[Optional[int]]]) -> List[Optional[int]]:
+    """Per layer, the sliding window it gets (None: a full layer); see layers_to_cache."""
+    windows: List[Optional[int]] = []
+    for i, n in enumerate(lengths):
+        w = given[i] if given is not None else None
+        if total is not None and n > total:
+            raise ValueError(f"layer {i} holds {n} tokens, more than seq_len {total}")
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 2):
+            raise ValueError(f"layer {i}: sliding window must be an integer >= 2, got {w!r}")
+        if w is None and total is not None and n < total:
+            w = n + 1  # a sliding layer keeps window - 1 tokens
+        if w is not None and total is not None and n != min(total, w - 1) and n != min(total, w):
+            raise ValueError(f"layer {i} holds {n} of {total} tokens, which a sliding window of {w} cannot keep "
+                             f"(expected {min(total, w - 1)})")
+        windows.append(w)
+    return windows
 
 
 def set_cache_tensor(cache: Any, layer: int, role: str, tensor: torch.Tensor) -> None:

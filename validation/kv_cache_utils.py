@@ -4,7 +4,11 @@ A KV cache here is, per decoder layer, one key tensor and one value tensor, both
 
     [batch, kv_heads, seq_len, head_dim]
 
-(TinyLlama-1.1B: 22 layers, 4 KV heads, head_dim 64, float16 or bfloat16 on disk).
+(TinyLlama-1.1B: 22 layers, 4 KV heads, head_dim 64, float16 or bfloat16 on disk). A model
+with sliding-window layers (Gemma 3: a 512-token window on five layers of every six) keeps
+only the last ``window - 1`` tokens in those layers, so layers may differ in length: the
+metadata's ``seq_len`` is the number of tokens the cache covers and ``layer_seq_lens`` the
+length each layer holds (written only when some layer holds fewer than ``seq_len``).
 
 On disk a cache is one safetensors file holding ``layer_{i}_key`` and ``layer_{i}_value`` for
 i = 0..num_layers-1, plus a JSON sidecar (``<file>.metadata.json`` by default) recording the
@@ -13,7 +17,8 @@ float32 (exact: every bfloat16 value is a float32 value) and cast back on load, 
 save/load round trip is bit-identical for float16, float32 and bfloat16. The ``kv-compress``
 Go tool reads and writes the same layout (F16, BF16 or F32 tensors).
 
-Everything that touches a transformers cache's internals or the model's cache keyword lives in
+The metadata (:class:`KVCacheMetadata`, the sidecar reader) lives in :mod:`validation.kv_metadata`
+and is re-exported here. Everything that touches a transformers cache's internals or the model's cache keyword lives in
 :mod:`validation.compat`; ``cache_to_layers`` and ``layers_to_cache`` are re-exported here.
 """
 
@@ -23,16 +28,33 @@ import json
 import math
 import os
 import re
-import stat
 import tempfile
-from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from safetensors.torch import load_file, save_file
 from transformers.cache_utils import DynamicCache
 
-from validation.compat import KVLayers, cache_to_layers, forward, layers_to_cache, output_cache
+from validation.compat import (
+    KVLayers,
+    cache_sliding_windows,
+    cache_to_layers,
+    cache_token_counts,
+    forward,
+    layers_to_cache,
+    output_cache,
+)
+from validation.kv_metadata import (  # re-exported: callers import them from here
+    _DTYPE_NAMES,
+    DTYPES,
+    MAX_METADATA_BYTES,
+    METADATA_FORMAT_VERSION,
+    METADATA_SUFFIX,
+    KVCacheMetadata,
+    _layers_metadata,
+    dtype_name,
+    read_metadata,
+)
 
 # TinyLlama-1.1B-Chat geometry: the default expectations of validate_kv_cache_shape.
 TINYLLAMA_NUM_LAYERS = 22
@@ -41,17 +63,6 @@ TINYLLAMA_NUM_QUERY_HEADS = 32
 TINYLLAMA_HEAD_DIM = 64
 TINYLLAMA_HIDDEN_SIZE = 2048
 TINYLLAMA_VOCAB_SIZE = 32000
-
-METADATA_SUFFIX = ".metadata.json"
-METADATA_FORMAT_VERSION = 1
-
-# Cache dtypes this module (and the Go tool) handles, by their metadata name.
-DTYPES: Dict[str, torch.dtype] = {
-    "float16": torch.float16,
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-}
-_DTYPE_NAMES: Dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 _TENSOR_NAME = re.compile(r"^layer_(0|[1-9][0-9]*)_(key|value)$")
 # A token-selected cache's kept indices per layer (docs/format.md section 9), beside its keys and values.
@@ -63,113 +74,21 @@ _STATS_CHUNK = 1 << 22
 
 
 # -----------------------------------------------------------------------------
-# metadata
-
-
-@dataclass
-class KVCacheMetadata:
-    """Geometry and provenance of a KV cache whose tensors are [batch, kv_heads, seq_len, head_dim].
-
-    ``dtype`` is the dtype of the cache in memory ("float16", "float32" or "bfloat16");
-    ``stored_dtype`` is the dtype of the tensors in the file (float32 for a bfloat16 cache
-    saved by this module), or None when not known.
-    """
-
-    num_layers: int
-    num_kv_heads: int
-    seq_len: int
-    head_dim: int
-    dtype: str
-    model_name: str
-    batch_size: int = 1
-    stored_dtype: Optional[str] = None
-    format_version: int = METADATA_FORMAT_VERSION
-
-    def __post_init__(self) -> None:
-        for name in ("num_layers", "num_kv_heads", "seq_len", "head_dim", "batch_size", "format_version"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-        for name in ("dtype", "stored_dtype"):
-            value = getattr(self, name)
-            if value is None and name == "stored_dtype":
-                continue
-            if value not in DTYPES:
-                raise ValueError(f"{name} must be one of {sorted(DTYPES)}, got {value!r}")
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        """The torch dtype named by ``dtype``."""
-        return DTYPES[self.dtype]
-
-    def to_dict(self) -> Dict[str, Any]:
-        """A JSON-serialisable dict of every field."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "KVCacheMetadata":
-        """Build from a dict such as a parsed sidecar; unknown keys are ignored.
-
-        Raises ValueError when a required key is missing or a value is invalid.
-        """
-        if not isinstance(d, dict):
-            raise ValueError(f"metadata must be a JSON object, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        required = ("num_layers", "num_kv_heads", "seq_len", "head_dim", "dtype", "model_name")
-        missing = [k for k in required if k not in d]
-        if missing:
-            raise ValueError(f"metadata is missing required keys {missing}; got keys {sorted(d)}")
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """Metadata name of a torch dtype; ValueError unless float16, float32 or bfloat16."""
-    try:
-        return _DTYPE_NAMES[dtype]
-    except KeyError:
-        raise ValueError(f"KV cache dtype must be one of {sorted(DTYPES)}, got {dtype}") from None
-
-
-# -----------------------------------------------------------------------------
 # geometry
-
-
-def _layers_metadata(layers: KVLayers, model_name: str, what: str) -> KVCacheMetadata:
-    """Metadata of uniform layers; ValueError naming ``what`` (a file or "cache") if they are not uniform."""
-    if not layers:
-        raise ValueError(f"{what}: the KV cache is empty (0 layers)")
-    k0 = layers[0][0]
-    for i, (k, v) in enumerate(layers):
-        if k.shape != v.shape:
-            raise ValueError(f"{what}: layer {i} key shape {tuple(k.shape)} != value shape {tuple(v.shape)}")
-        if k.shape != k0.shape:
-            raise ValueError(
-                f"{what}: layer {i} shape {tuple(k.shape)} differs from layer 0 shape {tuple(k0.shape)}; "
-                "every layer must be [batch, kv_heads, seq_len, head_dim] with the same sizes"
-            )
-        if k.dtype != k0.dtype or v.dtype != k0.dtype:
-            raise ValueError(f"{what}: layer {i} dtypes {k.dtype}/{v.dtype} differ from layer 0 dtype {k0.dtype}")
-    batch, heads, seq_len, head_dim = k0.shape
-    return KVCacheMetadata(
-        num_layers=len(layers),
-        num_kv_heads=heads,
-        seq_len=seq_len,
-        head_dim=head_dim,
-        dtype=dtype_name(k0.dtype),
-        model_name=model_name,
-        batch_size=batch,
-    )
 
 
 def metadata_from_cache(
     cache: Any, model_name: str = "unknown", expected_batch_size: Optional[int] = None
 ) -> KVCacheMetadata:
-    """Read a cache's geometry ([batch, kv_heads, seq_len, head_dim] per layer) into metadata.
+    """Read a cache's geometry ([batch, kv_heads, layer_len, head_dim] per layer) into metadata.
 
-    Raises ValueError when the cache is empty, its layers differ in shape or dtype, or
-    ``expected_batch_size`` is given and differs from the cache's batch size.
+    ``seq_len`` is the number of tokens the cache has seen (a transformers 5.x sliding layer
+    counts the tokens it no longer holds); ``layer_seq_lens`` the per-layer lengths when they
+    differ from it. Raises ValueError when the cache is empty, its layers differ in batch,
+    heads, head_dim or dtype, or ``expected_batch_size`` is given and differs from the cache's.
     """
-    meta = _layers_metadata(cache_to_layers(cache), model_name, "cache")
+    meta = _layers_metadata(cache_to_layers(cache), model_name, "cache", max(cache_token_counts(cache), default=0))
+    meta.sliding_windows = cache_sliding_windows(cache)
     if expected_batch_size is not None and meta.batch_size != expected_batch_size:
         raise ValueError(f"batch size must be {expected_batch_size}, got {meta.batch_size}")
     return meta
@@ -180,12 +99,16 @@ def validate_kv_cache_shape(
     expected_layers: int = TINYLLAMA_NUM_LAYERS,
     expected_kv_heads: int = TINYLLAMA_NUM_KV_HEADS,
     expected_head_dim: int = TINYLLAMA_HEAD_DIM,
+    expected_seq_lens: Optional[Sequence[int]] = None,
 ) -> Tuple[bool, List[str]]:
     """Check a cache against the expected geometry and return ``(ok, problems)``.
 
     Every problem is reported, not just the first: layer count, per-layer KV head count and
-    head_dim (of keys and values), key/value shape mismatch, and seq_len or batch size that
-    differs from layer 0. A cache whose layers are not 4-D tensors yields that one problem.
+    head_dim (of keys and values), key/value shape mismatch, batch size that differs from
+    layer 0, and the sequence lengths: with ``expected_seq_lens`` (one length per layer, e.g.
+    from :func:`validation.compat.expected_layer_lengths` for a model with sliding-window
+    layers) each layer must hold exactly its length; without it every layer must hold layer
+    0's. A cache whose layers are not 4-D tensors yields that one problem.
     """
     try:
         layers = cache_to_layers(cache)
@@ -195,6 +118,9 @@ def validate_kv_cache_shape(
     problems: List[str] = []
     if len(layers) != expected_layers:
         problems.append(f"expected {expected_layers} layers, got {len(layers)}")
+    if expected_seq_lens is not None and len(expected_seq_lens) != len(layers):
+        problems.append(f"expected_seq_lens has {len(expected_seq_lens)} entries for {len(layers)} layers")
+        expected_seq_lens = None
     ref_seq = layers[0][0].shape[2] if layers else None
     ref_batch = layers[0][0].shape[0] if layers else None
     for i, (k, v) in enumerate(layers):
@@ -204,7 +130,10 @@ def validate_kv_cache_shape(
                 problems.append(f"layer {i} {kind}: expected {expected_kv_heads} KV heads, got {heads}")
             if head_dim != expected_head_dim:
                 problems.append(f"layer {i} {kind}: expected head_dim {expected_head_dim}, got {head_dim}")
-            if seq_len != ref_seq:
+            if expected_seq_lens is not None:
+                if seq_len != expected_seq_lens[i]:
+                    problems.append(f"layer {i} {kind}: expected seq_len {expected_seq_lens[i]}, got {seq_len}")
+            elif seq_len != ref_seq:
                 problems.append(f"layer {i} {kind}: seq_len {seq_len} differs from layer 0 seq_len {ref_seq}")
             if batch != ref_batch:
                 problems.append(f"layer {i} {kind}: batch size {batch} differs from layer 0 batch size {ref_batch}")
@@ -216,7 +145,8 @@ def validate_kv_cache_shape(
 def compute_kv_cache_stats(cache: Any) -> Dict[str, Any]:
     """Size and value statistics of a cache, over every key and value element of every layer.
 
-    Geometry (num_kv_heads, seq_len, head_dim, batch_size, dtype) is that of layer 0.
+    Geometry (num_kv_heads, head_dim, batch_size, dtype) is that of layer 0; ``seq_len`` is
+    the number of tokens the cache covers and ``layer_seq_lens`` the per-layer lengths.
     ``value_std`` is the population standard deviation (correction 0). Sums are accumulated
     in float64 over chunks of at most 4M elements, so memory use stays bounded.
     """
@@ -246,12 +176,13 @@ def compute_kv_cache_stats(cache: Any) -> Dict[str, Any]:
                 lo = min(lo, c.min().item())
                 hi = max(hi, c.max().item())
 
-    batch, heads, seq_len, head_dim = layers[0][0].shape
+    batch, heads, _, head_dim = layers[0][0].shape
     empty = count == 0
     return {
         "num_layers": len(layers),
         "num_kv_heads": heads,
-        "seq_len": seq_len,
+        "seq_len": max(cache_token_counts(cache)),
+        "layer_seq_lens": [int(k.shape[2]) for k, _ in layers],
         "head_dim": head_dim,
         "batch_size": batch,
         "total_elements": count,
@@ -306,7 +237,9 @@ def extract_kv_cache(
     """Run one forward pass over ``prompt`` and return its KV cache and metadata.
 
     The cache holds, per layer, key and value tensors of shape [1, kv_heads, seq_len, head_dim]
-    where seq_len is the number of prompt tokens (after truncation to ``max_length``); its
+    where seq_len is the number of prompt tokens (after truncation to ``max_length``); a
+    sliding-window layer holds only its window's last tokens, so layers may be shorter
+    (``metadata.layer_seq_lens``) while ``metadata.seq_len`` counts every prompt token. Its
     geometry is read from the cache itself. With ``device`` None the model stays where it is
     and the inputs go to its device (``detect_device()`` — cuda, mps, cpu — is used only for a
     model without parameters); with ``device`` given, the model is moved there unless it is
@@ -361,7 +294,7 @@ def extract_kv_cache(
     if metadata.seq_len != input_ids.shape[1]:
         raise ValueError(
             f"cache seq_len {metadata.seq_len} != prompt token count {input_ids.shape[1]} "
-            "(a sliding-window cache keeps only the last window; pass a shorter max_length)"
+            "(every layer should have seen every prompt token)"
         )
     return cache, metadata
 
@@ -420,21 +353,24 @@ def save_kv_cache(
     which kv-compress stores as a bitmap (docs/format.md section 9).
 
     Tensors are named ``layer_{i}_key`` / ``layer_{i}_value``, shape [batch, kv_heads,
-    seq_len, head_dim]; any batch size is allowed. float16 and float32 are written as they
-    are; bfloat16 is written as float32 (exact) with ``dtype: "bfloat16"`` in the sidecar
+    layer_len, head_dim]; any batch size is allowed. Layers may differ in length (sliding
+    windows): the sidecar then lists ``layer_seq_lens`` beside ``seq_len``, the number of
+    tokens the cache covers, and ``sliding_windows`` when the cache's layers carry them.
+    float16 and float32 are written as they are; bfloat16 is written as float32 (exact) with ``dtype: "bfloat16"`` in the sidecar
     so ``load_kv_cache`` restores it. The sidecar goes to ``metadata_path`` (default
     ``path + ".metadata.json"``) and records ``model_name`` (default "unknown").
 
     Both files are first written to temp files in their own directories, then moved into
     place with ``os.replace``; on error no temp file is left, and a failure while writing
     leaves existing files untouched.
-    Raises ValueError for an empty cache, layers of different shapes or dtypes, or a dtype
+    Raises ValueError for an empty cache, layers of different batch, heads, head_dim or dtypes, or a dtype
     other than float16, float32 or bfloat16.
     """
     path = os.fspath(path)
     metadata_path = default_metadata_path(path) if metadata_path is None else os.fspath(metadata_path)
     layers = cache_to_layers(cache)
-    meta = _layers_metadata(layers, model_name or "unknown", "cache")
+    meta = _layers_metadata(layers, model_name or "unknown", "cache", max(cache_token_counts(cache), default=0))
+    meta.sliding_windows = cache_sliding_windows(cache)
     stored = torch.float32 if meta.dtype == "bfloat16" else meta.torch_dtype
     meta.stored_dtype = dtype_name(stored)
 
@@ -535,56 +471,6 @@ def read_positions(path: str) -> Tuple[List[torch.Tensor], Optional[int]]:
     return out, ctx
 
 
-# A sidecar is a few hundred bytes of flat JSON; anything far larger is not one.
-MAX_METADATA_BYTES = 1 << 20
-
-
-def read_metadata(metadata_path: str) -> KVCacheMetadata:
-    """Read and check a JSON sidecar written by :func:`save_kv_cache`.
-
-    Only a regular file (or a link to one) of at most :data:`MAX_METADATA_BYTES` is read:
-    a FIFO, a directory or a device such as ``/dev/zero`` is refused before anything
-    blocks or fills memory. It is opened non-blocking and checked with ``fstat`` on the
-    open descriptor, so swapping the path between the check and the read changes nothing.
-
-    Raises FileNotFoundError when it does not exist and ValueError naming the file for
-    anything else: not a regular file, too large, not UTF-8, not JSON, nested too deeply
-    for the parser, or not valid metadata.
-    """
-    fd = os.open(metadata_path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    try:
-        st = os.fstat(fd)
-    except BaseException:
-        os.close(fd)
-        raise
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise ValueError(f"{metadata_path}: the KV cache metadata must be a regular file, got {_file_kind(st.st_mode)}")
-    with os.fdopen(fd, "rb") as f:
-        raw = f.read(MAX_METADATA_BYTES + 1)
-    if len(raw) > MAX_METADATA_BYTES:
-        raise ValueError(f"{metadata_path}: KV cache metadata must be at most {MAX_METADATA_BYTES:,} bytes, "
-                         f"got {st.st_size:,}")
-    try:
-        doc = json.loads(raw.decode("utf-8"))
-    except RecursionError:
-        raise ValueError(f"{metadata_path}: invalid KV cache metadata: JSON nested too deeply") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{metadata_path}: invalid KV cache metadata: {e}") from e
-    try:
-        return KVCacheMetadata.from_dict(doc)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{metadata_path}: invalid KV cache metadata: {e}") from e
-
-
-def _file_kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return name
-    return f"file mode {stat.filemode(mode)}"
-
-
 def _cast_checked(t: torch.Tensor, dtype: torch.dtype, name: str, path: str, metadata_path: str) -> torch.Tensor:
     """``t.to(dtype)``; ValueError when a finite value becomes Inf (it does not fit in ``dtype``)."""
     out = t.to(dtype)
@@ -606,7 +492,10 @@ def load_kv_cache(
     """Load a cache written by ``save_kv_cache`` or by ``kv-compress`` (F16, BF16 or F32 tensors).
 
     Returns a ``DynamicCache`` whose layers are [batch, kv_heads, seq_len, head_dim] on
-    ``device``, and its metadata. With a sidecar (``metadata_path``, default ``path +
+    ``device``, and its metadata. Layers shorter than ``seq_len`` (the sidecar's, else the
+    longest layer's) come back as sliding-window layers that have seen ``seq_len`` tokens (see
+    :func:`validation.compat.layers_to_cache`), so a model continues from them as from the
+    cache that was saved. With a sidecar (``metadata_path``, default ``path +
     ".metadata.json"``), tensors are cast to the sidecar's dtype (bfloat16 saved as float32
     comes back as bfloat16) and the sidecar's geometry must match the tensors. Without one,
     geometry and dtype come from the tensors and model_name is "unknown". An explicit
@@ -631,10 +520,15 @@ def load_kv_cache(
 
     sidecar = read_metadata(metadata_path)
 
-    for name in ("num_layers", "num_kv_heads", "seq_len", "head_dim", "batch_size"):
+    for name in ("num_layers", "num_kv_heads", "head_dim", "batch_size"):
         want, got = getattr(sidecar, name), getattr(file_meta, name)
         if want != got:
             raise ValueError(f"{metadata_path}: {name} is {want} but {path} holds {got}")
+    if sidecar.layer_lengths != file_meta.layer_lengths:
+        if sidecar.layer_seq_lens is None and file_meta.layer_seq_lens is None:
+            raise ValueError(f"{metadata_path}: seq_len is {sidecar.seq_len} but {path} holds {file_meta.seq_len}")
+        raise ValueError(f"{metadata_path}: layer_seq_lens is {sidecar.layer_lengths} "
+                         f"but {path} holds {file_meta.layer_lengths}")
 
     if sidecar.torch_dtype != file_meta.torch_dtype:
         layers = [
@@ -643,4 +537,7 @@ def load_kv_cache(
             for i, (k, v) in enumerate(layers)
         ]
     sidecar.stored_dtype = file_meta.dtype
-    return layers_to_cache(layers), sidecar
+    try:
+        return layers_to_cache(layers, seq_len=sidecar.seq_len, sliding_windows=sidecar.sliding_windows), sidecar
+    except ValueError as e:
+        raise ValueError(f"{metadata_path}: {e} (in {path})") from None

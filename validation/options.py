@@ -15,6 +15,8 @@ from validation.selection import SelectionSpec
 
 DEFAULT_MODEL = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
 EMBEDDED_ALIASES = ("embedded", "smollm2")
+# accelerate's placements for --device-map (a model larger than one GPU: "auto").
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 # The embedded corpora by domain (exllamav2==0.3.2's calibration texts); "embedded" is "wiki".
 CORPUS_DOMAINS = ("wiki", "c4", "code", "multilingual", "technical", "tiny")
 DATASET_CHOICES = ("wikitext", "embedded", *CORPUS_DOMAINS)
@@ -66,6 +68,7 @@ class ValidationOptions:
     group_size: int = DEFAULT_GROUP_SIZE
     sparsity: float = 0.0
     device: Optional[str] = None
+    device_map: Optional[str] = None
     cpu: bool = False
     threshold: float = DEFAULT_THRESHOLD
     gate: str = DEFAULT_GATE
@@ -131,6 +134,8 @@ class ValidationOptions:
                 f"use either --dataset or --text-file, not both (got --dataset {self.dataset} "
                 f"--text-file {self.text_file})"
             )
+        if self.device_map is not None and self.device_map not in DEVICE_MAPS:
+            raise ValidationError(f"--device-map must be one of {list(DEVICE_MAPS)}, got {self.device_map!r}")
         if self.cpu and self.device is not None and not self.device.startswith("cpu"):
             raise ValidationError(f"--cpu conflicts with --device {self.device}")
         if self.hub_timeout <= 0:

@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from validation.compat import cache_to_layers, forward, layers_to_cache, output_cache
+from validation.compat import cache_to_layers, forward, layers_to_cache, output_cache, sliding_windows_of
 from validation.corpora import load_corpus, load_wikitext, tokenize_corpus
 from validation.diagnostics import CacheDiagnostics, SNRAccumulator
 from validation.models import _geometry, _model_device
@@ -75,6 +75,7 @@ class ProtocolOutcome:
     diagnostics: Optional[CacheDiagnostics] = None
     token_kl: Optional[np.ndarray] = None  # [scored_tokens] KL per scored token, window order (None: not kept)
     token_dp: Optional[np.ndarray] = None  # [scored_tokens] p_compressed(label) - p_baseline(label)
+    layer_seq_lens: Optional[List[int]] = None  # per layer, context tokens held (None: every layer holds all)
 
     @property
     def context_length(self) -> int:
@@ -237,13 +238,26 @@ class Prefill:
 
     first_logits: torch.Tensor  # [batch, vocab]: predicts the first scored token
     cache: Any  # the DynamicCache the model returned
-    layers: List[Tuple[torch.Tensor, torch.Tensor]]  # [(key, value)], each [batch, kv_heads, context, head_dim]
-    geometry: Dict[str, Any]  # num_layers, num_kv_heads, head_dim, dtype
+    layers: List[Tuple[torch.Tensor, torch.Tensor]]  # [(key, value)], each [batch, kv_heads, layer_len, head_dim]
+    geometry: Dict[str, Any]  # num_layers, num_kv_heads, head_dim, dtype, layer_seq_lens
     nbytes: int  # bytes of every key and value tensor
+    seq_len: int = 0  # context tokens the cache covers (a sliding layer holds fewer: layer_len <= seq_len)
+    sliding_windows: Optional[List[Optional[int]]] = None  # per layer, from the model's config (None: full)
+
+    def rebuild(self, layers: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> Any:
+        """A fresh cache holding ``layers`` (copies) laid out like the prefill's: the same
+        sliding-window layers, each having seen ``seq_len`` tokens, so the model continues from it
+        exactly as from the cache it returned."""
+        return layers_to_cache(layers, seq_len=self.seq_len, sliding_windows=self.sliding_windows)
 
 
 def prefill_contexts(model: Any, contexts: torch.Tensor, keep_arg: Optional[str]) -> Prefill:
-    """Run the model over ``contexts`` ``[batch, context]`` with a cache, keeping only the last logits."""
+    """Run the model over ``contexts`` ``[batch, context]`` with a cache, keeping only the last logits.
+
+    Sliding-window layers (Gemma 3) hold only their window's last tokens: ``geometry``'s
+    ``layer_seq_lens`` lists each layer's length and ``sliding_windows`` the windows the
+    model's config gives its layers.
+    """
     out = model(input_ids=contexts, use_cache=True, **({keep_arg: 1} if keep_arg else {}))
     first_logits = out.logits[:, -1, :]
     cache = output_cache(out)
@@ -251,9 +265,11 @@ def prefill_contexts(model: Any, contexts: torch.Tensor, keep_arg: Optional[str]
     layers = cache_to_layers(cache)
     k0 = layers[0][0]
     geometry = {"num_layers": len(layers), "num_kv_heads": k0.shape[1], "head_dim": k0.shape[3],
-                "dtype": str(k0.dtype).removeprefix("torch.")}
+                "dtype": str(k0.dtype).removeprefix("torch."),
+                "layer_seq_lens": [int(k.shape[2]) for k, _ in layers]}
     nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
-    return Prefill(first_logits, cache, layers, geometry, nbytes)
+    windows = sliding_windows_of(model.config, len(layers)) if hasattr(model, "config") else None
+    return Prefill(first_logits, cache, layers, geometry, nbytes, int(contexts.shape[1]), windows)
 
 
 def check_reconstruction(layers: Sequence[Tuple[torch.Tensor, torch.Tensor]], recon_cache: Any, what: str = "") -> List[Tuple[torch.Tensor, torch.Tensor]]:
@@ -399,6 +415,8 @@ def run_protocol(
                     bridge_steps[step] = bridge_steps.get(step, 0.0) + ms / 1e3
                 sent = layers if chosen is None else chosen.layers
                 recon_layers = check_reconstruction(sent, recon_cache)
+                if chosen is None:  # the prefill's layout: sliding-window layers stay sliding
+                    recon_cache = pre.rebuild(recon_layers)
                 if snr is not None:
                     t = time.perf_counter()
                     snr.update(sent, recon_layers)
@@ -406,8 +424,8 @@ def run_protocol(
                 del recon_layers
 
                 t = time.perf_counter()
-                baseline_cache = layers_to_cache(layers)  # fresh cache holding copies of the original tensors
-                del prefill_cache, layers, sent, chosen
+                baseline_cache = pre.rebuild(layers)  # fresh cache holding copies of the original tensors
+                del prefill_cache, layers, sent, chosen, pre
                 scored_in = batch[:, context:max_length - 1]  # [batch, stride - 1]
                 if scored_in.shape[1] > 0:
                     logits_b = forward(model, baseline_cache, input_ids=scored_in, use_cache=True).logits
@@ -445,5 +463,12 @@ def run_protocol(
         num_layers=geometry.get("num_layers", 0), num_kv_heads=geometry.get("num_kv_heads", 0),
         head_dim=geometry.get("head_dim", 0), diagnostics=snr.result() if snr is not None and snr.batches else None,
         token_kl=np.concatenate(token_kl) if token_kl else None, token_dp=np.concatenate(token_dp) if token_dp else None,
+        layer_seq_lens=per_layer_lengths(geometry, context),
     )
+
+
+def per_layer_lengths(geometry: Dict[str, Any], context: int) -> Optional[List[int]]:
+    """The prefill's per-layer lengths when some layer holds fewer than ``context`` tokens, else None."""
+    lens = geometry.get("layer_seq_lens")
+    return list(lens) if lens and any(n != context for n in lens) else None
 

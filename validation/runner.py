@@ -179,7 +179,8 @@ def evaluate(
         "diagnostics": diag.to_dict() if diag is not None else None,
         "plots": plots,
         "cache": {"bytes": outcome.cache_bytes, "dtype": outcome.cache_dtype, "num_layers": outcome.num_layers,
-                  "num_kv_heads": outcome.num_kv_heads, "head_dim": outcome.head_dim},
+                  "num_kv_heads": outcome.num_kv_heads, "head_dim": outcome.head_dim,
+                  **({"layer_seq_lens": outcome.layer_seq_lens} if outcome.layer_seq_lens else {})},
         "timings": timings,
         "per_window": [asdict(w) for w in outcome.windows],
         "versions": _versions(),
@@ -224,7 +225,8 @@ def load_run_inputs(options: ValidationOptions, console: Console, title: str = "
     console.info(f"Why this model: {choice.reason}")
     t = time.perf_counter()
     model, tokenizer = load_model_and_tokenizer(
-        choice.name_or_path, str(dev), dtype=dtype, local_files_only=choice.source in ("hf-cache", "embedded", "local")
+        choice.name_or_path, str(dev), dtype=dtype, local_files_only=choice.source in ("hf-cache", "embedded", "local"),
+        device_map=options.device_map,
     )
     load_seconds = time.perf_counter() - t
     if choice.source == "local":
@@ -233,7 +235,8 @@ def load_run_inputs(options: ValidationOptions, console: Console, title: str = "
         snap = hf_cache_snapshot(choice.name_or_path)
         choice.revision = snap[1] if snap else None
     layers, kv_heads, head_dim = _geometry(model.config)
-    console.info(f"Model loaded on {dev} ({str(dtype).removeprefix('torch.')}) in {load_seconds:.1f} s")
+    where = f"device map {options.device_map}" if options.device_map else str(dev)
+    console.info(f"Model loaded on {where} ({str(dtype).removeprefix('torch.')}) in {load_seconds:.1f} s")
     console.info(f"Config: {layers} layers, {kv_heads} KV heads, head_dim {head_dim}")
 
     needed = (options.max_samples - 1) * options.stride + options.max_length if options.max_samples else None

@@ -49,7 +49,7 @@ from validation import reports
 from validation import runner
 from validation.compression_bridge import codec_args, roundtrip_kv_cache
 from validation.diagnostics import SNRAccumulator, plot_snr_heatmap
-from validation.compat import forward, layers_to_cache
+from validation.compat import forward
 from validation.frontier import (
     COMPACT_RATIO,
     HIGH_RATIO,
@@ -241,7 +241,7 @@ def run_sweep_protocol(
 
                 t = time.perf_counter()
                 if scored_in.shape[1] > 0:  # baseline logits [batch, stride - 1, vocab], attending to a copy
-                    logits_b = forward(model, layers_to_cache(layers), input_ids=scored_in, use_cache=True).logits
+                    logits_b = forward(model, pre.rebuild(layers), input_ids=scored_in, use_cache=True).logits
                 else:
                     logits_b = first_logits.new_empty(bsz, 0, first_logits.shape[-1])
                 shared["baseline_scoring"] += time.perf_counter() - t
@@ -253,6 +253,7 @@ def run_sweep_protocol(
                     timing["bridge"] += time.perf_counter() - t
                     metrics[c].append(m)
                     recon_layers = protocol.check_reconstruction(layers, recon_cache, what=f"config {cfg.name}: ")
+                    recon_cache = pre.rebuild(recon_layers)  # sliding-window layers stay sliding
                     t = time.perf_counter()
                     snr[c].update(layers, recon_layers)
                     timing["diagnostics"] += time.perf_counter() - t
@@ -293,6 +294,7 @@ def run_sweep_protocol(
             head_dim=geometry.get("head_dim", 0), diagnostics=snr[c].result() if snr[c].batches else None,
             token_kl=np.concatenate(token_kl[c]) if token_kl[c] else None,
             token_dp=np.concatenate(token_dp[c]) if token_dp[c] else None,
+            layer_seq_lens=protocol.per_layer_lengths(geometry, context),
         ))
     return outcomes, shared
 

@@ -221,7 +221,7 @@ func isInputError(err error) bool {
 		safetensors.ErrTruncated, safetensors.ErrTrailing, safetensors.ErrName,
 		compression.ErrGroupSize, compression.ErrNonFinite, compression.ErrScaleOverflow,
 		compression.ErrNotContainer, compression.ErrAlreadyContainer, compression.ErrVersion,
-		compression.ErrCorrupt, compression.ErrChecksum, compression.ErrTooLarge, compression.ErrSelection,
+		compression.ErrCorrupt, compression.ErrChecksum, compression.ErrTooLarge, compression.ErrSelection, compression.ErrProjection,
 	} {
 		if errors.Is(err, target) {
 			return true

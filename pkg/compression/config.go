@@ -108,6 +108,9 @@ type Config struct {
 	// Roles, when not nil, gives keys and values (of all layers or of some)
 	// plans of their own on top of the fields above.
 	Roles *RolePlans
+	// Projection, when not nil, holds low-rank bases by tensor name: those
+	// tensors are projected before quantizing (projection.go).
+	Projection *ProjectionSet
 	// contextLength is the input's original context length when it holds
 	// positions tensors (selection.go); set by Compress and CompressFile.
 	contextLength int64

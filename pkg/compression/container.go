@@ -57,6 +57,9 @@ type Codec struct {
 	Preset string `json:"preset,omitempty"`
 	// Roles are the per-role, per-layer plans applied on top (version 2, optional).
 	Roles *RolePlans `json:"roles,omitempty"`
+	// Projection names the bases file the projected tensors came from
+	// (optional, informational: each projected entry embeds its basis).
+	Projection *ProjectionRef `json:"projection,omitempty"`
 }
 
 // DefaultCodec is the codec record of the default preset: what compress writes without flags.
@@ -70,7 +73,7 @@ func newCodec(c Config) Codec {
 	return Codec{Scheme: c.scheme(), Bits: c.bits(), KeyBits: c.keyBits(), ValueBits: c.valueBits(),
 		GroupSize: c.GroupSize, Rotate: c.rotate(), KeyAxis: c.keyAxis(), Sink: c.Sink,
 		Sparsity: c.Sparsity, ScaleDType: "F16", Rounding: "half_to_even", NibbleOrder: "low_first", Checksum: "crc32c",
-		Entropy: c.entropy(), Preset: c.Preset, Roles: c.Roles}
+		Entropy: c.entropy(), Preset: c.Preset, Roles: c.Roles, Projection: c.Projection.ref()}
 }
 
 // Payload locates one stored payload and describes how to check and expand it.
@@ -106,6 +109,9 @@ type Entry struct {
 	Mins          *Payload `json:"mins,omitempty"`
 	SinkP         *Payload `json:"sink_rows,omitempty"`
 	Raw           *Payload `json:"raw,omitempty"`
+	// Projection, when present, says the rows were projected onto a
+	// low-rank basis before quantizing (section 10 of docs/format.md).
+	Projection *ProjectionEntry `json:"projection,omitempty"`
 }
 
 // plan reconstructs the encoding plan of a quantized entry.
@@ -292,7 +298,7 @@ func checkEntry(payloads map[string]*safetensors.Tensor, e *Entry, g int, used m
 		return checkPositionsEntry(e, check)
 	}
 	if e.Mode == ModeStored {
-		if e.Codes != nil || e.Scales != nil || e.Mins != nil || e.SinkP != nil {
+		if e.Codes != nil || e.Scales != nil || e.Mins != nil || e.SinkP != nil || e.Projection != nil {
 			return fmt.Errorf("%w: stored entry with quantized payloads", ErrCorrupt)
 		}
 		return check("raw", e.Raw, size)
@@ -322,6 +328,21 @@ func checkEntry(payloads map[string]*safetensors.Tensor, e *Entry, g int, used m
 		return fmt.Errorf("%w: quantized entry with a raw payload", ErrCorrupt)
 	}
 	codes, scales, mins, sink := p.payloadSizes(e.Shape, dt.Bits()/8)
+	if e.Projection != nil {
+		cs, err := checkProjection(e, p)
+		if err != nil {
+			return err
+		}
+		codes, scales, mins, _ = coefPlan(p).payloadSizes(cs, 4)
+		pw := int64(safetensors.DType(e.Projection.DType).Bits() / 8)
+		heads, dim, rank := int64(e.Projection.Heads), e.Shape[len(e.Shape)-1], int64(e.Projection.Rank)
+		if err := check("basis", e.Projection.Basis, heads*dim*rank*pw); err != nil {
+			return err
+		}
+		if err := check("mean", e.Projection.Mean, heads*dim*pw); err != nil {
+			return err
+		}
+	}
 	if err := check("codes", e.Codes, codes); err != nil {
 		return err
 	}

@@ -359,7 +359,7 @@ func checkEncodings(version int, e *Entry, codecGroup int) error {
 			return err
 		}
 	}
-	for _, p := range []*Payload{e.Codes, e.Scales, e.Mins, e.SinkP, e.Raw} {
+	for _, p := range e.payloads() {
 		if p != nil && !slices.Contains(encodingsOf(version), p.Encoding) {
 			return fmt.Errorf("%w: payload %q: encoding %q does not exist in version %d (want one of %v)",
 				ErrCorrupt, p.Tensor, p.Encoding, version, encodingsOf(version))

@@ -232,7 +232,7 @@ func Inspect(in string, opt InspectOptions) (*InspectReport, error) {
 	err = guardFaults(func() error {
 		for i := range idx.Entries {
 			e := &idx.Entries[i]
-			for _, p := range []*Payload{e.Codes, e.Scales, e.Mins, e.SinkP, e.Raw} {
+			for _, p := range e.payloads() {
 				if p == nil {
 					continue
 				}
@@ -279,7 +279,7 @@ func Inspect(in string, opt InspectOptions) (*InspectReport, error) {
 		dt := safetensors.DType(e.DType)
 		n, _ := safetensors.NumElements(e.Shape)
 		ti := TensorInfo{Name: e.Name, DType: e.DType, Shape: e.Shape, Bytes: n * int64(dt.Bits()) / 8, Mode: e.Mode}
-		for _, p := range []*Payload{e.Codes, e.Scales, e.Mins, e.SinkP, e.Raw} {
+		for _, p := range e.payloads() {
 			if p != nil {
 				t, _ := f.Lookup(p.Tensor)
 				ti.StoredBytes += t.ByteLen()

@@ -206,7 +206,11 @@ func (idx *Index) maxScratch() int64 {
 		}
 		n, _ := safetensors.NumElements(e.Shape)
 		need := satMul(n, 8)
-		for _, p := range []*Payload{e.Codes, e.Scales, e.Mins, e.SinkP} {
+		if e.Projection != nil { // coefficients (as float32, twice) and the basis, mean and transposed basis as float32
+			need = satAdd(need, satMul(n, 8))
+			need = satAdd(need, satMul(e.Projection.Basis.RawBytes, 4))
+		}
+		for _, p := range e.payloads() {
 			if p != nil {
 				need = satAdd(need, p.RawBytes)
 			}
@@ -245,7 +249,11 @@ func compressBudget(src *safetensors.File, cfg Config, inMemory bool) (int, erro
 		if t.DType.IsFloat() {
 			// float32 copies of the tensor (decoded, rows, layout,
 			// reconstruction, magnitudes with sparsity) and its codes.
-			scratch = max(scratch, satAdd(satMul(t.NumElements(), 21), satAdd(size, read)))
+			per := int64(21)
+			if cfg.Projection != nil { // float32 copies of the tensor, its coefficients and their bytes
+				per += 16
+			}
+			scratch = max(scratch, satAdd(satMul(t.NumElements(), per), satAdd(size, read)))
 		} else {
 			scratch = max(scratch, read)
 		}

@@ -10,6 +10,8 @@ type PartBytes struct {
 	Scales int64 `json:"scales"`
 	Mins   int64 `json:"mins"`
 	Sink   int64 `json:"sink"`
+	// Bases is the projection bases and means embedded in projected entries.
+	Bases int64 `json:"bases,omitempty"`
 	// Raw is the payloads of tensors kept losslessly (mode "stored").
 	Raw int64 `json:"raw"`
 	// Header is the safetensors header with the container's index: the rest of the file.
@@ -40,7 +42,7 @@ func partsOf(entries []Entry, tensors []safetensors.Tensor, fileSize int64) (Par
 		for _, pp := range []struct {
 			p   *Payload
 			dst *int64
-		}{{e.Codes, &parts.Codes}, {e.Scales, &parts.Scales}, {e.Mins, &parts.Mins}, {e.SinkP, &parts.Sink}, {e.Raw, &parts.Raw}} {
+		}{{e.Codes, &parts.Codes}, {e.Scales, &parts.Scales}, {e.Mins, &parts.Mins}, {e.SinkP, &parts.Sink}, {e.Raw, &parts.Raw}, {basisOf(e), &parts.Bases}, {meanOf(e), &parts.Bases}} {
 			if pp.p == nil {
 				continue
 			}
@@ -61,6 +63,24 @@ func partsOf(entries []Entry, tensors []safetensors.Tensor, fileSize int64) (Par
 // bitsPer expresses each part in bits per quantized element (n elements).
 func (p PartBytes) bitsPer(n int64) map[string]float64 {
 	b := func(v int64) float64 { return 8 * float64(v) / float64(n) }
-	return map[string]float64{"codes": b(p.Codes), "scales": b(p.Scales), "mins": b(p.Mins), "sink": b(p.Sink),
-		"raw": b(p.Raw), "header": b(p.Header), "total": b(p.Codes + p.Scales + p.Mins + p.Sink + p.Raw + p.Header)}
+	m := map[string]float64{"codes": b(p.Codes), "scales": b(p.Scales), "mins": b(p.Mins), "sink": b(p.Sink),
+		"raw": b(p.Raw), "header": b(p.Header), "total": b(p.Codes + p.Scales + p.Mins + p.Sink + p.Raw + p.Bases + p.Header)}
+	if p.Bases > 0 {
+		m["bases"] = b(p.Bases)
+	}
+	return m
+}
+
+func basisOf(e Entry) *Payload {
+	if e.Projection == nil {
+		return nil
+	}
+	return e.Projection.Basis
+}
+
+func meanOf(e Entry) *Payload {
+	if e.Projection == nil {
+		return nil
+	}
+	return e.Projection.Mean
 }

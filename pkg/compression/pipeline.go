@@ -52,6 +52,7 @@ type workerScratch struct {
 	scaleBytes []byte
 	pe         payloadEncoder
 	general    generalScratch
+	proj       projScratch
 }
 
 func grow[T any](s []T, n int) []T {
@@ -178,6 +179,9 @@ func compressTensor(t *safetensors.Tensor, cfg Config, ws *workerScratch) (compr
 		return ct, nil
 	}
 	plan, err := planFor(t.Name, t.Shape, cfg)
+	if b := cfg.Projection.lookup(t.Name); b != nil {
+		return compressProjected(t, plan, cfg, ws, ct, b) // checks the plan against the coefficients' shape
+	}
 	if err != nil {
 		return ct, err
 	}
@@ -316,6 +320,7 @@ type decompressScratch struct {
 	codes, scaleBytes []byte
 	scales            []uint16
 	general           generalScratch
+	proj              projScratch
 }
 
 // decompressAll rebuilds every entry of idx from src on up to workers
@@ -353,6 +358,9 @@ func decodeEntry(src *source, e *Entry, g int, dt safetensors.DType, data []byte
 		return decodePositions(src, e, data, s)
 	}
 	plan := e.plan(g)
+	if e.Projection != nil {
+		return decodeProjected(src, e, plan, dt, data, s)
+	}
 	if !plan.fast() {
 		for k, p := range []*Payload{e.Codes, e.Scales, e.Mins, e.SinkP} {
 			if p == nil {

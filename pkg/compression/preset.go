@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 )
@@ -78,6 +79,8 @@ type presetFile struct {
 	Keys        *RolePlan   `json:"keys"`
 	Values      *RolePlan   `json:"values"`
 	Layers      []LayerPlan `json:"layers"`
+	// Projection names a low-rank bases file (projection_preset.go).
+	Projection *projectionFile `json:"projection"`
 }
 
 // codecFile is the "codec" object of a preset file: the global flags.
@@ -109,7 +112,7 @@ func LoadPreset(nameOrFile string) (Preset, error) {
 		}
 		return Preset{}, fmt.Errorf("%w: %s: %v", ErrPreset, nameOrFile, err)
 	}
-	p, err := ParsePreset(raw)
+	p, err := ParsePresetIn(raw, filepath.Dir(nameOrFile))
 	if err != nil {
 		return Preset{}, fmt.Errorf("%s: %w", nameOrFile, err)
 	}
@@ -117,8 +120,13 @@ func LoadPreset(nameOrFile string) (Preset, error) {
 }
 
 // ParsePreset reads a preset file's JSON: unknown fields are refused, every
-// value is checked, and errors name the field.
-func ParsePreset(raw []byte) (Preset, error) {
+// value is checked, and errors name the field. A bases file named by its
+// "projection" object is looked for in the working directory.
+func ParsePreset(raw []byte) (Preset, error) { return ParsePresetIn(raw, ".") }
+
+// ParsePresetIn is ParsePreset for a preset file in folder dir: a relative
+// bases file named by its "projection" object is read from dir.
+func ParsePresetIn(raw []byte, dir string) (Preset, error) {
 	var f presetFile
 	dec := json.NewDecoder(bytes.NewReader(raw))
 	dec.DisallowUnknownFields()
@@ -165,6 +173,13 @@ func ParsePreset(raw []byte) (Preset, error) {
 	}
 	if err := c.Validate(); err != nil {
 		return Preset{}, fmt.Errorf("%w: %w", ErrPreset, err)
+	}
+	if f.Projection != nil {
+		set, err := loadProjection(dir, f.Projection)
+		if err != nil {
+			return Preset{}, err
+		}
+		c.Projection = set
 	}
 	return p, nil
 }
