@@ -116,7 +116,13 @@ class _nothing:
     (dict(role="keys", scheme="sym", bits=5, group_size=64, rotate="none", axis="token"), "bits must be one of [2, 3, 4, 8], got 5"),
     (dict(role="keys", scheme="sym", bits=4, group_size=256, rotate="none", axis="token"), "must be one of [32, 64, 128], got 256"),
     (dict(role="other", scheme="sym", bits=4, group_size=64, rotate="none", axis="token"), "role must be one of ['keys', 'values']"),
-], ids=["bits", "token-group", "role"])
+    (dict(role="values", scheme="sym", bits=4, group_size=64, rotate="none", axis="token", steps=8),
+     "steps for sym 4-bit codes must be 0 (the width's own) or an integer in [1, 7], got 8"),
+    (dict(role="keys", scheme="asym", bits=4, group_size=128, rotate="none", axis="channel", steps=16),
+     "steps for asym 4-bit codes must be 0 (the width's own) or an integer in [1, 15], got 16"),
+    (dict(role="keys", scheme="asym", bits=4, group_size=128, rotate="none", axis="channel", steps=6.5),
+     "or an integer in [1, 15], got 6.5"),
+], ids=["bits", "token-group", "role", "sym-steps-too-many", "asym-steps-too-many", "steps-fraction"])
 def test_candidate_errors_name_allowed_values(kwargs, needle) -> None:
     with pytest.raises(SpaceError) as e:
         Candidate(**kwargs)
@@ -132,6 +138,25 @@ def test_default_space_fits_head_dim_and_has_every_width() -> None:
     assert all(c.group_size <= 32 or c.axis == "channel" for c in default_space("values", 32))
     with pytest.raises(SpaceError, match=r"--space must be one of \['default', 'wide'\], got 'x'"):
         default_space("keys", 64, "x")
+
+
+def test_default_space_holds_the_compact_plans_with_steps() -> None:
+    """The built-in compact preset's role plans (4-bit codes, keys 7 steps, values 4) are candidates,
+    and a plan with steps round-trips through the preset-file form."""
+    keys = Candidate.from_plan("keys", {"scheme": "asym", "bits": 4, "group_size": 128, "rotate": "none",
+                                        "axis": "channel", "steps": 7})
+    values = Candidate.from_plan("values", {"scheme": "sym", "bits": 4, "group_size": 64, "rotate": "hadamard",
+                                            "axis": "token", "steps": 4.0})
+    assert keys in default_space("keys", 64) and values in default_space("values", 64)
+    assert (keys.name, values.name) == ("k4s7-asym-ch128", "v4s4-sym-had-tok64")
+    assert (keys.levels, values.levels) == (8, 9)
+    assert Candidate.from_plan("values", values.plan) == values and values.plan["steps"] == 4
+    # steps equal to the width's own divisor are the plan without steps
+    assert Candidate.from_plan("keys", {**keys.plan, "steps": 15}) == Candidate("keys", "asym", 4, 128, "none", "channel")
+    assert "steps" not in Candidate("keys", "asym", 4, 128, "none", "channel").plan
+    assert not any(c.steps for c in default_space("keys", 64, bits=(2, 3, 8)))
+    with pytest.raises(SpaceError, match=r"unknown \['stepz'\]"):
+        Candidate.from_plan("keys", {**keys.plan, "stepz": 3})
 
 
 # -----------------------------------------------------------------------------
@@ -234,6 +259,38 @@ def test_assignment_preset_is_read_by_the_binary_tensor_by_tensor(kv_compress_bi
             assert modes[f"layer_{i}_{kind}"] == f"int{a.plan(role, i).bits}"
 
 
+@pytest.mark.parametrize("keys_steps, values_steps", [(7, 4), (5, 3), (10, 5), (0, 0)],
+                         ids=["compact", "fewest", "most", "no-steps"])
+def test_steps_candidates_reconstruct_as_the_torch_reference(keys_steps: int, values_steps: int,
+                                                              kv_compress_bin: str, tmp_path: Path) -> None:
+    """A per-layer assignment mixing candidates with and without steps: the binary's reconstruction of
+    every tensor equals the torch reference run with that tensor's Candidate.tensor_plan, bit for bit
+    (what the sensitivity stage relies on)."""
+    from validation import compression_bridge as cb
+    from validation.compat import cache_to_layers, layers_to_cache
+    from validation.reference_codec import encode_reference
+
+    n = 3
+    candidates = {"keys": [Candidate("keys", "asym", 4, 128, "none", "channel", keys_steps),
+                           Candidate("keys", "asym", 3, 128, "none", "channel")],
+                  "values": [Candidate("values", "sym", 4, 64, "hadamard", "token", values_steps),
+                             Candidate("values", "asym", 2, 64, "hadamard", "token")]}
+    a = Assignment(candidates, {"keys": [0, 1, 0], "values": [0, 0, 1]})
+    preset = write_preset(assignment_preset(a, "t", "test", sink=1), str(tmp_path / "p.json"))
+    g = torch.Generator().manual_seed(keys_steps + 10 * values_steps)
+    layers = []
+    for _ in range(n):
+        k = torch.randn(1, 2, 300, 64, generator=g)
+        k[..., :2] *= 10
+        layers.append((k.to(torch.float16), torch.randn(1, 2, 300, 64, generator=g).to(torch.float16)))
+    rebuilt, _ = cb.roundtrip_kv_cache(layers_to_cache(layers), str(tmp_path), preset=preset)
+    for i, (k2, v2) in enumerate(cache_to_layers(rebuilt)):
+        for role, x, y in (("keys", layers[i][0], k2), ("values", layers[i][1], v2)):
+            plan, group = a.plan(role, i).tensor_plan(1, x.shape[-2])
+            ref = encode_reference(x, group, plan=plan).reconstruction
+            assert torch.equal(y.view(torch.int16), ref.view(torch.int16)), f"layer {i} {role} {a.plan(role, i).name}"
+
+
 # -----------------------------------------------------------------------------
 # partial passes
 
@@ -271,8 +328,9 @@ def test_autotune_end_to_end_through_the_binary(kv_compress_bin: str, small_mode
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "tuned.json"
-    space = tmp_path / "space.json"  # two candidates per role keep the run short
-    space.write_text(json.dumps({r: [c.plan for c in default_space(r, 64, bits=(3, 4)) if c.group_size != 256]
+    space = tmp_path / "space.json"  # a few candidates per role keep the run short; the compact's steps among them
+    space.write_text(json.dumps({r: [c.plan for c in default_space(r, 64, bits=(3, 4))
+                                     if c.group_size != 256 and c.steps in (0, 7 if r == "keys" else 4)]
                                  for r in ROLES}))
     code = cli.main(["--model", str(small_model_dir), "--text-file", str(long_corpus), "--max-length", "64",
                      "--stride", "16", "--eval-windows", "3", "--calibration-windows", "3", "--sensitivity-tokens", "8",
@@ -295,7 +353,12 @@ def test_autotune_end_to_end_through_the_binary(kv_compress_bin: str, small_mode
     assert (tmp_path / "allocation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "held-out" in (tmp_path / "autotune.md").read_text()
     assert len(doc["tensors"]) == 2 * 4 and all(t["bytes"] > 0 for t in doc["tensors"])
-    assert doc["candidates"] == {"keys": ["k3-asym-ch128", "k4-asym-ch128"], "values": ["v3-sym-had-tok64", "v3-asym-had-tok64", "v4-sym-had-tok64"]}
+    assert doc["candidates"] == {"keys": ["k3-asym-ch128", "k4-asym-ch128", "k4s7-asym-ch128"],
+                                 "values": ["v3-sym-had-tok64", "v3-asym-had-tok64", "v4-sym-had-tok64", "v4s4-sym-had-tok64"]}
+    # every plan in the written preset is one of the candidates, steps included
+    cands = {r: [Candidate.from_plan(r, p) for p in json.loads(space.read_text())[r]] for r in ROLES}
+    assert all(Candidate.from_plan(r, preset[r]) in cands[r] for r in ROLES)
+    assert all(Candidate.from_plan(r, entry[r]) in cands[r] for entry in preset.get("layers", []) for r in ROLES if r in entry)
     # the preset runs through validate_perplexity.py, and its size matches the held-out measurement
     report = tmp_path / "vp.json"
     rc = vp.main(["--model", str(small_model_dir), "--text-file", str(long_corpus), "--cpu", "--max-length", "64",

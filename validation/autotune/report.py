@@ -21,8 +21,9 @@ HEATMAP_FILENAME = "allocation.png"
 
 
 def cell_label(c: Candidate) -> str:
-    """A short label for a heatmap cell: bits, scheme (s/a), rotation (h), group, axis (c/t)."""
-    return f"{c.bits}{c.scheme[0]}{'h' if c.rotate == 'hadamard' else ''}{c.group_size}{c.axis[0]}"
+    """A short label for a heatmap cell: bits, steps (``/7``), scheme (s/a), rotation (h), group, axis (c/t)."""
+    st = f"/{c.steps}" if c.steps else ""
+    return f"{c.bits}{st}{c.scheme[0]}{'h' if c.rotate == 'hadamard' else ''}{c.group_size}{c.axis[0]}"
 
 
 def plot_allocation(result: AutotuneResult, path: str) -> str:
@@ -34,7 +35,7 @@ def plot_allocation(result: AutotuneResult, path: str) -> str:
     import numpy as np
 
     a = result.assignment
-    grid = np.asarray(a.bits_grid(), dtype=float)  # [layers, 2]
+    grid = np.asarray(a.level_bits_grid(), dtype=float)  # [layers, 2]: log2(levels), steps counted
     n = a.num_layers
     fig, ax = plt.subplots(figsize=(4.2, max(3.0, 0.26 * n + 1.4)))
     im = ax.imshow(grid, cmap="viridis", vmin=2, vmax=8, aspect="auto")
@@ -47,11 +48,11 @@ def plot_allocation(result: AutotuneResult, path: str) -> str:
     ax.set_ylabel("layer")
     held = dict(result.heldout).get(result.options.name)
     cal = result.rounds[result.chosen_round].verification
-    title = f"bits per tensor ({result.options.budget.describe()})\ncalibration {cal.delta_pct:+.2f}%, {cal.disk_ratio_vs_fp16:.2f}x"
+    title = f"log2 levels per tensor ({result.options.budget.describe()})\ncalibration {cal.delta_pct:+.2f}%, {cal.disk_ratio_vs_fp16:.2f}x"
     if held is not None:
         title += f"; held-out {held.delta_pct:+.2f}%, {held.disk_ratio_vs_fp16:.2f}x"
     ax.set_title(title, fontsize=8)
-    fig.colorbar(im, ax=ax, label="code bits", ticks=[2, 3, 4, 8])
+    fig.colorbar(im, ax=ax, label="log2(levels): code bits, fewer with steps", ticks=[2, 3, 4, 8])
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -1,7 +1,7 @@
 """The search space of the auto-tuner: candidate plans per role, presets built from them, their sizes.
 
 A *candidate* is one role plan of a format-2 preset file (``scheme``, ``bits``, ``group_size``,
-``rotate``, ``axis``; docs/cli.md, "Preset files") that a key or a value tensor may get. The
+``rotate``, ``axis`` and optionally ``steps``; docs/cli.md, "Preset files") that a key or a value tensor may get. The
 tuner gives every tensor (one role of one layer) one candidate; :func:`assignment_preset` writes
 such an assignment as a preset JSON that ``kv-compress --preset FILE`` reads. Knobs that other
 work adds to role plans (a token keep ratio, a low rank) join as more fields of
@@ -35,6 +35,18 @@ TOKEN_GROUPS = (32, 64, 128)
 CHANNEL_GROUPS = (32, 64, 128, 256, 512, 1024)
 SPACES = ("default", "wide")
 PLAN_FIELDS = ("scheme", "bits", "group_size", "rotate", "axis")
+OPTIONAL_PLAN_FIELDS = ("steps",)
+# Steps the default space tries in 4-bit codes (docs/format.md, "Steps"): the divisor of a group's
+# range (asym) or magnitude (sym) in place of the width's own (15 and 7). Fewer steps use fewer of
+# the 16 codes, which the entropy stage then stores in fewer bits (the built-in compact preset:
+# keys 7, values 4).
+KEY_STEPS = (5, 7, 10)
+VALUE_STEPS = (3, 4, 5)
+
+
+def max_steps(scheme: str, bits: int) -> int:
+    """The most steps a group may span in ``bits``-bit codes: ``2^b - 1`` (asym), ``2^(b-1) - 1`` (sym)."""
+    return 2 ** bits - 1 if scheme == "asym" else 2 ** (bits - 1) - 1
 
 
 class SpaceError(ValueError):
@@ -46,7 +58,8 @@ class Candidate:
     """One role plan a tensor may get.
 
     ``plan`` holds the preset-file fields (``scheme``, ``bits``, ``group_size``, ``rotate``,
-    ``axis``; more knobs may join); ``role`` is "keys" or "values".
+    ``axis``, and ``steps`` when not 0; more knobs may join); ``role`` is "keys" or "values".
+    ``steps`` 0 means the width's own divisor; otherwise it is an integer in ``[1, max_steps]``.
     """
 
     role: str
@@ -55,6 +68,7 @@ class Candidate:
     group_size: int
     rotate: str
     axis: str
+    steps: int = 0
 
     def __post_init__(self) -> None:
         for name, value, allowed in (("role", self.role, ROLES), ("scheme", self.scheme, SCHEMES),
@@ -66,24 +80,39 @@ class Candidate:
         if self.group_size not in groups:
             raise SpaceError(f"candidate group_size along axis {self.axis!r} must be one of {list(groups)}, "
                              f"got {self.group_size!r}")
+        hi = max_steps(self.scheme, self.bits)
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or not 0 <= self.steps <= hi:
+            raise SpaceError(f"candidate steps for {self.scheme} {self.bits}-bit codes must be 0 (the width's own) "
+                             f"or an integer in [1, {hi}], got {self.steps!r}")
 
     @property
     def plan(self) -> Dict[str, Any]:
-        """The role plan as a preset file writes it."""
-        return {"scheme": self.scheme, "bits": self.bits, "group_size": self.group_size,
-                "rotate": self.rotate, "axis": self.axis}
+        """The role plan as a preset file writes it (``steps`` only when not 0)."""
+        out: Dict[str, Any] = {"scheme": self.scheme, "bits": self.bits, "group_size": self.group_size,
+                               "rotate": self.rotate, "axis": self.axis}
+        if self.steps:
+            out["steps"] = self.steps
+        return out
 
     @property
     def name(self) -> str:
-        """A short unique label, e.g. ``k3-asym-ch128`` (role, bits, scheme, rotation, axis, group)."""
+        """A short unique label, e.g. ``k3-asym-ch128`` or ``k4s7-asym-ch128`` (role, bits, steps, scheme, rotation, axis, group)."""
         rot = "-had" if self.rotate == "hadamard" else ""
         ax = "ch" if self.axis == "channel" else "tok"
-        return f"{self.role[0]}{self.bits}-{self.scheme}{rot}-{ax}{self.group_size}"
+        st = f"s{self.steps}" if self.steps else ""
+        return f"{self.role[0]}{self.bits}{st}-{self.scheme}{rot}-{ax}{self.group_size}"
+
+    @property
+    def levels(self) -> int:
+        """How many reconstruction levels a group can use: ``steps + 1`` (asym), ``2 steps + 1`` (sym)."""
+        s = self.steps or max_steps(self.scheme, self.bits)
+        return s + 1 if self.scheme == "asym" else 2 * s + 1
 
     def tensor_plan(self, sink: int, seq_len: int) -> Tuple[TensorPlan, int]:
         """``(reference_codec.TensorPlan, group size)`` for a tensor ``[..., seq_len, head_dim]``."""
         axis = "seq" if self.axis == "channel" else "last"
-        return TensorPlan(self.scheme, self.bits, axis, self.rotate, min(sink, seq_len), self.group_size), self.group_size
+        return (TensorPlan(self.scheme, self.bits, axis, self.rotate, min(sink, seq_len), self.group_size,
+                           float(self.steps) if self.steps else None), self.group_size)
 
     def fits(self, head_dim: int) -> bool:
         """Whether the binary accepts this plan for tensors with this head_dim (token groups must divide it)."""
@@ -91,11 +120,19 @@ class Candidate:
 
     @classmethod
     def from_plan(cls, role: str, plan: Dict[str, Any]) -> "Candidate":
-        """The candidate of a preset-file role plan (every field of PLAN_FIELDS present)."""
+        """The candidate of a preset-file role plan (every field of PLAN_FIELDS present; ``steps`` optional)."""
         missing = [f for f in PLAN_FIELDS if f not in plan]
         if missing:
             raise SpaceError(f"a role plan needs the fields {list(PLAN_FIELDS)}; missing {missing}")
-        return cls(role, plan["scheme"], int(plan["bits"]), int(plan["group_size"]), plan["rotate"], plan["axis"])
+        unknown = sorted(set(plan) - set(PLAN_FIELDS) - set(OPTIONAL_PLAN_FIELDS))
+        if unknown:
+            raise SpaceError(f"a role plan has the fields {list(PLAN_FIELDS + OPTIONAL_PLAN_FIELDS)}; unknown {unknown}")
+        steps = plan.get("steps") or 0
+        if isinstance(steps, float) and steps.is_integer():
+            steps = int(steps)
+        if steps and steps == max_steps(plan["scheme"], int(plan["bits"])):
+            steps = 0  # the width's own divisor: the same plan as no steps
+        return cls(role, plan["scheme"], int(plan["bits"]), int(plan["group_size"]), plan["rotate"], plan["axis"], steps)
 
 
 def default_space(role: str, head_dim: int, space: str = "default", bits: Sequence[int] = BITS) -> List[Candidate]:
@@ -103,8 +140,11 @@ def default_space(role: str, head_dim: int, space: str = "default", bits: Sequen
 
     ``default``: the forms that measured best on SmolLM2 (docs/codec-frontier.md) at every width:
     keys asymmetric per channel, unrotated, groups of 128 along the tokens (3-bit also 256);
-    values rotated along head_dim, symmetric G = 64 (2-bit: asymmetric; 3-bit: both). ``wide`` adds the other scheme, rotation, axis and group
-    combinations. ``bits`` restricts the widths. Raises SpaceError for an unknown space.
+    values rotated along head_dim, symmetric G = 64 (2-bit: asymmetric; 3-bit: both). With
+    4-bit codes it also tries fewer steps (KEY_STEPS, VALUE_STEPS; the built-in ``compact``
+    preset's keys and values are among them). ``wide`` adds the other scheme, rotation, axis
+    and group combinations (without steps). ``bits`` restricts the widths. Raises SpaceError
+    for an unknown space.
     """
     if space not in SPACES:
         raise SpaceError(f"--space must be one of {list(SPACES)}, got {space!r}")
@@ -120,6 +160,8 @@ def default_space(role: str, head_dim: int, space: str = "default", bits: Sequen
                 out.append(Candidate("keys", "asym", b, 128, "none", "channel"))
                 if b == 3:
                     out.append(Candidate("keys", "asym", b, 256, "none", "channel"))
+                if b == 4:
+                    out.extend(Candidate("keys", "asym", b, 128, "none", "channel", s) for s in KEY_STEPS)
         else:
             for b in bits:
                 out.append(Candidate("values", "sym", b, 32 if b == 2 else 64, "hadamard", "token"))
@@ -127,6 +169,8 @@ def default_space(role: str, head_dim: int, space: str = "default", bits: Sequen
                     out[-1] = Candidate("values", "asym", b, 64, "hadamard", "token")
                 if b == 3:
                     out.append(Candidate("values", "asym", b, 64, "hadamard", "token"))
+                if b == 4:
+                    out.extend(Candidate("values", "sym", b, 64, "hadamard", "token", s) for s in VALUE_STEPS)
     else:
         for b in bits:
             for scheme in SCHEMES:
@@ -155,8 +199,14 @@ class Assignment:
         return self.candidates[role][self.choice[role][layer]]
 
     def bits_grid(self) -> List[List[int]]:
-        """``[layer][role]`` code widths (role order: keys, values), for the heatmap."""
+        """``[layer][role]`` code widths (role order: keys, values)."""
         return [[self.plan(r, i).bits for r in ROLES] for i in range(self.num_layers)]
+
+    def level_bits_grid(self) -> List[List[float]]:
+        """``[layer][role]`` log2 of the levels each tensor's plan can use (steps count), for the heatmap."""
+        import math
+
+        return [[math.log2(self.plan(r, i).levels) for r in ROLES] for i in range(self.num_layers)]
 
 
 def assignment_preset(a: Assignment, name: str, description: str, sink: int = 1,
@@ -164,7 +214,8 @@ def assignment_preset(a: Assignment, name: str, description: str, sink: int = 1,
     """The preset file (docs/cli.md) that gives every tensor its candidate.
 
     The most frequent candidate of each role becomes the role plan (``keys`` / ``values``, every
-    field explicit); each other candidate becomes one ``layers`` entry listing its layers. Base
+    field explicit); each other candidate becomes one ``layers`` entry listing its layers (with
+    ``steps`` explicit when the role plan has steps and the candidate has none). Base
     ``default`` supplies the rest (entropy stage ``auto``); ``sink`` positions stay exact.
     """
     out: Dict[str, Any] = {"name": name, "description": description, "base": "default", "codec": {"sink": sink}}
@@ -176,11 +227,24 @@ def assignment_preset(a: Assignment, name: str, description: str, sink: int = 1,
             if ci != common:
                 layer_entries.setdefault((role, ci), []).append(layer)
     if layer_entries:
-        out["layers"] = [{"layers": layers, role: a.candidates[role][ci].plan}
+        out["layers"] = [{"layers": layers, role: _layer_plan(a.candidates[role][ci], out[role])}
                          for (role, ci), layers in sorted(layer_entries.items(), key=lambda kv: kv[1][0])]
     if extra:
         out.update(extra)
     return out
+
+
+def _layer_plan(c: Candidate, role_plan: Dict[str, Any]) -> Dict[str, Any]:
+    """``c``'s plan as a ``layers`` entry over ``role_plan``.
+
+    A layer plan's absent field keeps the role plan's value, so a candidate without steps under a
+    role plan with steps states its width's own divisor explicitly (the same divisor, so the same
+    codes, bit for bit).
+    """
+    plan = c.plan
+    if "steps" in role_plan and "steps" not in plan:
+        plan["steps"] = max_steps(c.scheme, c.bits)
+    return plan
 
 
 def uniform_preset(keys: Candidate, values: Candidate, name: str, sink: int = 1) -> Dict[str, Any]:
@@ -264,7 +328,7 @@ def measure_sizes(layers: Sequence[Tuple[torch.Tensor, torch.Tensor]], candidate
 
 
 def load_space_file(path: str, head_dim: int) -> Dict[str, List[Candidate]]:
-    """Candidates from a JSON file ``{"keys": [plan, ...], "values": [plan, ...]}`` (each plan with PLAN_FIELDS)."""
+    """Candidates from a JSON file ``{"keys": [plan, ...], "values": [plan, ...]}`` (each plan with PLAN_FIELDS, ``steps`` optional)."""
     with open(path, encoding="utf-8") as f:
         doc = json.load(f)
     if not isinstance(doc, dict) or set(doc) - set(ROLES) or not all(doc.get(r) for r in ROLES):
