@@ -241,17 +241,7 @@ func TestStepsMatchVectorEncoder(t *testing.T) {
 				if vecErr != nil || scalarErr != nil {
 					t.Fatalf("vector %v, scalar %v", vecErr, scalarErr)
 				}
-				for i := range vec.Tensors {
-					if !bytes.Equal(vec.Tensors[i].Data, scalar.Tensors[i].Data) {
-						t.Fatalf("payload %s differs from the scalar encoder's", vec.Tensors[i].Name)
-					}
-				}
-				vecOut, scalarOut := decompressBoth(t, vec)
-				for i := range vecOut.Tensors {
-					if !bytes.Equal(vecOut.Tensors[i].Data, scalarOut.Tensors[i].Data) {
-						t.Fatalf("restored %s differs", vecOut.Tensors[i].Name)
-					}
-				}
+				assertSameAsScalar(t, vec, scalar)
 			})
 		}
 	}

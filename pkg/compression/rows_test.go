@@ -155,20 +155,7 @@ func TestRowEncoderMatchesScalar(t *testing.T) {
 					if vecErr != nil {
 						return
 					}
-					if len(vec.Tensors) != len(scalar.Tensors) {
-						t.Fatalf("%d payloads, scalar %d", len(vec.Tensors), len(scalar.Tensors))
-					}
-					for i := range vec.Tensors {
-						if !bytes.Equal(vec.Tensors[i].Data, scalar.Tensors[i].Data) {
-							t.Fatalf("payload %s differs from the scalar encoder's", vec.Tensors[i].Name)
-						}
-					}
-					vecOut, scalarOut := decompressBoth(t, vec)
-					for i := range vecOut.Tensors {
-						if !bytes.Equal(vecOut.Tensors[i].Data, scalarOut.Tensors[i].Data) {
-							t.Fatalf("restored %s differs from the scalar decoder's", vecOut.Tensors[i].Name)
-						}
-					}
+					assertSameAsScalar(t, vec, scalar)
 					for i, r := range vec.PerTensor {
 						s := scalar.PerTensor[i]
 						for _, q := range [][2]Metric{{r.RMSE, s.RMSE}, {r.SNRdB, s.SNRdB}, {r.CosineSimilarity, s.CosineSimilarity}} {
@@ -468,6 +455,26 @@ func TestVectorEncoderTakesEveryWidth(t *testing.T) {
 					}
 				}
 			}
+		}
+	}
+}
+
+// assertSameAsScalar fails unless the vector and scalar encoders' results have
+// the same payload bytes and decompress (each way) to the same tensor bytes.
+func assertSameAsScalar(t *testing.T, vec, scalar *Result) {
+	t.Helper()
+	if len(vec.Tensors) != len(scalar.Tensors) {
+		t.Fatalf("%d payloads, scalar %d", len(vec.Tensors), len(scalar.Tensors))
+	}
+	for i := range vec.Tensors {
+		if !bytes.Equal(vec.Tensors[i].Data, scalar.Tensors[i].Data) {
+			t.Fatalf("payload %s differs from the scalar encoder's", vec.Tensors[i].Name)
+		}
+	}
+	vecOut, scalarOut := decompressBoth(t, vec)
+	for i := range vecOut.Tensors {
+		if !bytes.Equal(vecOut.Tensors[i].Data, scalarOut.Tensors[i].Data) {
+			t.Fatalf("restored %s differs from the scalar decoder's", vecOut.Tensors[i].Name)
 		}
 	}
 }
