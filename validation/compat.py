@@ -248,7 +248,8 @@ def layers_to_cache(
     transformers 4.x: built with ``DynamicCache.from_legacy_cache``, uniform layers only.
     transformers 5.x: ``DynamicCache()`` whose layers are filled with ``update``, so the cache
     holds copies. Raises ValueError for a malformed layer, a ``seq_len`` below a layer's length,
-    a window that the layer's length contradicts, or differing lengths on transformers 4.x.
+    a window that the layer's length contradicts, or sliding windows given for layers of
+    differing lengths on transformers 4.x (4.x keeps undeclared unequal layers as they are).
     """
     pairs: KVLayers = []
     for i, pair in enumerate(layers):
@@ -270,7 +271,9 @@ def layers_to_cache(
 
     from_legacy = getattr(DynamicCache, "from_legacy_cache", None)
     if from_legacy is not None:  # transformers 4.x
-        if any(w is not None for w in windows) and len(set(lengths)) > 1:
+        # Sliding layers asked for by name cannot be built on 4.x; a legacy cache of unequal layers
+        # that nobody declared sliding is kept as 4.x always kept it, so validation can report it.
+        if sliding_windows is not None and any(w is not None for w in windows) and len(set(lengths)) > 1:
             raise ValueError(f"layers of different lengths {sorted(set(lengths))} need transformers 5.x "
                              f"(installed: {transformers.__version__})")
         return from_legacy(tuple(pairs))
