@@ -30,16 +30,7 @@ func TestRotatedMetrics(t *testing.T) {
 		for _, dt := range []safetensors.DType{safetensors.F16, safetensors.BF16, safetensors.F32} {
 			t.Run(codecName(cfg)+"-sp"+itoa(int(100*cfg.Sparsity))+"/"+string(dt), func(t *testing.T) {
 				src := kvCache(t, 2, 3, 37, 128, dt, 11)
-				exactCfg := cfg
-				exactCfg.ExactMetrics = true
-				fast, err := Compress(src, cfg)
-				if err != nil {
-					t.Fatal(err)
-				}
-				exact, err := Compress(src, exactCfg)
-				if err != nil {
-					t.Fatal(err)
-				}
+				fast, exact := compressFastAndExact(t, src, cfg)
 				for i := range fast.Tensors {
 					if !bytes.Equal(fast.Tensors[i].Data, exact.Tensors[i].Data) {
 						t.Fatalf("payload %s depends on the metrics' basis", fast.Tensors[i].Name)
@@ -104,16 +95,7 @@ func TestRotatedMetricsNearTheDtypeLimit(t *testing.T) {
 				src.Tensors[i] = safetensors.Tensor{Name: src.Tensors[i].Name, DType: safetensors.F16, Shape: src.Tensors[i].Shape, Data: f16Bytes(x)}
 			}
 			cfg := DefaultConfig()
-			exactCfg := cfg
-			exactCfg.ExactMetrics = true
-			fast, err := Compress(src, cfg)
-			if err != nil {
-				t.Fatal(err)
-			}
-			exact, err := Compress(src, exactCfg)
-			if err != nil {
-				t.Fatal(err)
-			}
+			fast, exact := compressFastAndExact(t, src, cfg)
 			// The largest error tells the bases apart; the sums may differ in
 			// the last digits (the scalar and vector paths add in another order).
 			same := fast.Quality.MaxError == exact.Quality.MaxError && near(float64(fast.Quality.RMSE), float64(exact.Quality.RMSE))
@@ -122,4 +104,21 @@ func TestRotatedMetricsNearTheDtypeLimit(t *testing.T) {
 			}
 		})
 	}
+}
+
+// compressFastAndExact compresses src with cfg twice: with the rotated-basis
+// metrics (the default) and with ExactMetrics, for tests that compare them.
+func compressFastAndExact(t *testing.T, src *safetensors.File, cfg Config) (fast, exact *Result) {
+	t.Helper()
+	exactCfg := cfg
+	exactCfg.ExactMetrics = true
+	fast, err := Compress(src, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	exact, err = Compress(src, exactCfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fast, exact
 }
