@@ -197,11 +197,11 @@ var CodecFlags = []string{"group-size", "sparsity", "scheme", "rotate", "key-axi
 // ApplyFlags returns the preset's configuration with every codec flag the
 // user set (isSet reports which) taken from flags instead, and the names of
 // the flags that changed a value (a flag repeating the preset's value is not
-// a change). What is not a codec parameter (Workers, MaxMemory,
+// a change). What is not a codec parameter (Workers, MaxMemory, NoSync,
 // ExactMetrics) always comes from flags.
 func (p Preset) ApplyFlags(flags Config, isSet func(name string) bool) (Config, []string) {
 	c := p.Config
-	c.Workers, c.MaxMemory, c.ExactMetrics = flags.Workers, flags.MaxMemory, flags.ExactMetrics
+	c.Workers, c.MaxMemory, c.NoSync, c.ExactMetrics = flags.Workers, flags.MaxMemory, flags.NoSync, flags.ExactMetrics
 	var changed []string
 	for _, name := range CodecFlags {
 		if !isSet(name) {

@@ -163,9 +163,9 @@ func TestLongChannelGroupsMatchScalar(t *testing.T) {
 func TestApplyFlags(t *testing.T) {
 	p, _ := LoadPreset(PresetSeed)
 	flags := DefaultConfig()
-	flags.Bits, flags.Workers, flags.MaxMemory, flags.ExactMetrics = 3, 2, 1<<20, true
+	flags.Bits, flags.Workers, flags.MaxMemory, flags.NoSync, flags.ExactMetrics = 3, 2, 1<<20, true, true
 	c, changed := p.ApplyFlags(flags, func(name string) bool { return name == "bits" })
-	if c.Bits != 3 || c.Workers != 2 || c.MaxMemory != 1<<20 || !c.ExactMetrics || c.Entropy != EntropyLZ4 || c.Rotate != RotateNone || len(changed) != 1 || changed[0] != "--bits" {
+	if c.Bits != 3 || c.Workers != 2 || c.MaxMemory != 1<<20 || !c.NoSync || !c.ExactMetrics || c.Entropy != EntropyLZ4 || c.Rotate != RotateNone || len(changed) != 1 || changed[0] != "--bits" {
 		t.Fatalf("config %+v, changed %v", c, changed)
 	}
 }
