@@ -98,16 +98,43 @@ type payloadEncoder struct {
 	lz     lz4Encoder
 	huff   huff0.Scratch
 	buf    []byte
+	trial  []byte // the kept output of a trial that covered the whole payload
+	// reuse makes encode's results slices of arena, which reset empties;
+	// otherwise each result is a fresh allocation.
+	reuse bool
+	arena []byte
 }
 
+// keep returns a copy of b that aliases none of the encoder's working
+// buffers: a fresh allocation, or with reuse the next bytes of the arena
+// (a full arena is replaced by a larger one; slices already handed out
+// keep the old one alive).
+func (e *payloadEncoder) keep(b []byte) []byte {
+	if !e.reuse {
+		return append([]byte(nil), b...)
+	}
+	n := len(e.arena)
+	if cap(e.arena)-n < len(b) {
+		e.arena, n = make([]byte, 0, max(2*cap(e.arena), len(b))), 0
+	}
+	e.arena = append(e.arena, b...)
+	return e.arena[n : n+len(b) : n+len(b)]
+}
+
+// reset makes the arena's memory available again. Only with reuse, and only
+// once every result since the previous reset has been consumed (written out).
+func (e *payloadEncoder) reset() { e.arena = e.arena[:0] }
+
 // encode returns raw under the stage the policy picks, and that stage's name.
-// The result never aliases raw or the encoder's buffers.
+// The result never aliases raw or the encoder's working buffers; with reuse
+// it is valid until the next reset.
 func (e *payloadEncoder) encode(raw []byte) ([]byte, string) {
 	switch {
 	case e.policy == EntropyNone:
-		return append([]byte(nil), raw...), EncodingStored
+		return e.keep(raw), EncodingStored
 	case e.policy != EntropyAuto || len(raw) < minEntropyBytes:
-		return e.lz.encode(raw)
+		data, enc := e.lz.encode(raw)
+		return e.keep(data), enc
 	}
 	sample := raw
 	if len(raw) > 2*sampleBytes {
@@ -120,7 +147,8 @@ func (e *payloadEncoder) encode(raw []byte) ([]byte, string) {
 		if out, ok := e.apply(enc, sample); ok && len(out) < bestSize {
 			best, bestSize = enc, len(out)
 			if whole {
-				kept = append(kept[:0], out...)
+				kept = append(e.trial[:0], out...)
+				e.trial = kept
 			}
 		}
 	}
@@ -145,7 +173,7 @@ func (e *payloadEncoder) encode(raw []byte) ([]byte, string) {
 		try(EncodingZstd)
 	}
 	if best == EncodingStored {
-		return append([]byte(nil), raw...), EncodingStored
+		return e.keep(raw), EncodingStored
 	}
 	return e.final(best, raw, kept)
 }
@@ -167,13 +195,13 @@ func huffClearlyWins(est, pmax float64, n, bestSize int) bool {
 // shrink the payload within the expansion rules.
 func (e *payloadEncoder) final(enc string, raw, kept []byte) ([]byte, string) {
 	if kept != nil {
-		return kept, enc
+		return e.keep(kept), enc
 	}
 	out, ok := e.apply(enc, raw)
 	if !ok || len(out) >= len(raw) {
-		return append([]byte(nil), raw...), EncodingStored
+		return e.keep(raw), EncodingStored
 	}
-	return append([]byte(nil), out...), enc
+	return e.keep(out), enc
 }
 
 // apply encodes src with one stage into e.buf; ok is false when the stage

@@ -262,6 +262,17 @@ func init() {
 type generalScratch struct {
 	x, w, t, deq, mags []float32
 	packed             []byte
+	// The raw payloads of encodeVectorRows, reused from tensor to tensor:
+	// the payload encoder copies what it keeps, so nothing outlives the
+	// next tensor.
+	codes, scales, mins, sink []byte
+}
+
+// zeroed returns *buf resized to n bytes, all zero, reusing its memory.
+func zeroed(buf *[]byte, n int) []byte {
+	*buf = grow(*buf, n)
+	clear(*buf)
+	return *buf
 }
 
 // toLayout copies the region w ([outer, keep, dim], row-major) into dst in
@@ -296,7 +307,9 @@ func transposeBlocks(src, dst []float32, outer, rows, cols int) {
 	}
 }
 
-// generalEncoding is the raw (not yet LZ4-compressed) payloads of one tensor.
+// generalEncoding is the raw (not yet entropy-coded) payloads of one
+// tensor. The vector encoder leaves them in its generalScratch: they are
+// valid until the next tensor is encoded with the same scratch.
 type generalEncoding struct {
 	codes, scales, mins, sink []byte
 	stats                     tensorStats
@@ -487,13 +500,13 @@ func encodeVectorRows(t *safetensors.Tensor, p tensorPlan, ws *generalScratch) (
 	seqBytes, sinkBytes := l.seq*l.dim*width, p.Sink*l.dim*width
 	_, scalesPer := l.perOuter()
 	codesPer := l.keep * l.dim * p.Bits / 8 // dim is a multiple of 8: whole bytes
-	enc.codes = make([]byte, l.outer*codesPer)
-	enc.scales = make([]byte, l.outer*scalesPer)
+	enc.codes = zeroed(&ws.codes, l.outer*codesPer)
+	enc.scales = zeroed(&ws.scales, l.outer*scalesPer)
 	if spec.asym && l.groups() > 0 { // no groups: no minimums, as the index rules say
-		enc.mins = make([]byte, l.outer*scalesPer)
+		enc.mins = zeroed(&ws.mins, l.outer*scalesPer)
 	}
 	if p.Sink > 0 {
-		enc.sink = make([]byte, l.outer*sinkBytes)
+		enc.sink = zeroed(&ws.sink, l.outer*sinkBytes)
 		ws.x = grow(ws.x, p.Sink*l.dim)
 	}
 	for o := range l.outer {

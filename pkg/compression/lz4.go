@@ -38,8 +38,9 @@ type lz4Encoder struct {
 	buf []byte
 }
 
-// encode returns raw compressed, or raw itself (copied) when LZ4 would not
-// make it smaller. The result does not alias raw or the encoder's buffer.
+// encode returns raw compressed, or raw itself when LZ4 would not make it
+// smaller. The result may alias raw or the encoder's buffer: callers copy
+// what they keep (payloadEncoder.keep).
 func (e *lz4Encoder) encode(raw []byte) (data []byte, encoding string) {
 	if len(raw) >= 4*probeBytes {
 		// Probe: when the first probeBytes barely shrink, the rest will not
@@ -47,16 +48,16 @@ func (e *lz4Encoder) encode(raw []byte) (data []byte, encoding string) {
 		// throughout), so skip the full attempt.
 		var tmp [probeBytes]byte
 		if n, err := e.c.CompressBlock(raw[:probeBytes], tmp[:probeBytes-probeBytes/32]); err != nil || n == 0 {
-			return append([]byte(nil), raw...), EncodingStored
+			return raw, EncodingStored
 		}
 	}
 	if len(raw) > 0 {
 		e.buf = grow(e.buf, len(raw)-1)
 		if n, err := e.c.CompressBlock(raw, e.buf); err == nil && n > 0 {
-			return append([]byte(nil), e.buf[:n]...), EncodingLZ4
+			return e.buf[:n], EncodingLZ4
 		}
 	}
-	return append([]byte(nil), raw...), EncodingStored
+	return raw, EncodingStored
 }
 
 // decodePayload expands data, which must decode to exactly rawSize bytes, into dst.

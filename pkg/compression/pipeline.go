@@ -91,9 +91,11 @@ func Compress(src *safetensors.File, cfg Config) (*Result, error) {
 
 // compressAll encodes every tensor of src on up to workers goroutines, each
 // with its own reusable scratch memory. emit, when set, receives each result
-// on its worker's goroutine, in no particular order, and may take the
-// payload bytes away (a file writer stores them and sets Data to nil, so
-// memory holds only the tensors in flight).
+// on its worker's goroutine, in no particular order, and must consume the
+// payload bytes before it returns: with emit set they live in the worker's
+// reusable arena, which the worker's next tensor overwrites (a file writer
+// stores them and sets Data to nil, so memory holds only the tensors in
+// flight and nothing is allocated per tensor).
 func compressAll(src *source, cfg Config, workers int, emit func(i int, ct *compressedTensor) error) ([]compressedTensor, error) {
 	out := make([]compressedTensor, len(src.f.Tensors))
 	// No more scratch than there are tensors: --workers 100000 must not
@@ -101,9 +103,11 @@ func compressAll(src *source, cfg Config, workers int, emit func(i int, ct *comp
 	scratch := make([]workerScratch, max(1, min(workers, len(src.f.Tensors))))
 	for i := range scratch {
 		scratch[i].pe.policy = cfg.entropy()
+		scratch[i].pe.reuse = emit != nil
 	}
 	err := parallel(len(src.f.Tensors), len(scratch), func(w, i int) error {
 		return guardFaults(func() error {
+			scratch[w].pe.reset() // emit consumed the previous tensor's payloads
 			t := src.f.Tensors[i] // a copy: Data may be pointed at the worker's buffer
 			data, err := src.data(&t, &scratch[w].in)
 			if err != nil {
@@ -117,6 +121,9 @@ func compressAll(src *source, cfg Config, workers int, emit func(i int, ct *comp
 			if emit != nil {
 				if err := emit(i, &ct); err != nil {
 					return err
+				}
+				for k := range ct.payload { // the arena's bytes: not to be kept
+					ct.payload[k].Data = nil
 				}
 			}
 			out[i] = ct
