@@ -66,6 +66,7 @@ func (s *spill) writeContainer(dst *atomicfile.File, res *Result, cts []compress
 	if _, err := dst.Write(append(head, hdr...)); err != nil {
 		return err
 	}
+	at := int64(len(head) + len(hdr)) // where the next run lands in dst
 	copyRun := func(off, n int64) error {
 		if n == 0 {
 			return nil
@@ -77,6 +78,10 @@ func (s *spill) writeContainer(dst *atomicfile.File, res *Result, cts []compress
 		if err == nil && got != n {
 			err = fmt.Errorf("scratch file holds %d of %d bytes", got, n)
 		}
+		// The disk writes this run while the next ones are copied; the
+		// fsync of Commit then waits for what is left.
+		dst.StartWriteback(at, n)
+		at += n
 		return err
 	}
 	var runOff, runLen int64
