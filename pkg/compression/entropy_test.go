@@ -75,6 +75,55 @@ func TestPayloadEncoderPicksAndRoundTrips(t *testing.T) {
 	}
 }
 
+// With reuse (the file path), encode's results live in the encoder's arena:
+// they must be the bytes a fresh encoder returns, stay intact while later
+// payloads are encoded (the arena growing under them included), alias
+// neither the input nor each other, and after a reset the arena's memory
+// is used again instead of allocated.
+func TestPayloadEncoderArena(t *testing.T) {
+	raws := [][]byte{
+		skewedCodes(300<<10, 11), // huff0, several blocks
+		skewedCodes(4000, 12),    // huff0 kept from the trial that covered it whole
+		randomBytes(100<<10, 13), // stored
+		make([]byte, 200<<10),    // lz4 or zstd
+		skewedCodes(100, 14),     // below the entropy threshold
+		nil,                      // empty
+	}
+	for _, policy := range EntropyPolicies {
+		t.Run(policy, func(t *testing.T) {
+			fresh := payloadEncoder{policy: policy}
+			arena := payloadEncoder{policy: policy, reuse: true}
+			for round := range 2 {
+				var want, got [][]byte
+				for _, raw := range raws {
+					w, wenc := fresh.encode(raw)
+					g, genc := arena.encode(raw)
+					if wenc != genc {
+						t.Fatalf("round %d: stage %q with the arena, %q without", round, genc, wenc)
+					}
+					want, got = append(want, w), append(got, g)
+				}
+				for i := range raws {
+					if !bytes.Equal(got[i], want[i]) {
+						t.Fatalf("round %d: payload %d changed while later ones were encoded", round, i)
+					}
+					if len(got[i]) > 0 && len(raws[i]) > 0 && &got[i][0] == &raws[i][0] {
+						t.Fatalf("round %d: payload %d aliases its input", round, i)
+					}
+				}
+				before := cap(arena.arena)
+				arena.reset()
+				if round == 1 && before == 0 {
+					t.Fatal("the arena held nothing")
+				}
+				if cap(arena.arena) != before {
+					t.Fatalf("reset dropped the arena's memory (%d -> %d)", before, cap(arena.arena))
+				}
+			}
+		})
+	}
+}
+
 // TestHuff0Framing checks the block framing: several blocks, a raw block in
 // the middle (random bytes huff0 cannot shrink), and a short last block.
 // TestHuffShortcut checks that the histogram shortcut of the auto policy is

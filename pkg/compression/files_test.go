@@ -53,7 +53,9 @@ func TestFilesMatchInMemory(t *testing.T) {
 	two := SeedConfig()
 	two.Bits = 2
 	two.GroupSize = 32
-	configs := map[string]Config{"default": DefaultConfig(), "seed": SeedConfig(), "asym": asym, "2-bit": two}
+	one := DefaultConfig()
+	one.Workers = 1 // one worker's arena and scratch reused by every tensor in turn
+	configs := map[string]Config{"default": DefaultConfig(), "default, 1 worker": one, "seed": SeedConfig(), "asym": asym, "2-bit": two}
 	for iname, src := range inputs {
 		for cname, cfg := range configs {
 			for _, mapped := range []bool{true, false} {
