@@ -93,9 +93,13 @@ def test_budget_errors_name_allowed_values(budget, budget_kl, needle) -> None:
     (["--sensitivity-tokens", "300"], "--sensitivity-tokens must be in [1, stride - 1 = 255], got 300"),
     (["--compare", "no-such-preset"], "built-in preset [seed, default, compact, near-lossless] or a preset file, got 'no-such-preset'"),
     (["--budget", "x%"], "--budget must be a percentage"),
-], ids=["bits", "space", "margin", "sensitivity-tokens", "compare", "budget"])
+    (["--keep-ratios", "0.8"], "--keep-ratios 0.8 needs --selection (one of ['attention', 'knorm', 'recent'])"),
+    (["--selection", "attention", "--keep-ratios", "0.8,1.5"], "numbers in (0, 1], got '0.8,1.5'"),
+    (["--selection", "snap"], "invalid choice: 'snap'"),
+], ids=["bits", "space", "margin", "sensitivity-tokens", "compare", "budget", "keep-without-selection", "keep-range",
+        "selection-method"])
 def test_cli_errors_exit_2_with_one_line(argv, needle, capsys, tmp_path: Path) -> None:
-    with pytest.raises(SystemExit) if argv[0] in ("--bits", "--space") else _nothing():
+    with pytest.raises(SystemExit) if argv[0] in ("--bits", "--space") or "--selection" in argv else _nothing():
         code = cli.main([*argv, "--output", str(tmp_path / "p.json")])
         assert code == 2
     err = capsys.readouterr().err
@@ -368,3 +372,47 @@ def test_autotune_end_to_end_through_the_binary(kv_compress_bin: str, small_mode
     vdoc = json.loads(report.read_text())
     assert vdoc["result"]["compressed_perplexity"] == pytest.approx(doc["heldout"]["autotuned"]["compressed_ppl"], rel=1e-4)
     assert vdoc["codec"]["disk_ratio_vs_fp16"] == pytest.approx(doc["heldout"]["autotuned"]["disk_ratio_vs_fp16"], rel=1e-6)
+
+
+def test_autotune_with_token_selection_matches_validate_perplexity(kv_compress_bin: str, small_model_dir: Path,
+                                                                   long_corpus: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """Keep ratios join the search: with a budget every plan meets, the smallest plan on disk wins, which is the
+    one with the fewest positions kept; its held-out score is what validate_perplexity.py gives with the same
+    preset and selection flags."""
+    from validation import validate_perplexity as vp
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "tuned.json"
+    space = tmp_path / "space.json"
+    space.write_text(json.dumps({"keys": [Candidate("keys", "asym", 4, 128, "none", "channel", 7).plan],
+                                 "values": [Candidate("values", "sym", 4, 64, "hadamard", "token", 4).plan]}))
+    code = cli.main(["--model", str(small_model_dir), "--text-file", str(long_corpus), "--max-length", "64",
+                     "--stride", "16", "--eval-windows", "2", "--calibration-windows", "2", "--sensitivity-tokens", "4",
+                     "--batch-windows", "2", "--space-file", str(space), "--rounds", "1", "--budget-kl", "50",
+                     "--selection", "attention", "--keep-ratios", "1,0.5", "--output", str(out), "--quiet"])
+    summary = capsys.readouterr().out.strip()
+    assert code == 0 and "token selection attention at keep ratio 0.5" in summary
+    doc = json.loads((tmp_path / "autotune.json").read_text())
+    sel = doc["selection"]
+    assert sel["method"] == "attention" and sel["keep_ratios"] == [1.0, 0.5] and sel["chosen_keep_ratio"] == 0.5
+    assert sel["validate_perplexity_flags"] == "--selection attention --keep-ratio 0.5"
+    assert set(sel["selection_only_on_calibration"]) == {"0.5"}
+    assert sel["selection_only_on_calibration"]["0.5"]["kl"] > 0
+    keeps = [r["keep_ratio"] for r in doc["rounds"]]
+    assert keeps == [1.0, 0.5]
+    full, half = doc["rounds"]
+    # the same codec on half the positions: a smaller container (index bitmaps and header included), a larger ratio
+    assert half["compressed_bytes"] < full["compressed_bytes"] and half["disk_ratio_vs_fp16"] > full["disk_ratio_vs_fp16"]
+    assert doc["calibration"]["disk_ratio_vs_fp16"] == half["disk_ratio_vs_fp16"]
+    assert "--selection attention --keep-ratio 0.5" in (tmp_path / "autotune.md").read_text()
+    report = tmp_path / "vp.json"
+    rc = vp.main(["--model", str(small_model_dir), "--text-file", str(long_corpus), "--cpu", "--max-length", "64",
+                  "--stride", "16", "--max-samples", "2", "--batch-windows", "2", "--threshold", "1e9", "--quiet",
+                  "--preset", str(out), "--selection", "attention", "--keep-ratio", "0.5", "--output-json", str(report)])
+    assert rc == 0
+    vdoc = json.loads(report.read_text())
+    held = doc["heldout"]["autotuned"]
+    assert vdoc["result"]["compressed_perplexity"] == pytest.approx(held["compressed_ppl"], rel=1e-4)
+    assert vdoc["result"]["baseline_perplexity"] == pytest.approx(held["baseline_ppl"], rel=1e-6)
+    assert vdoc["codec"]["disk_ratio_vs_fp16"] == pytest.approx(held["disk_ratio_vs_fp16"], rel=1e-6)

@@ -161,9 +161,12 @@ class CacheSelection:
         ``bits_per_element`` the codes, scales and index bitmaps per element of the full cache.
         The binary's own figures and the selection metrics go to ``metrics.extra["selection"]``.
         """
-        full_elems = sum(k.numel() + v.numel() for k, v in full_layers)
+        self.annotate_counts(metrics, sum(k.numel() + v.numel() for k, v in full_layers), full_layers[0][0].dtype)
+
+    def annotate_counts(self, metrics: Any, full_elems: int, dtype: torch.dtype) -> None:
+        """:meth:`annotate` from the full cache's element count and dtype alone (its tensors need not be kept)."""
         kept_elems = sum(k.numel() + v.numel() for k, v in self.layers)
-        stored = 4 if full_layers[0][0].dtype == torch.bfloat16 else full_layers[0][0].element_size()
+        stored = 4 if dtype == torch.bfloat16 else torch.empty((), dtype=dtype).element_size()
         extra = {**self.metrics.to_dict(), "selected_fp16_size_bytes": metrics.fp16_size_bytes,
                  "selected_original_size_bytes": metrics.original_size_bytes,
                  "selected_bits_per_element": metrics.bits_per_element,

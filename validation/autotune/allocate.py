@@ -150,33 +150,69 @@ class CalibrationSet:
     max_length: int
     stride: int
     batches: List[Dict[str, Any]] = field(default_factory=list)
+    selection: Optional[Any] = None  # a validation.selection.SelectionSpec, or None: the whole context is kept
+    selection_only: Optional["Verification"] = None  # the selected, uncompressed cache against the baseline
 
     @property
     def context(self) -> int:
-        """Context tokens per window."""
+        """Context tokens per window (before any selection)."""
         return self.max_length - self.stride
+
+    @property
+    def keep_ratio(self) -> float:
+        """The share of context positions the cache keeps (1.0 without selection)."""
+        if self.selection is None or not self.batches:
+            return 1.0
+        return self.batches[0]["layers"][0][0].shape[-2] / self.context
 
     @classmethod
     def build(cls, model: Any, token_ids: torch.Tensor, starts: Sequence[int], max_length: int, stride: int,
-              batch_windows: int, progress: Any = None) -> "CalibrationSet":
-        """Prefill every window's context and run its baseline scoring pass (``token_ids`` ``[num_tokens]``)."""
-        from validation.compat import forward, layers_to_cache
-        from validation.protocol import _supports_logits_to_keep, prefill_contexts
+              batch_windows: int, progress: Any = None, selection: Optional[Any] = None) -> "CalibrationSet":
+        """Prefill every window's context and run its baseline scoring pass (``token_ids`` ``[num_tokens]``).
 
-        out = cls(list(starts), max_length, stride)
+        With ``selection`` (a :class:`validation.selection.SelectionSpec`) each batch keeps only the
+        selected positions, as ``validate_perplexity.py --selection`` does: ``layers`` then hold
+        ``[batch, kv_heads, kept, head_dim]`` and ``positions`` the kept indices per layer; the baseline
+        pass still attends to the whole context, and :attr:`selection_only` scores the selected cache
+        without any codec (what the selection alone costs).
+        """
+        from validation.compat import forward, layers_to_cache
+        from validation.protocol import _supports_logits_to_keep, _window_stats, prefill_contexts
+        from validation.selection import selected_prefill, selection_position_ids
+
+        out = cls(list(starts), max_length, stride, selection=selection)
         keep = _supports_logits_to_keep(model)
         context = max_length - stride
         windows = torch.stack([token_ids[s:s + max_length] for s in starts])
+        sel_nll: List[Tuple[float, float]] = []
+        sel_kl = 0.0
         with torch.inference_mode():
             for b0 in range(0, len(starts), batch_windows):
                 batch = windows[b0:b0 + batch_windows]
-                pre = prefill_contexts(model, batch[:, :context], keep)
-                logits_b = forward(model, layers_to_cache(pre.layers), input_ids=batch[:, context:max_length - 1],
-                                   use_cache=True).logits
-                out.batches.append({"layers": pre.layers, "first_logits": pre.first_logits,
-                                    "baseline_logits": logits_b, "tokens": batch})
+                pre, chosen = selected_prefill(model, selection, lambda: prefill_contexts(model, batch[:, :context], keep))
+                scored_in = batch[:, context:max_length - 1]
+                logits_b = forward(model, layers_to_cache(pre.layers), input_ids=scored_in, use_cache=True).logits
+                entry: Dict[str, Any] = {"layers": pre.layers, "first_logits": pre.first_logits,
+                                         "baseline_logits": logits_b, "tokens": batch}
+                if chosen is not None:
+                    entry.update(layers=chosen.layers, positions=chosen.positions, selection=chosen,
+                                 full_elements=sum(k.numel() + v.numel() for k, v in pre.layers),
+                                 full_dtype=pre.layers[0][0].dtype)
+                    logits_s = forward(model, layers_to_cache(chosen.layers), input_ids=scored_in, use_cache=True,
+                                       **selection_position_ids(selection, context, scored_in)).logits
+                    for j in range(batch.shape[0]):
+                        ws = _window_stats(pre.first_logits[j], logits_b[j], logits_s[j], batch[j, context:])
+                        sel_nll.append((ws.nll_baseline, ws.nll_compressed))
+                        sel_kl += ws.kl_sum
+                    del logits_s
+                out.batches.append(entry)
                 if progress is not None:
                     progress.update(batch.shape[0])
+        if sel_nll:
+            tokens = stride * len(sel_nll)
+            out.selection_only = Verification(
+                "selection only", math.exp(sum(b for b, _ in sel_nll) / tokens), math.exp(sum(c for _, c in sel_nll) / tokens),
+                sel_kl / tokens, math.nan, math.nan, 0, math.nan, window_nll=sel_nll, tokens_per_window=stride)
         return out
 
     def verify(self, model: Any, preset_path: str, label: str, work_dir: Optional[str] = None) -> Verification:
@@ -184,6 +220,7 @@ class CalibrationSet:
         from validation.compat import forward, layers_to_cache
         from validation.compression_bridge import roundtrip_kv_cache
         from validation.protocol import _window_stats, check_reconstruction
+        from validation.selection import selection_position_ids
         from validation.stats import aggregate_metrics
 
         t0 = time.perf_counter()
@@ -193,12 +230,18 @@ class CalibrationSet:
         per_window: List[Tuple[float, float]] = []
         with tempfile.TemporaryDirectory(prefix="kv-autotune-verify-", dir=work_dir) as tmp, torch.inference_mode():
             for batch in self.batches:
-                recon, m = roundtrip_kv_cache(layers_to_cache(batch["layers"]), tmp, preset=preset_path)
+                chosen = batch.get("selection")
+                recon, m = roundtrip_kv_cache(layers_to_cache(batch["layers"]), tmp, preset=preset_path,
+                                              positions=None if chosen is None else chosen.positions,
+                                              context_length=None if chosen is None else self.context)
+                if chosen is not None:
+                    chosen.annotate_counts(m, batch["full_elements"], batch["full_dtype"])
                 metrics.append(m)
                 check_reconstruction(batch["layers"], recon, f"{label}: ")
                 toks = batch["tokens"]
-                logits_c = forward(model, recon, input_ids=toks[:, self.context:self.max_length - 1],
-                                   use_cache=True).logits
+                scored_in = toks[:, self.context:self.max_length - 1]
+                logits_c = forward(model, recon, input_ids=scored_in, use_cache=True,
+                                   **selection_position_ids(self.selection, self.context, scored_in)).logits
                 labels = toks[:, self.context:]
                 for j in range(toks.shape[0]):
                     ws = _window_stats(batch["first_logits"][j], batch["baseline_logits"][j], logits_c[j], labels[j])
@@ -221,6 +264,7 @@ class SearchRound:
     assignment: Assignment
     verification: Verification
     within_budget: bool
+    keep_ratio: float = 1.0  # the token selection the plan was checked with (1.0: every position kept)
 
 
 def next_budget(rounds: Sequence[SearchRound], target: float, metric: str) -> float:
@@ -233,6 +277,7 @@ def next_budget(rounds: Sequence[SearchRound], target: float, metric: str) -> fl
         return getattr(r.verification, metric)
 
     last = rounds[-1]
+    rounds = [r for r in rounds if r.keep_ratio == last.keep_ratio]  # one bracket per selection
     ok = [r for r in rounds if r.within_budget]
     bad = [r for r in rounds if not r.within_budget]
     meas = max(value(last), 1e-9)

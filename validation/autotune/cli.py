@@ -15,6 +15,7 @@ from typing import List, Optional, Sequence
 
 from validation.autotune.run import AutotuneError, AutotuneOptions, Budget, run_autotune
 from validation.autotune.space import BITS, SPACES, SpaceError
+from validation.selection import SELECTION_METHODS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,6 +33,20 @@ def _bits(text: str) -> List[int]:
     bad = [b for b in out if b not in BITS]
     if bad or not out:
         raise argparse.ArgumentTypeError(f"--bits must be a comma-separated list from {list(BITS)}, got {text!r}")
+    return out
+
+
+DEFAULT_KEEP_RATIOS = (1.0, 0.9, 0.8)
+
+
+def _keep_ratios(text: str) -> List[float]:
+    try:
+        out = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--keep-ratios must be a comma-separated list of numbers in (0, 1], "
+                                         f"got {text!r}") from None
+    if not out or any(not 0 < r <= 1 for r in out):
+        raise argparse.ArgumentTypeError(f"--keep-ratios must be a comma-separated list of numbers in (0, 1], got {text!r}")
     return out
 
 
@@ -74,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-heldout", action="store_true", help="skip the held-out result")
     p.add_argument("--compare", action="append", default=[], metavar="PRESET",
                    help="also score this preset (name or file) on the held-out windows; repeatable")
+    p.add_argument("--selection", choices=SELECTION_METHODS, help="also try token selection with this method "
+                   "(validation/selection.py) at each of --keep-ratios; the preset then needs validate_perplexity.py "
+                   "--selection METHOD --keep-ratio R, which the report names")
+    p.add_argument("--keep-ratios", type=_keep_ratios, metavar="R,R,...",
+                   help="keep ratios in (0, 1] tried with --selection (default with --selection: 1,0.9,0.8; "
+                        "1 is no selection)")
     p.add_argument("--sink", type=int, default=d.sink, help=f"leading positions kept exact (default {d.sink})")
     p.add_argument("--name", default=d.name, help=f"the preset's name (default {d.name})")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
@@ -90,7 +111,8 @@ def options_from_args(args: argparse.Namespace) -> AutotuneOptions:
         calibration_windows=args.calibration_windows, sensitivity_tokens=args.sensitivity_tokens,
         batch_windows=args.batch_windows, space=args.space, space_file=args.space_file, bits=tuple(args.bits),
         rounds=args.rounds, margin=args.margin, max_minutes=args.max_minutes, heldout=not args.no_heldout,
-        compare=args.compare, sink=args.sink, device=args.device, name=args.name)
+        compare=args.compare, sink=args.sink, device=args.device, name=args.name, selection=args.selection,
+        keep_ratios=tuple(args.keep_ratios) if args.keep_ratios else (DEFAULT_KEEP_RATIOS if args.selection else (1.0,)))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -122,6 +144,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     held = dict(result.heldout).get(opts.name)
     summary = (f"{opts.name}: {cal.disk_ratio_vs_fp16:.2f}x, ΔPPL {cal.delta_pct:+.2f}% on calibration"
                + (f"; {held.disk_ratio_vs_fp16:.2f}x, ΔPPL {held.delta_pct:+.2f}% held-out" if held else "")
+               + (f"; token selection {opts.selection} at keep ratio {result.keep_ratio:g}" if result.keep_ratio != 1.0 else "")
                + f"; budget {opts.budget.describe()} {'met' if result.budget_met else 'NOT met'}; "
                f"search {result.timings['search_s'] / 60:.1f} min; preset {opts.output}; report {paths['markdown']}")
     print(summary)

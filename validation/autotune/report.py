@@ -48,7 +48,8 @@ def plot_allocation(result: AutotuneResult, path: str) -> str:
     ax.set_ylabel("layer")
     held = dict(result.heldout).get(result.options.name)
     cal = result.rounds[result.chosen_round].verification
-    title = f"log2 levels per tensor ({result.options.budget.describe()})\ncalibration {cal.delta_pct:+.2f}%, {cal.disk_ratio_vs_fp16:.2f}x"
+    keep = f", keep {result.keep_ratio:g}" if result.keep_ratio != 1.0 else ""
+    title = f"log2 levels per tensor ({result.options.budget.describe()}{keep})\ncalibration {cal.delta_pct:+.2f}%, {cal.disk_ratio_vs_fp16:.2f}x"
     if held is not None:
         title += f"; held-out {held.delta_pct:+.2f}%, {held.disk_ratio_vs_fp16:.2f}x"
     ax.set_title(title, fontsize=8)
@@ -108,9 +109,13 @@ def report_dict(result: AutotuneResult, plots: Dict[str, str], command: str = ""
         "best_uniform_of_space": None if result.uniform is None else {
             "keys": result.uniform[0].plan("keys", 0).name, "values": result.uniform[0].plan("values", 0).name,
             "calibration": result.uniform[1].to_dict()},
-        "rounds": [{"budget_kl": r.budget_kl, "within_budget": r.within_budget,
-                    "predicted_ratio_vs_fp16": result.sizes.ratio(r.assignment), **r.verification.to_dict()}
+        "rounds": [{"budget_kl": r.budget_kl, "within_budget": r.within_budget, "keep_ratio": r.keep_ratio,
+                    "predicted_ratio_vs_fp16": result.sizes.for_keep_ratio(r.keep_ratio).ratio(r.assignment),
+                    **r.verification.to_dict()}
                    for r in result.rounds],
+        "selection": {"method": o.selection, "keep_ratios": list(o.keep_ratios), "chosen_keep_ratio": result.keep_ratio,
+                      "selection_only_on_calibration": {f"{k:g}": v.to_dict() for k, v in result.selection_only.items()},
+                      "validate_perplexity_flags": selection_flags(result)},
         "chosen_round": result.chosen_round,
         "candidates": {r: [c.name for c in result.candidates[r]] for r in ROLES},
         "sizes": {"source": result.sizes.source, "calls": result.sizes.calls, "overhead_bytes": result.sizes.overhead,
@@ -131,6 +136,12 @@ def report_dict(result: AutotuneResult, plots: Dict[str, str], command: str = ""
     return _clean(doc)
 
 
+def selection_flags(result: AutotuneResult) -> str:
+    """The ``validate_perplexity.py`` flags that reproduce the chosen plan's token selection ("" without one)."""
+    k = result.keep_ratio
+    return "" if k == 1.0 else f"--selection {result.options.selection} --keep-ratio {k:g}"
+
+
 def _row(label: str, v: Any) -> str:
     lo, hi = v.interval() if len(v.window_nll) > 1 else (math.nan, math.nan)
     return (f"| {label} | {len(v.window_nll)} | {v.disk_ratio_vs_fp16:.3f}x | {v.bits_per_element:.3f} | {v.delta:+.4f} | "
@@ -147,7 +158,10 @@ def markdown(result: AutotuneResult, doc: Dict[str, Any]) -> str:
              f"- model: {result.model_info['name']}; corpus: {result.corpus_info.get('name')}",
              f"- evaluation span: tokens [{result.evaluation_span[0]}, {result.evaluation_span[1]}); calibration windows "
              f"start at {', '.join(map(str, result.calibration_starts))} (disjoint: {doc['windows']['disjoint']})",
-             f"- preset: `{o.output}`", f"- wall time: {', '.join(f'{k} {v:.1f}' for k, v in result.timings.items())}; "
+             f"- preset: `{o.output}`; scored as `validate_perplexity.py --preset {o.output}"
+             f"{' ' + selection_flags(result) if selection_flags(result) else ''}`",
+             f"- token selection: {_selection_line(result)}",
+             f"- wall time: {', '.join(f'{k} {v:.1f}' for k, v in result.timings.items())}; "
              f"load average at the end {doc['host']['load_average_at_end']} on {doc['host']['cpus']} CPUs", "",
              "## Results (the held-out rows count)", "",
              "| plan / windows | windows | ratio vs fp16 (disk) | bits/elem | ΔPPL | ΔPPL % | 95% CI | KL | top-1 |",
@@ -160,15 +174,17 @@ def markdown(result: AutotuneResult, doc: Dict[str, Any]) -> str:
     if result.uniform is not None:
         ua, uv = result.uniform
         lines.append(_row(f"best uniform of the space ({ua.plan('keys', 0).name} / {ua.plan('values', 0).name}), calibration", uv))
+    for k, v in sorted(result.selection_only.items(), reverse=True):
+        lines.append(_row(f"selection only, keep {k:g} (no codec), calibration", v))
     lines += ["", "## Rounds (calibration windows, each plan through the binary)", "",
-              "| round | KL budget | sum of parts | measured KL | ΔPPL % | predicted ratio | measured ratio | within |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| round | keep ratio | KL budget | sum of parts | measured KL | ΔPPL % | predicted ratio | measured ratio | within |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(result.rounds):
         v = r.verification
         mark = " (chosen)" if i == result.chosen_round else ""
-        lines.append(f"| {i}{mark} | {r.budget_kl:.5f} | {v.predicted_kl:.5f} | {v.kl:.5f} | {v.delta_pct:+.2f}% | "
-                     f"{result.sizes.ratio(r.assignment):.3f}x | {v.disk_ratio_vs_fp16:.3f}x | "
-                     f"{'yes' if r.within_budget else 'no'} |")
+        lines.append(f"| {i}{mark} | {r.keep_ratio:g} | {r.budget_kl:.5f} | {v.predicted_kl:.5f} | {v.kl:.5f} | "
+                     f"{v.delta_pct:+.2f}% | {result.sizes.for_keep_ratio(r.keep_ratio).ratio(r.assignment):.3f}x | "
+                     f"{v.disk_ratio_vs_fp16:.3f}x | {'yes' if r.within_budget else 'no'} |")
     lines += ["", "## Allocation", "", f"![allocation]({HEATMAP_FILENAME})", "", "| layer | keys | values |", "|---|---|---|"]
     a = result.assignment
     for i in range(a.num_layers):
@@ -179,6 +195,14 @@ def markdown(result: AutotuneResult, doc: Dict[str, Any]) -> str:
               f"{s.estimated_count()} values estimated."]
     lines += [f"- {n}" for n in result.notes]
     return "\n".join(lines) + "\n"
+
+
+def _selection_line(result: AutotuneResult) -> str:
+    o = result.options
+    if o.selection is None:
+        return "none (every context position kept)"
+    tried = ", ".join(f"{k:g}" for k in sorted(set(o.keep_ratios), reverse=True))
+    return f"{o.selection}, keep ratios tried {tried}; chosen {result.keep_ratio:g}"
 
 
 def write_report(result: AutotuneResult, out_dir: str, command: str = "") -> Dict[str, str]:

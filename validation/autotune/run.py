@@ -137,6 +137,14 @@ class AutotuneOptions:
     sink: int = 1
     device: Optional[str] = None
     name: str = "autotuned"
+    selection: Optional[str] = None  # token selection method (validation/selection.py), None: keep every position
+    keep_ratios: Tuple[float, ...] = (1.0,)  # keep ratios the search tries with ``selection``
+
+    def selection_spec(self, keep_ratio: float) -> Any:
+        """The SelectionSpec of ``keep_ratio`` (None for 1.0: the whole context, no selection)."""
+        from validation.selection import SelectionSpec
+
+        return None if keep_ratio == 1.0 or self.selection is None else SelectionSpec(self.selection, keep_ratio=keep_ratio)
 
     def check(self) -> None:
         """Raise AutotuneError naming the allowed values and the value received for a bad option."""
@@ -156,6 +164,16 @@ class AutotuneOptions:
             raise AutotuneError(f"--max-minutes must be > 0, got {self.max_minutes}")
         if self.sink < 0:
             raise AutotuneError(f"--sink must be >= 0, got {self.sink}")
+        from validation.selection import SELECTION_METHODS
+
+        if self.selection is not None and self.selection not in SELECTION_METHODS:
+            raise AutotuneError(f"--selection must be one of {list(SELECTION_METHODS)}, got {self.selection!r}")
+        bad = [r for r in self.keep_ratios if not (isinstance(r, float) and 0 < r <= 1)]
+        if bad or not self.keep_ratios:
+            raise AutotuneError(f"--keep-ratios must list numbers in (0, 1], got {list(self.keep_ratios)}")
+        if self.selection is None and any(r != 1.0 for r in self.keep_ratios):
+            raise AutotuneError(f"--keep-ratios {','.join(f'{r:g}' for r in self.keep_ratios)} needs --selection "
+                                f"(one of {list(SELECTION_METHODS)})")
 
 
 @dataclass
@@ -180,6 +198,12 @@ class AutotuneResult:
     corpus_info: Dict[str, Any]
     budget_met: bool
     notes: List[str] = field(default_factory=list)
+    selection_only: Dict[float, Verification] = field(default_factory=dict)  # keep ratio -> selection alone, calibration
+
+    @property
+    def keep_ratio(self) -> float:
+        """The chosen plan's keep ratio (1.0: no token selection)."""
+        return self.rounds[self.chosen_round].keep_ratio
 
 
 def _candidates(opts: AutotuneOptions, head_dim: int) -> Dict[str, List[Candidate]]:
@@ -248,7 +272,9 @@ def run_autotune(opts: AutotuneOptions, console: Optional[Console] = None, progr
               for i in range(len(first))]
     ctx = calib.context
     sens_inputs = torch.cat([b["tokens"][:, ctx:ctx + opts.sensitivity_tokens] for b in calib.batches])
-    reserve = (opts.rounds + 2) * per_check * 1.2
+    n_keep = len(set(opts.keep_ratios))
+    prefill_s = 1.5 * timings["calibration_prefill_s"]  # a selected prefill also scores the selected cache
+    reserve = ((opts.rounds * n_keep + 2) * per_check + (n_keep - 1) * prefill_s) * 1.2
     n_passes = sum(c.bits != 8 for r in ROLES for c in candidates[r]) * len(first)
     bar = progress_bar(total=n_passes, desc="sensitivity", unit="pass", enabled=progress)
     eta_said = [False]
@@ -272,31 +298,33 @@ def run_autotune(opts: AutotuneOptions, console: Optional[Console] = None, progr
     console.step(5, 6, "Allocating under the budget and checking each plan through the binary...")
     t = time.perf_counter()
     kl = kl_array(sens)
-    target = opts.budget.target(opts.margin)
-    budget_kl = opts.budget.initial_kl(opts.margin, reference.baseline_ppl)
-    rounds: List[SearchRound] = []
     work = os.path.dirname(os.path.abspath(opts.output))
     os.makedirs(work, exist_ok=True)
     notes: List[str] = []
-    for i in range(opts.rounds):
-        if i > 0 and time.perf_counter() + per_check > deadline:
-            notes.append(f"--max-minutes left time for {i} of {opts.rounds} allocation rounds")
-            break
-        a = allocate(kl, sizes, candidates, budget_kl)
-        if a is None:
-            budget_kl *= 2
-            continue
-        path = write_preset(assignment_preset(a, f"{opts.name}-round{i}", "auto-tune round", opts.sink), opts.output + f".round{i}.json")
-        v = calib.verify(model, path, f"round {i}")
-        os.remove(path)
-        v.predicted_kl, v.budget_kl = predicted_kl(kl, a), budget_kl
-        ok = opts.budget.met(v, opts.margin)
-        rounds.append(SearchRound(budget_kl, a, v, ok))
-        console.info(f"round {i}: KL budget {budget_kl:.5f} (sum of parts {v.predicted_kl:.5f}) -> measured KL {v.kl:.5f}, "
-                     f"ΔPPL {v.delta:+.4f} ({v.delta_pct:+.2f}%), {v.disk_ratio_vs_fp16:.3f}x ({'within' if ok else 'over'})")
-        budget_kl = next_budget(rounds, target, opts.budget.metric())
+    rounds: List[SearchRound] = []
+    sets: Dict[float, CalibrationSet] = {}
+    selection_only: Dict[float, Verification] = {}
+    for keep in sorted(set(opts.keep_ratios), reverse=True):
+        if keep != 1.0:
+            if time.perf_counter() + prefill_s + per_check > deadline:
+                notes.append(f"--max-minutes left no time for keep ratio {keep:g}")
+                continue
+            bar = progress_bar(total=len(starts), desc=f"prefill, keep {keep:g}", unit="window", enabled=progress)
+            sets[keep] = CalibrationSet.build(model, ids, starts, opts.max_length, opts.stride, opts.batch_windows, bar,
+                                              selection=opts.selection_spec(keep))
+            bar.close()
+            sel = sets[keep].selection_only
+            assert sel is not None
+            selection_only[keep] = sel
+            console.info(f"keep {keep:g} ({opts.selection}) without a codec: ΔPPL {sel.delta:+.4f} ({sel.delta_pct:+.2f}%), "
+                         f"KL {sel.kl:.5f}")
+        else:
+            sets[keep] = calib
+        rounds += _search_rounds(opts, model, sets[keep], kl, sizes.for_keep_ratio(keep), candidates, keep,
+                                 selection_only.get(keep), reference.baseline_ppl, deadline, per_check, console, notes)
     if not rounds:
-        raise AutotuneError(f"no plan of the candidates fits a KL budget up to {budget_kl:.3g}: widen --bits or --space")
+        raise AutotuneError("no plan of the candidates fits a KL budget the search could reach: widen --bits or --space, "
+                            "or try higher --keep-ratios")
     ok_rounds = [j for j, r in enumerate(rounds) if r.within_budget]
     if ok_rounds:
         chosen = max(ok_rounds, key=lambda j: rounds[j].verification.disk_ratio_vs_fp16)
@@ -304,11 +332,12 @@ def run_autotune(opts: AutotuneOptions, console: Optional[Console] = None, progr
         chosen = min(range(len(rounds)), key=lambda j: getattr(rounds[j].verification, opts.budget.metric()))
         notes.append("no round met the budget on calibration: the preset is the round closest to it")
     assignment = rounds[chosen].assignment
+    keep = rounds[chosen].keep_ratio
     uniform = None
-    ua = best_uniform(kl, sizes, candidates, rounds[chosen].budget_kl)
+    ua = best_uniform(kl, sizes.for_keep_ratio(keep), candidates, rounds[chosen].budget_kl)
     if ua is not None and time.perf_counter() + per_check <= deadline + 60:
         upath = write_preset(assignment_preset(ua, "uniform", "best uniform", opts.sink), opts.output + ".uniform.json")
-        uniform = (ua, calib.verify(model, upath, "best uniform of the space"))
+        uniform = (ua, sets[keep].verify(model, upath, "best uniform of the space"))
         os.remove(upath)
     timings["allocation_s"] = time.perf_counter() - t
     timings["search_s"] = time.perf_counter() - t_start
@@ -316,6 +345,9 @@ def run_autotune(opts: AutotuneOptions, console: Optional[Console] = None, progr
     cal = rounds[chosen].verification
     description = (f"auto-tuned under {opts.budget.describe()} on {len(starts)} calibration windows of "
                    f"{inputs.choice.display_name}: {cal.delta_pct:+.2f}% ΔPPL, {cal.disk_ratio_vs_fp16:.2f}x on calibration")
+    if keep != 1.0:
+        description += (f", with token selection {opts.selection} at keep ratio {keep:g} (validate_perplexity.py "
+                        f"--selection {opts.selection} --keep-ratio {keep:g}; kv-compress alone applies the codec only)")
     preset = assignment_preset(assignment, opts.name, description, opts.sink)
     write_preset(preset, opts.output)
 
@@ -324,11 +356,16 @@ def run_autotune(opts: AutotuneOptions, console: Optional[Console] = None, progr
         console.step(6, 6, "Held-out result: the evaluation windows of validate_perplexity.py...")
         t = time.perf_counter()
         eval_starts = list(range(0, opts.eval_windows * opts.stride, opts.stride))
-        bar = progress_bar(total=len(eval_starts), desc="held-out prefill", unit="window", enabled=progress)
-        ev = CalibrationSet.build(model, ids, eval_starts, opts.max_length, opts.stride, opts.batch_windows, bar)
-        bar.close()
-        for label, p in [(opts.name, opts.output)] + [(c, c) for c in opts.compare]:
-            v = ev.verify(model, p, label)
+        jobs = [(keep, opts.name, opts.output)] + [(1.0, c, c) for c in opts.compare]
+        evs: Dict[float, CalibrationSet] = {}
+        for k in sorted({j[0] for j in jobs}, reverse=True):
+            bar = progress_bar(total=len(eval_starts), desc="held-out prefill" + (f", keep {k:g}" if k != 1.0 else ""),
+                               unit="window", enabled=progress)
+            evs[k] = CalibrationSet.build(model, ids, eval_starts, opts.max_length, opts.stride, opts.batch_windows, bar,
+                                          selection=opts.selection_spec(k))
+            bar.close()
+        for k, label, p in jobs:
+            v = evs[k].verify(model, p, label)
             heldout.append((label, v))
             console.info(f"held-out {label}: ΔPPL {v.delta:+.4f} ({v.delta_pct:+.2f}%), KL {v.kl:.5f}, "
                          f"{v.disk_ratio_vs_fp16:.3f}x on disk")
@@ -339,4 +376,45 @@ def run_autotune(opts: AutotuneOptions, console: Optional[Console] = None, progr
                   "num_layers": len(first), "head_dim": head_dim, "num_kv_heads": int(first[0][0].shape[1])}
     met = rounds[chosen].within_budget
     return AutotuneResult(opts, preset, assignment, candidates, sizes, sens, rounds, chosen, starts, (0, span),
-                          reference, uniform, heldout, timings, model_info, inputs.corpus_info, met, notes + sens.notes)
+                          reference, uniform, heldout, timings, model_info, inputs.corpus_info, met, notes + sens.notes,
+                          selection_only)
+
+
+def _search_rounds(opts: AutotuneOptions, model: Any, calib: CalibrationSet, kl: Dict[str, Any], sizes: SizeTable,
+                   candidates: Dict[str, List[Candidate]], keep: float, selection_only: Optional[Verification],
+                   baseline_ppl: float, deadline: float, per_check: float, console: Console,
+                   notes: List[str]) -> List[SearchRound]:
+    """Up to ``opts.rounds`` allocations on ``calib`` (one keep ratio), each checked through the binary.
+
+    The first KL budget is the budget's own, less what the selection alone costs; each next one
+    moves toward the target on the measured metric (:func:`next_budget`).
+    """
+    target = opts.budget.target(opts.margin)
+    budget_kl = opts.budget.initial_kl(opts.margin, baseline_ppl)
+    if selection_only is not None:
+        budget_kl -= selection_only.kl
+        if budget_kl <= 0:
+            notes.append(f"keep ratio {keep:g}: the selection alone (KL {selection_only.kl:.5f}) spends the whole budget")
+            return []
+    rounds: List[SearchRound] = []
+    for i in range(opts.rounds):
+        if rounds and time.perf_counter() + per_check > deadline:
+            notes.append(f"--max-minutes left time for {i} of {opts.rounds} allocation rounds at keep ratio {keep:g}")
+            break
+        a = allocate(kl, sizes, candidates, budget_kl)
+        if a is None:
+            budget_kl *= 2
+            continue
+        tag = f"keep{keep:g}-round{i}" if keep != 1.0 else f"round{i}"
+        path = write_preset(assignment_preset(a, f"{opts.name}-{tag}", "auto-tune round", opts.sink), opts.output + f".{tag}.json")
+        label = f"round {i}" + (f", keep {keep:g}" if keep != 1.0 else "")
+        v = calib.verify(model, path, label)
+        os.remove(path)
+        v.predicted_kl, v.budget_kl = predicted_kl(kl, a), budget_kl
+        ok = opts.budget.met(v, opts.margin)
+        rounds.append(SearchRound(budget_kl, a, v, ok, keep))
+        console.info(f"{label}: KL budget {budget_kl:.5f} (sum of parts {v.predicted_kl:.5f}) -> measured KL {v.kl:.5f}, "
+                     f"ΔPPL {v.delta:+.4f} ({v.delta_pct:+.2f}%), {v.disk_ratio_vs_fp16:.3f}x ({'within' if ok else 'over'})")
+        budget_kl = next_budget(rounds, target, opts.budget.metric())
+    return rounds
+

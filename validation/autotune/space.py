@@ -284,6 +284,19 @@ class SizeTable:
         """fp16 size over the predicted container size."""
         return self.fp16_bytes / self.total(a)
 
+    def for_keep_ratio(self, keep: float) -> "SizeTable":
+        """The sizes predicted for a cache that keeps ``keep`` of its positions (token selection).
+
+        Every payload shrinks with the positions it holds; the overhead and the float16 reference
+        (the full cache) stay. The index bitmaps of the kept positions (one bit per position and
+        row) are left out: the real check through the binary counts them.
+        """
+        if keep == 1.0:
+            return self
+        scaled = {r: [[int(round(b * keep)) for b in row] for row in self.bytes[r]] for r in ROLES}
+        return SizeTable(scaled, self.overhead, self.fp16_bytes, self.calls,
+                         self.source + f", scaled by the keep ratio {keep:g}", list(self.notes))
+
 
 def _layer_of(name: str) -> Tuple[str, int]:
     prefix, idx, kind = name.split("_")
