@@ -390,7 +390,7 @@ def test_autotune_with_token_selection_matches_validate_perplexity(kv_compress_b
     code = cli.main(["--model", str(small_model_dir), "--text-file", str(long_corpus), "--max-length", "64",
                      "--stride", "16", "--eval-windows", "2", "--calibration-windows", "2", "--sensitivity-tokens", "4",
                      "--batch-windows", "2", "--space-file", str(space), "--rounds", "1", "--budget-kl", "50",
-                     "--selection", "attention", "--keep-ratios", "1,0.5", "--output", str(out), "--quiet"])
+                     "--selection", "attention", "--keep-ratios", "1,0.5", "--output", str(out), "--keep-rounds", "--quiet"])
     summary = capsys.readouterr().out.strip()
     assert code == 0 and "token selection attention at keep ratio 0.5" in summary
     doc = json.loads((tmp_path / "autotune.json").read_text())
@@ -402,6 +402,9 @@ def test_autotune_with_token_selection_matches_validate_perplexity(kv_compress_b
     keeps = [r["keep_ratio"] for r in doc["rounds"]]
     assert keeps == [1.0, 0.5]
     full, half = doc["rounds"]
+    # --keep-rounds: each round's preset stays, and the chosen one is the preset written
+    assert [Path(r["preset_file"]).name for r in doc["rounds"]] == ["tuned.json.round0.json", "tuned.json.keep0.5-round0.json"]
+    assert json.loads(Path(half["preset_file"]).read_text())["keys"] == json.loads(out.read_text())["keys"]
     # the same codec on half the positions: a smaller container (index bitmaps and header included), a larger ratio
     assert half["compressed_bytes"] < full["compressed_bytes"] and half["disk_ratio_vs_fp16"] > full["disk_ratio_vs_fp16"]
     assert doc["calibration"]["disk_ratio_vs_fp16"] == half["disk_ratio_vs_fp16"]

@@ -265,6 +265,7 @@ class SearchRound:
     verification: Verification
     within_budget: bool
     keep_ratio: float = 1.0  # the token selection the plan was checked with (1.0: every position kept)
+    preset_file: Optional[str] = None  # the round's preset, when --keep-rounds kept it
 
 
 def next_budget(rounds: Sequence[SearchRound], target: float, metric: str) -> float:

@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"bound on the search's wall time; the sensitivity stage estimates what it cannot measure "
                         f"in time (default {d.max_minutes:g})")
     p.add_argument("--no-heldout", action="store_true", help="skip the held-out result")
+    p.add_argument("--keep-rounds", action="store_true", help="keep each round's preset (OUTPUT.roundN.json, "
+                                                              "OUTPUT.keepR-roundN.json) so it can be scored later")
     p.add_argument("--compare", action="append", default=[], metavar="PRESET",
                    help="also score this preset (name or file) on the held-out windows; repeatable")
     p.add_argument("--selection", choices=SELECTION_METHODS, help="also try token selection with this method "
@@ -112,7 +114,7 @@ def options_from_args(args: argparse.Namespace) -> AutotuneOptions:
         batch_windows=args.batch_windows, space=args.space, space_file=args.space_file, bits=tuple(args.bits),
         rounds=args.rounds, margin=args.margin, max_minutes=args.max_minutes, heldout=not args.no_heldout,
         compare=args.compare, sink=args.sink, device=args.device, name=args.name, selection=args.selection,
-        keep_ratios=tuple(args.keep_ratios) if args.keep_ratios else (DEFAULT_KEEP_RATIOS if args.selection else (1.0,)))
+        keep_rounds=args.keep_rounds, keep_ratios=tuple(args.keep_ratios) if args.keep_ratios else (DEFAULT_KEEP_RATIOS if args.selection else (1.0,)))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -110,6 +110,7 @@ def report_dict(result: AutotuneResult, plots: Dict[str, str], command: str = ""
             "keys": result.uniform[0].plan("keys", 0).name, "values": result.uniform[0].plan("values", 0).name,
             "calibration": result.uniform[1].to_dict()},
         "rounds": [{"budget_kl": r.budget_kl, "within_budget": r.within_budget, "keep_ratio": r.keep_ratio,
+                    "preset_file": r.preset_file,
                     "predicted_ratio_vs_fp16": result.sizes.for_keep_ratio(r.keep_ratio).ratio(r.assignment),
                     **r.verification.to_dict()}
                    for r in result.rounds],

@@ -139,6 +139,7 @@ class AutotuneOptions:
     name: str = "autotuned"
     selection: Optional[str] = None  # token selection method (validation/selection.py), None: keep every position
     keep_ratios: Tuple[float, ...] = (1.0,)  # keep ratios the search tries with ``selection``
+    keep_rounds: bool = False  # keep every round's preset file (OUTPUT.roundN.json) for held-out scoring later
 
     def selection_spec(self, keep_ratio: float) -> Any:
         """The SelectionSpec of ``keep_ratio`` (None for 1.0: the whole context, no selection)."""
@@ -409,10 +410,11 @@ def _search_rounds(opts: AutotuneOptions, model: Any, calib: CalibrationSet, kl:
         path = write_preset(assignment_preset(a, f"{opts.name}-{tag}", "auto-tune round", opts.sink), opts.output + f".{tag}.json")
         label = f"round {i}" + (f", keep {keep:g}" if keep != 1.0 else "")
         v = calib.verify(model, path, label)
-        os.remove(path)
+        if not opts.keep_rounds:
+            os.remove(path)
         v.predicted_kl, v.budget_kl = predicted_kl(kl, a), budget_kl
         ok = opts.budget.met(v, opts.margin)
-        rounds.append(SearchRound(budget_kl, a, v, ok, keep))
+        rounds.append(SearchRound(budget_kl, a, v, ok, keep, path if opts.keep_rounds else None))
         console.info(f"{label}: KL budget {budget_kl:.5f} (sum of parts {v.predicted_kl:.5f}) -> measured KL {v.kl:.5f}, "
                      f"ΔPPL {v.delta:+.4f} ({v.delta_pct:+.2f}%), {v.disk_ratio_vs_fp16:.3f}x ({'within' if ok else 'over'})")
         budget_kl = next_budget(rounds, target, opts.budget.metric())
