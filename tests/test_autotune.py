@@ -231,6 +231,24 @@ def test_next_budget_stays_inside_the_bracket() -> None:
     rounds = [rnd(0.01, 0.5, True), rnd(0.03, 2.0, False)]
     nxt = al.next_budget(rounds, 0.9, "delta_pct")
     assert 0.01 < nxt < 0.03
+    # interpolated in log space between the two sides: 0.9 lies 4/15 of the way from 0.5 to 2.0
+    assert nxt == pytest.approx(0.01 * 3 ** (4 / 15))
+
+
+def test_next_budget_does_not_stick_to_one_end_of_the_bracket() -> None:
+    def rnd(b: float, pct: float, ok: bool, keep: float = 1.0) -> al.SearchRound:
+        v = al.Verification("x", 10.0, 10.0 * (1 + pct / 100), 0.0, 1.0, 5.0, 1, 3.0)
+        return al.SearchRound(b, None, v, ok, keep)  # type: ignore[arg-type]
+
+    # the measured run of this shape: 0.39% inside, 1.75% over; a secant step from the inside round
+    # alone would land at 97% of the way to the over round
+    rounds = [rnd(0.00896, 0.26, True), rnd(0.02756, 2.11, False), rnd(0.01282, 0.39, True), rnd(0.02693, 1.75, False)]
+    nxt = al.next_budget(rounds, 0.9, "delta_pct")
+    lo, hi = math.log(0.01282), math.log(0.02693)
+    assert lo + 0.2 * (hi - lo) <= math.log(nxt) <= lo + 0.8 * (hi - lo)
+    # a round of another keep ratio does not count toward this one's bracket
+    nxt_other = al.next_budget(rounds + [rnd(0.004, 1.1, False, 0.8)], 0.9, "delta_pct")
+    assert nxt_other == pytest.approx(0.004 * (0.9 / 1.1) ** 0.9)
 
 
 # -----------------------------------------------------------------------------

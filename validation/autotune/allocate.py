@@ -269,10 +269,14 @@ class SearchRound:
 
 
 def next_budget(rounds: Sequence[SearchRound], target: float, metric: str) -> float:
-    """The KL budget of the next round: a secant step toward ``target`` on the measured metric.
+    """The KL budget of the next round, toward ``target`` on the measured metric.
 
-    ``metric`` is "delta_pct" or "kl". Once one round is within the target and one is not, the
-    step stays between the two (bisection in log space when the secant would leave the bracket).
+    ``metric`` is "delta_pct" or "kl". Until the rounds of the last round's keep ratio bracket the
+    target, a secant step from the last round (at most 4x either way). Once one round is within
+    the target and one is not, the closest two on either side are interpolated in log space
+    (regula falsi), kept at least a fifth of the bracket away from its ends so that a curve
+    steeper than a line (ΔPPL grows faster than the KL budget once keys lose bits) cannot pin
+    every step to one end.
     """
     def value(r: SearchRound) -> float:
         return getattr(r.verification, metric)
@@ -284,8 +288,12 @@ def next_budget(rounds: Sequence[SearchRound], target: float, metric: str) -> fl
     meas = max(value(last), 1e-9)
     guess = last.budget_kl * min(4.0, max(0.25, (target / meas) ** 0.9))
     if ok and bad:
-        lo = max(r.budget_kl for r in ok)
-        hi = min((r.budget_kl for r in bad if r.budget_kl > lo), default=None)
-        if hi is not None and not lo < guess < hi:
-            guess = math.sqrt(lo * hi)
+        lo_r = max(ok, key=lambda r: r.budget_kl)
+        above = [r for r in bad if r.budget_kl > lo_r.budget_kl]
+        if above:
+            hi_r = min(above, key=lambda r: r.budget_kl)
+            lo, hi = math.log(lo_r.budget_kl), math.log(hi_r.budget_kl)
+            span = value(hi_r) - value(lo_r)
+            frac = (target - value(lo_r)) / span if span > 0 else 0.5
+            guess = math.exp(lo + min(0.8, max(0.2, frac)) * (hi - lo))
     return guess
