@@ -317,6 +317,29 @@ def test_steps_candidates_reconstruct_as_the_torch_reference(keys_steps: int, va
 # partial passes
 
 
+def test_sensitivity_runs_each_reconstruction_once(tiny_llama) -> None:
+    """asym 3-bit codes and asym 4-bit codes with 7 steps restore the same tensor (as do sym 3-bit and
+    sym 4-bit with 3 steps): the stage runs one pass per layer for each pair and gives both the same ΔKL."""
+    from validation.autotune.sensitivity import measure_sensitivity
+    from validation.compat import cache_to_layers, output_cache
+
+    torch.manual_seed(0)
+    ids = torch.randint(2, 500, (2, 40))
+    with torch.inference_mode():
+        layers = cache_to_layers(output_cache(tiny_llama(input_ids=ids[:, :32], use_cache=True)))
+    cands = {"keys": [Candidate("keys", "asym", 3, 128, "none", "channel"), Candidate("keys", "asym", 4, 128, "none", "channel", 7),
+                      Candidate("keys", "asym", 4, 128, "none", "channel", 5)],
+             "values": [Candidate("values", "sym", 3, 64, "hadamard", "token"),
+                        Candidate("values", "sym", 4, 64, "hadamard", "token", 3)]}
+    assert cands["keys"][0].signature == cands["keys"][1].signature != cands["keys"][2].signature
+    assert cands["values"][0].signature == cands["values"][1].signature
+    s = measure_sensitivity(tiny_llama, layers, ids[:, 32:], cands)
+    n = len(layers)
+    assert s.passes == 3 * n  # keys: two reconstructions; values: one
+    assert s.kl["keys"][0] == s.kl["keys"][1] and s.kl["values"][0] == s.kl["values"][1]
+    assert s.kl["keys"][2] != s.kl["keys"][1] and all(all(row) for r in ROLES for row in s.measured[r])
+
+
 def test_partial_forward_matches_the_full_pass(tiny_llama) -> None:
     from validation.compat import cache_to_layers, layers_to_cache, output_cache
 

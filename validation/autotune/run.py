@@ -276,7 +276,7 @@ def run_autotune(opts: AutotuneOptions, console: Optional[Console] = None, progr
     n_keep = len(set(opts.keep_ratios))
     prefill_s = 1.5 * timings["calibration_prefill_s"]  # a selected prefill also scores the selected cache
     reserve = ((opts.rounds * n_keep + 2) * per_check + (n_keep - 1) * prefill_s) * 1.2
-    n_passes = sum(c.bits != 8 for r in ROLES for c in candidates[r]) * len(first)
+    n_passes = len({c.signature for r in ROLES for c in candidates[r] if c.bits != 8}) * len(first)
     bar = progress_bar(total=n_passes, desc="sensitivity", unit="pass", enabled=progress)
     eta_said = [False]
 

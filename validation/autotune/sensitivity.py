@@ -228,12 +228,19 @@ def measure_sensitivity(
         measured = {r: [[False] * n for _ in candidates[r]] for r in ROLES}
         mse = {r: [[math.nan] * n for _ in candidates[r]] for r in ROLES}
         order = measurement_order(candidates)
-        total = sum(candidates[r][c].bits not in estimate_bits for r, c in order) * n
+        total = len({candidates[r][c].signature for r, c in order if candidates[r][c].bits not in estimate_bits}) * n
         done = 0
         cut = False
+        runs = 0
+        twin: Dict[Tuple[Any, ...], int] = {}  # signature -> the first candidate of the role with it
         for role, c in order:
             cand = candidates[role][c]
+            first = twin.setdefault(cand.signature, c)
             for layer in range(n):
+                if first != c:  # the same reconstruction as a candidate already run: the same ΔKL
+                    kl[role][c][layer], mse[role][c][layer] = kl[role][first][layer], mse[role][first][layer]
+                    measured[role][c][layer] = measured[role][first][layer]
+                    continue
                 x = layers[layer][0 if role == "keys" else 1]
                 plan, group = cand.tensor_plan(sink, x.shape[-2])
                 recon = encode_reference(x, group, plan=plan).reconstruction
@@ -247,6 +254,7 @@ def measure_sensitivity(
                     set_cache_tensor(cache, layer, role, recon.to(x.dtype))
                     try:
                         kl[role][c][layer] = kl_mean(base_logp, pf.run(layer))
+                        runs += 1
                     finally:
                         set_cache_tensor(cache, layer, role, originals[(role, layer)])
                     measured[role][c][layer] = True
@@ -260,7 +268,7 @@ def measure_sensitivity(
                     kl[role][c][layer] = _estimate([kl[role][j][layer] for j in range(len(candidates[role]))],
                                                    [mse[role][j][layer] for j in range(len(candidates[role]))],
                                                    [measured[role][j][layer] for j in range(len(candidates[role]))], c)
-    out = Sensitivity(kl, measured, mse, passes=sum(m for r in ROLES for row in measured[r] for m in row),
+    out = Sensitivity(kl, measured, mse, passes=runs,
                       seconds=time.perf_counter() - t0, partial_forward=pf.ok, partial_check_error=pf.check_error,
                       tokens=int(inputs.numel()))
     if not pf.ok:

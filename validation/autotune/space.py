@@ -40,8 +40,8 @@ OPTIONAL_PLAN_FIELDS = ("steps",)
 # range (asym) or magnitude (sym) in place of the width's own (15 and 7). Fewer steps use fewer of
 # the 16 codes, which the entropy stage then stores in fewer bits (the built-in compact preset:
 # keys 7, values 4).
-KEY_STEPS = (5, 7, 10)
-VALUE_STEPS = (3, 4, 5)
+KEY_STEPS = (5, 7, 8, 9, 10)
+VALUE_STEPS = (2, 3, 4, 5)
 
 
 def max_steps(scheme: str, bits: int) -> int:
@@ -101,6 +101,12 @@ class Candidate:
         ax = "ch" if self.axis == "channel" else "tok"
         st = f"s{self.steps}" if self.steps else ""
         return f"{self.role[0]}{self.bits}{st}-{self.scheme}{rot}-{ax}{self.group_size}"
+
+    @property
+    def signature(self) -> Tuple[str, str, int, str, str, int]:
+        """What decides the reconstruction: two candidates with the same signature restore the same
+        tensor bit for bit (e.g. asym 3-bit and asym 4-bit codes with 7 steps) and differ only in size."""
+        return (self.role, self.scheme, self.group_size, self.rotate, self.axis, self.steps or max_steps(self.scheme, self.bits))
 
     @property
     def levels(self) -> int:
