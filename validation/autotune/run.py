@@ -123,13 +123,13 @@ class AutotuneOptions:
     max_length: int = 1024
     stride: int = 256
     eval_windows: int = 16
-    calibration_windows: int = 8
-    sensitivity_tokens: int = 16
+    calibration_windows: int = 16
+    sensitivity_tokens: int = 32
     batch_windows: int = 4
     space: str = "default"
     space_file: Optional[str] = None
     bits: Tuple[int, ...] = (2, 3, 4, 8)
-    rounds: int = 4
+    rounds: int = 6
     margin: float = 0.9
     max_minutes: float = 15.0
     heldout: bool = True
