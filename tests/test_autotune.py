@@ -449,7 +449,9 @@ def test_autotune_with_token_selection_matches_validate_perplexity(kv_compress_b
     # the same codec on half the positions: a smaller container (index bitmaps and header included), a larger ratio
     assert half["compressed_bytes"] < full["compressed_bytes"] and half["disk_ratio_vs_fp16"] > full["disk_ratio_vs_fp16"]
     assert doc["calibration"]["disk_ratio_vs_fp16"] == half["disk_ratio_vs_fp16"]
-    assert "--selection attention --keep-ratio 0.5" in (tmp_path / "autotune.md").read_text()
+    md = (tmp_path / "autotune.md").read_text()
+    assert "--selection attention --keep-ratio 0.5" in md and "nan" not in md.lower()
+    assert "| selection only, keep 0.5 (no codec), calibration | 2 | – | – |" in md
     report = tmp_path / "vp.json"
     rc = vp.main(["--model", str(small_model_dir), "--text-file", str(long_corpus), "--cpu", "--max-length", "64",
                   "--stride", "16", "--max-samples", "2", "--batch-windows", "2", "--threshold", "1e9", "--quiet",

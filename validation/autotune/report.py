@@ -143,10 +143,15 @@ def selection_flags(result: AutotuneResult) -> str:
     return "" if k == 1.0 else f"--selection {result.options.selection} --keep-ratio {k:g}"
 
 
+def _num(x: float, fmt: str, suffix: str = "") -> str:
+    """``x`` formatted, or "–" when it was not measured (NaN: e.g. the size of a selection without a codec)."""
+    return f"{x:{fmt}}{suffix}" if math.isfinite(x) else "–"
+
+
 def _row(label: str, v: Any) -> str:
     lo, hi = v.interval() if len(v.window_nll) > 1 else (math.nan, math.nan)
-    return (f"| {label} | {len(v.window_nll)} | {v.disk_ratio_vs_fp16:.3f}x | {v.bits_per_element:.3f} | {v.delta:+.4f} | "
-            f"{v.delta_pct:+.2f}% | [{lo:+.4f}, {hi:+.4f}] | {v.kl:.5f} | {100 * v.top1:.2f}% |")
+    return (f"| {label} | {len(v.window_nll)} | {_num(v.disk_ratio_vs_fp16, '.3f', 'x')} | {_num(v.bits_per_element, '.3f')} | "
+            f"{v.delta:+.4f} | {v.delta_pct:+.2f}% | [{lo:+.4f}, {hi:+.4f}] | {v.kl:.5f} | {_num(100 * v.top1, '.2f', '%')} |")
 
 
 def markdown(result: AutotuneResult, doc: Dict[str, Any]) -> str:
@@ -174,7 +179,9 @@ def markdown(result: AutotuneResult, doc: Dict[str, Any]) -> str:
         lines.append(_row("compact, calibration", result.reference))
     if result.uniform is not None:
         ua, uv = result.uniform
-        lines.append(_row(f"best uniform of the space ({ua.plan('keys', 0).name} / {ua.plan('values', 0).name}), calibration", uv))
+        keep = f", keep {result.keep_ratio:g}" if result.keep_ratio != 1.0 else ""
+        lines.append(_row(f"best uniform of the space ({ua.plan('keys', 0).name} / {ua.plan('values', 0).name}{keep}), "
+                          "calibration", uv))
     for k, v in sorted(result.selection_only.items(), reverse=True):
         lines.append(_row(f"selection only, keep {k:g} (no codec), calibration", v))
     lines += ["", "## Rounds (calibration windows, each plan through the binary)", "",
