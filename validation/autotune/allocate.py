@@ -197,7 +197,7 @@ class CalibrationSet:
                 if chosen is not None:
                     entry.update(layers=chosen.layers, positions=chosen.positions, selection=chosen,
                                  full_elements=sum(k.numel() + v.numel() for k, v in pre.layers),
-                                 full_dtype=pre.layers[0][0].dtype)
+                                 full_dtype=next(k.dtype for k, _ in pre.layers))
                     logits_s = forward(model, layers_to_cache(chosen.layers), input_ids=scored_in, use_cache=True,
                                        **selection_position_ids(selection, context, scored_in)).logits
                     for j in range(batch.shape[0]):
