@@ -169,7 +169,7 @@ class AutotuneOptions:
 
         if self.selection is not None and self.selection not in SELECTION_METHODS:
             raise AutotuneError(f"--selection must be one of {list(SELECTION_METHODS)}, got {self.selection!r}")
-        bad = [r for r in self.keep_ratios if not (isinstance(r, float) and 0 < r <= 1)]
+        bad = [r for r in self.keep_ratios if isinstance(r, bool) or not (isinstance(r, (int, float)) and 0 < r <= 1)]
         if bad or not self.keep_ratios:
             raise AutotuneError(f"--keep-ratios must list numbers in (0, 1], got {list(self.keep_ratios)}")
         if self.selection is None and any(r != 1.0 for r in self.keep_ratios):
