@@ -340,6 +340,27 @@ def test_sensitivity_runs_each_reconstruction_once(tiny_llama) -> None:
     assert s.kl["keys"][2] != s.kl["keys"][1] and all(all(row) for r in ROLES for row in s.measured[r])
 
 
+def test_a_selected_set_borrows_the_baseline_of_the_full_set(tiny_llama) -> None:
+    """The baseline pass attends to the whole context with or without selection, so a selected set built
+    on the same windows shares the full set's baseline logits instead of computing (and holding) them twice."""
+    from validation.selection import SelectionSpec
+
+    torch.manual_seed(0)
+    ids = torch.randint(2, 500, (200,))
+    starts = [0, 40, 80]
+    full = al.CalibrationSet.build(tiny_llama, ids, starts, 64, 16, 2)
+    spec = SelectionSpec("knorm", keep_ratio=0.5)
+    shared = al.CalibrationSet.build(tiny_llama, ids, starts, 64, 16, 2, selection=spec, baseline=full)
+    own = al.CalibrationSet.build(tiny_llama, ids, starts, 64, 16, 2, selection=spec)
+    for f, s, o in zip(full.batches, shared.batches, own.batches):
+        assert s["baseline_logits"] is f["baseline_logits"]
+        assert torch.allclose(o["baseline_logits"], f["baseline_logits"], atol=1e-5)
+        assert s["layers"][0][0].shape[-2] == 24 and torch.equal(s["layers"][0][0], o["layers"][0][0])
+    assert shared.selection_only.kl == pytest.approx(own.selection_only.kl, rel=1e-4)
+    with pytest.raises(ValueError, match="same windows"):
+        al.CalibrationSet.build(tiny_llama, ids, starts[:2], 64, 16, 2, selection=spec, baseline=full)
+
+
 def test_partial_forward_matches_the_full_pass(tiny_llama) -> None:
     from validation.compat import cache_to_layers, layers_to_cache, output_cache
 

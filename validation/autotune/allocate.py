@@ -167,15 +167,21 @@ class CalibrationSet:
 
     @classmethod
     def build(cls, model: Any, token_ids: torch.Tensor, starts: Sequence[int], max_length: int, stride: int,
-              batch_windows: int, progress: Any = None, selection: Optional[Any] = None) -> "CalibrationSet":
+              batch_windows: int, progress: Any = None, selection: Optional[Any] = None,
+              baseline: Optional["CalibrationSet"] = None) -> "CalibrationSet":
         """Prefill every window's context and run its baseline scoring pass (``token_ids`` ``[num_tokens]``).
 
         With ``selection`` (a :class:`validation.selection.SelectionSpec`) each batch keeps only the
         selected positions, as ``validate_perplexity.py --selection`` does: ``layers`` then hold
         ``[batch, kv_heads, kept, head_dim]`` and ``positions`` the kept indices per layer; the baseline
         pass still attends to the whole context, and :attr:`selection_only` scores the selected cache
-        without any codec (what the selection alone costs).
+        without any codec (what the selection alone costs). ``baseline``, a set built on the same
+        windows, lends its baseline logits instead of a second baseline pass (the same tensors,
+        not copies: ``[batch, stride - 1, vocab]`` per batch is the largest thing a set holds).
         """
+        if baseline is not None and (baseline.starts != list(starts) or baseline.max_length != max_length
+                                     or baseline.stride != stride or len(baseline.batches) != -(-len(starts) // batch_windows)):
+            raise ValueError("baseline must be a CalibrationSet of the same windows, lengths and batches")
         from validation.compat import forward, layers_to_cache
         from validation.protocol import _supports_logits_to_keep, _window_stats, prefill_contexts
         from validation.selection import selected_prefill, selection_position_ids
@@ -191,7 +197,10 @@ class CalibrationSet:
                 batch = windows[b0:b0 + batch_windows]
                 pre, chosen = selected_prefill(model, selection, lambda: prefill_contexts(model, batch[:, :context], keep))
                 scored_in = batch[:, context:max_length - 1]
-                logits_b = forward(model, layers_to_cache(pre.layers), input_ids=scored_in, use_cache=True).logits
+                if baseline is not None:
+                    logits_b = baseline.batches[b0 // batch_windows]["baseline_logits"]
+                else:
+                    logits_b = forward(model, layers_to_cache(pre.layers), input_ids=scored_in, use_cache=True).logits
                 entry: Dict[str, Any] = {"layers": pre.layers, "first_logits": pre.first_logits,
                                          "baseline_logits": logits_b, "tokens": batch}
                 if chosen is not None:

@@ -274,7 +274,7 @@ def run_autotune(opts: AutotuneOptions, console: Optional[Console] = None, progr
     ctx = calib.context
     sens_inputs = torch.cat([b["tokens"][:, ctx:ctx + opts.sensitivity_tokens] for b in calib.batches])
     n_keep = len(set(opts.keep_ratios))
-    prefill_s = 1.5 * timings["calibration_prefill_s"]  # a selected prefill also scores the selected cache
+    prefill_s = timings["calibration_prefill_s"]  # a selected prefill scores the selected cache instead of the baseline
     reserve = ((opts.rounds * n_keep + 2) * per_check + (n_keep - 1) * prefill_s) * 1.2
     n_passes = len({c.signature for r in ROLES for c in candidates[r] if c.bits != 8}) * len(first)
     bar = progress_bar(total=n_passes, desc="sensitivity", unit="pass", enabled=progress)
@@ -312,7 +312,7 @@ def run_autotune(opts: AutotuneOptions, console: Optional[Console] = None, progr
                 continue
             bar = progress_bar(total=len(starts), desc=f"prefill, keep {keep:g}", unit="window", enabled=progress)
             sets[keep] = CalibrationSet.build(model, ids, starts, opts.max_length, opts.stride, opts.batch_windows, bar,
-                                              selection=opts.selection_spec(keep))
+                                              selection=opts.selection_spec(keep), baseline=calib)
             bar.close()
             sel = sets[keep].selection_only
             assert sel is not None
@@ -363,7 +363,7 @@ def run_autotune(opts: AutotuneOptions, console: Optional[Console] = None, progr
             bar = progress_bar(total=len(eval_starts), desc="held-out prefill" + (f", keep {k:g}" if k != 1.0 else ""),
                                unit="window", enabled=progress)
             evs[k] = CalibrationSet.build(model, ids, eval_starts, opts.max_length, opts.stride, opts.batch_windows, bar,
-                                          selection=opts.selection_spec(k))
+                                          selection=opts.selection_spec(k), baseline=evs.get(1.0))
             bar.close()
         for k, label, p in jobs:
             v = evs[k].verify(model, p, label)
