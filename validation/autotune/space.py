@@ -170,9 +170,7 @@ def default_space(role: str, head_dim: int, space: str = "default", bits: Sequen
                     out.extend(Candidate("keys", "asym", b, 128, "none", "channel", s) for s in KEY_STEPS)
         else:
             for b in bits:
-                out.append(Candidate("values", "sym", b, 32 if b == 2 else 64, "hadamard", "token"))
-                if b == 2:
-                    out[-1] = Candidate("values", "asym", b, 64, "hadamard", "token")
+                out.append(Candidate("values", "asym" if b == 2 else "sym", b, 64, "hadamard", "token"))
                 if b == 3:
                     out.append(Candidate("values", "asym", b, 64, "hadamard", "token"))
                 if b == 4:
