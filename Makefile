@@ -151,6 +151,7 @@ fuzz:
 	$(GOX) test -run '^$$' -fuzz FuzzBitsRowDecoder -fuzztime $(FUZZTIME) -fuzzminimizetime 200x ./pkg/compression
 	$(GOX) test -run '^$$' -fuzz FuzzProjectedDecompress -fuzztime $(FUZZTIME) -fuzzminimizetime 200x ./pkg/compression
 	$(GOX) test -run '^$$' -fuzz FuzzRoundTrip -fuzztime $(FUZZTIME) -fuzzminimizetime 200x ./pkg/compression
+	$(GOX) test -run '^$$' -fuzz FuzzParsePreset -fuzztime $(FUZZTIME) -fuzzminimizetime 200x ./pkg/compression
 
 # The codec frontier: every configuration of the sweep grid on the same windows.
 # SWEEP_GRID is format 2's frontier (presets, per-role plans, nf, steps);

@@ -111,6 +111,11 @@ type Config struct {
 	// Projection, when not nil, holds low-rank bases by tensor name: those
 	// tensors are projected before quantizing (projection.go).
 	Projection *ProjectionSet
+	// Selection, when not nil, is the token selection a preset file says
+	// the input went through (selection_preset.go): checked against the
+	// input's positions tensors and reported, never applied, and not part
+	// of the codec record.
+	Selection *PresetSelection
 	// contextLength is the input's original context length when it holds
 	// positions tensors (selection.go); set by Compress and CompressFile.
 	contextLength int64
@@ -196,6 +201,9 @@ func (c Config) Validate() error {
 		}
 	}
 	if err := c.Roles.Validate(); err != nil {
+		return err
+	}
+	if err := c.Selection.Validate(); err != nil {
 		return err
 	}
 	if c.Workers < 0 {

@@ -59,6 +59,9 @@ func CompressFile(in, out string, cfg Config) (*Report, error) {
 	if cfg.contextLength, err = checkSelectionInput(src.f); err != nil {
 		return nil, fmt.Errorf("%s: %w", in, err)
 	}
+	if err := checkPresetSelection(src.f, cfg.Selection, cfg.Preset); err != nil {
+		return nil, fmt.Errorf("%s: %w", in, err)
+	}
 	t0 := time.Now()
 	cts, err := compressAll(src, cfg, workers, func(i int, ct *compressedTensor) error {
 		if sp == nil { // metrics: only the sizes are needed

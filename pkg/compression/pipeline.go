@@ -41,6 +41,10 @@ type Result struct {
 	// Parts splits FileSize by content; Stages counts payloads by entropy stage.
 	Parts  PartBytes
 	Stages Stages
+	// Selection is the configuration's preset selection (nil for none);
+	// InputSelected says whether the input carried positions tensors.
+	Selection     *PresetSelection
+	InputSelected bool
 }
 
 // workerScratch is the per-goroutine working memory of Compress.
@@ -80,6 +84,9 @@ func Compress(src *safetensors.File, cfg Config) (*Result, error) {
 		return nil, err
 	}
 	if cfg.contextLength, err = checkSelectionInput(src); err != nil {
+		return nil, err
+	}
+	if err := checkPresetSelection(src, cfg.Selection, cfg.Preset); err != nil {
 		return nil, err
 	}
 	out, err := compressAll(memorySource(src), cfg, workers, nil)
@@ -139,7 +146,7 @@ func compressAll(src *source, cfg Config, workers int, emit func(i int, ct *comp
 // assemble builds the container's index and layout from the encoded
 // tensors. The payload tensors keep whatever Data emit left them.
 func assemble(out []compressedTensor, cfg Config, source map[string]string) (*Result, error) {
-	res := &Result{Codec: newCodec(cfg)}
+	res := &Result{Codec: newCodec(cfg), Selection: cfg.Selection, InputSelected: cfg.contextLength > 0}
 	var total tensorStats
 	entries := make([]Entry, 0, len(out))
 	for i := range out {

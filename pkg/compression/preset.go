@@ -81,6 +81,8 @@ type presetFile struct {
 	Layers      []LayerPlan `json:"layers"`
 	// Projection names a low-rank bases file (projection_preset.go).
 	Projection *projectionFile `json:"projection"`
+	// Selection is the token selection the preset expects (selection_preset.go).
+	Selection json.RawMessage `json:"selection"`
 }
 
 // codecFile is the "codec" object of a preset file: the global flags.
@@ -171,6 +173,11 @@ func ParsePresetIn(raw []byte, dir string) (Preset, error) {
 		roles.Layers = append(slices.Clone(roles.Layers), f.Layers...)
 		c.Roles = &roles
 	}
+	sel, err := parseSelection(f.Selection)
+	if err != nil {
+		return Preset{}, err
+	}
+	c.Selection = sel
 	if err := c.Validate(); err != nil {
 		return Preset{}, fmt.Errorf("%w: %w", ErrPreset, err)
 	}

@@ -44,9 +44,15 @@ type Report struct {
 	Stages      Stages             `json:"entropy_stages"`
 	// Preset names the preset that ran; PresetModifiedBy lists the codec
 	// flags given explicitly on top of it (empty when it ran as defined).
-	Preset           string         `json:"preset,omitempty"`
-	PresetModifiedBy []string       `json:"preset_modified_by"`
-	Tensors          []TensorReport `json:"tensors"`
+	Preset           string   `json:"preset,omitempty"`
+	PresetModifiedBy []string `json:"preset_modified_by"`
+	// PresetSelection is the preset's "selection" object, as the file gives
+	// it; InputSelected, present with it, says whether the input carried
+	// positions tensors (a token-selected cache). Both are omitted when the
+	// preset has no selection.
+	PresetSelection *PresetSelection `json:"preset_selection,omitempty"`
+	InputSelected   *bool            `json:"input_selected,omitempty"`
+	Tensors         []TensorReport   `json:"tensors"`
 }
 
 // NewReport summarises a compression of a file of originalSize bytes.
@@ -69,6 +75,10 @@ func NewReport(res *Result, originalSize int64, codec, total time.Duration) Repo
 		Stages:              res.Stages,
 	}
 	r.Passed = len(r.Violations) == 0
+	if res.Selection != nil {
+		selected := res.InputSelected
+		r.PresetSelection, r.InputSelected = res.Selection, &selected
+	}
 	if res.FileSize > 0 {
 		r.CompressionRatio = float64(originalSize) / float64(res.FileSize)
 	}
