@@ -256,7 +256,7 @@ def test_estimate_savings_and_validate_quality() -> None:
     (["--selection", "snapkv", "--keep-ratio", "0.5"],
      r"argument --selection: invalid choice: 'snapkv' \(choose from '?attention'?, '?knorm'?, '?recent'?\)"),
     (["--keep-ratio", "0.5"], r"\['--keep-ratio'\] need --selection, one of \['attention', 'knorm', 'recent'\]"),
-    (["--selection", "knorm"], r"needs exactly one of keep_ratio \(--keep-ratio\) or attention_threshold"),
+    (["--selection", "knorm"], r"needs exactly one of keep_ratio \(--keep-ratio\), attention_threshold \(--attention-threshold\) or layer_keep_ratios"),
     (["--selection", "recent", "--attention-threshold", "0.9"], r"applies to selection 'attention' only, got selection 'recent'"),
     (["--selection", "attention", "--keep-ratio", "0"], r"keep_ratio \(--keep-ratio\) must be in \(0, 1\], got 0.0"),
     (["--selection", "attention", "--keep-ratio", "0.5", "--sweep"], r"--selection attention applies to a validation run"),

@@ -108,10 +108,88 @@ def cache_kwargs(model: Any, cache: Any) -> Dict[str, Any]:
 
 
 def forward(model: Any, cache: Any = None, **kwargs: Any) -> Any:
-    """``model(**kwargs)`` with ``cache`` passed under the keyword this model takes (none if ``cache`` is None)."""
-    if cache is not None:
-        kwargs.update(cache_kwargs(model, cache))
+    """``model(**kwargs)`` with ``cache`` passed under the keyword this model takes (none if ``cache`` is None).
+
+    A cache from ``layers_to_cache(..., selected=True)`` whose layers keep different numbers of
+    positions runs under :func:`selected_attention` (each layer masks by its own length).
+    """
+    if cache is None:
+        return model(**kwargs)
+    kwargs.update(cache_kwargs(model, cache))
+    if getattr(cache, SELECTED_ATTR, False) and len({int(k.shape[2]) for k, _ in cache_to_layers(cache)}) > 1:
+        with selected_attention(model):
+            return model(**kwargs)
     return model(**kwargs)
+
+
+# The attribute layers_to_cache(selected=True) sets on the cache it builds.
+SELECTED_ATTR = "kv_selected"
+SELECTED_ATTENTION = "kv_selected_attention"
+_SELECTED_BASES = ("sdpa", "eager")
+
+
+def _selected_attention_forward(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                attention_mask: Optional[torch.Tensor], **kwargs: Any) -> Any:
+    """Attention over a layer that keeps only some context positions: the ``n`` new queries
+    [batch, heads, n, head_dim] see every one of the layer's ``L - n`` kept positions and the new
+    keys causally (query ``i`` sees key ``j`` when ``j <= L - n + i``), whatever mask the model
+    built from layer 0's length. Batches without padding only (the perplexity protocol's)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    n, length = query.shape[-2], key.shape[-2]
+    visible = torch.ones(n, length, dtype=torch.bool, device=query.device).tril(diagonal=length - n)[None, None]
+    kwargs.pop("is_causal", None)
+    if getattr(module, "_kv_selected_base", "sdpa") == "eager":
+        bias = torch.zeros(visible.shape, dtype=query.dtype, device=query.device)
+        bias.masked_fill_(~visible, torch.finfo(query.dtype).min)
+        return eager_attention_forward(module, query, key, value, bias, **kwargs)
+    return sdpa_attention_forward(module, query, key, value, visible, is_causal=False, **kwargs)
+
+
+class selected_attention:
+    """Context manager: the model's attention layers mask each layer by its own cache length.
+
+    For caches whose layers keep different numbers of context positions (per-layer token
+    selection): transformers builds one mask from layer 0's length, which would be wrong for
+    the others. Registers :func:`_selected_attention_forward` in transformers'
+    ``AttentionInterface`` (4.48+) and switches ``config._attn_implementation`` to it for the
+    duration. Raises ValueError on older releases, for models with sliding-window layers, and
+    for attention implementations other than ``sdpa`` and ``eager``.
+    """
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.configs: List[Tuple[Any, Any]] = []
+
+    def __enter__(self) -> "selected_attention":
+        try:
+            from transformers import AttentionInterface
+        except ImportError:
+            raise ValueError("layers that keep different numbers of positions need transformers >= 4.48 "
+                             f"(AttentionInterface); installed {transformers.__version__}") from None
+        config = self.model.config
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        if sliding_windows_of(text, int(getattr(text, "num_hidden_layers", -1))) is not None:
+            raise ValueError("per-layer token selection is not supported on models with sliding-window layers")
+        configs = {id(c): c for c in (config, text)}
+        base = getattr(text, "_attn_implementation", None) or "sdpa"
+        if base not in _SELECTED_BASES + (SELECTED_ATTENTION,):
+            raise ValueError(f"per-layer token selection needs attn_implementation one of {list(_SELECTED_BASES)}, "
+                             f"got {base!r}")
+        AttentionInterface.register(SELECTED_ATTENTION, _selected_attention_forward)
+        for mod in self.model.modules():
+            if hasattr(mod, "layer_idx") and hasattr(mod, "config"):
+                mod._kv_selected_base = base if base != SELECTED_ATTENTION else getattr(mod, "_kv_selected_base", "sdpa")
+        for c in configs.values():
+            self.configs.append((c, c._attn_implementation))
+            c._attn_implementation = SELECTED_ATTENTION
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for c, impl in self.configs:
+            c._attn_implementation = impl
+        self.configs.clear()
 
 
 def output_cache(outputs: Any) -> Any:
@@ -233,6 +311,7 @@ def layers_to_cache(
     *,
     seq_len: Optional[int] = None,
     sliding_windows: Optional[Sequence[Optional[int]]] = None,
+    selected: bool = False,
 ) -> DynamicCache:
     """Build a ``DynamicCache`` for the installed transformers from ``[(key, value), ...]``.
 
@@ -244,6 +323,10 @@ def layers_to_cache(
     given a window in ``sliding_windows`` is a sliding layer even when it holds every token.
     The model then places the next token at position ``seq_len`` and masks each layer as the
     unmodified cache would.
+
+    ``selected``: the layers hold the positions a token selection kept (validation/selection.py),
+    as many per layer as it chose; none is a sliding layer, whatever its length, and
+    :func:`forward` masks each by its own length (:func:`selected_attention`).
 
     transformers 4.x: built with ``DynamicCache.from_legacy_cache``, uniform layers only.
     transformers 5.x: ``DynamicCache()`` whose layers are filled with ``update``, so the cache
@@ -264,6 +347,12 @@ def layers_to_cache(
                 )
         pairs.append((k, v))
     lengths = [int(k.shape[2]) for k, _ in pairs]
+    if selected:
+        if sliding_windows is not None and any(w is not None for w in sliding_windows):
+            raise ValueError("a selected cache has no sliding-window layers")
+        cache = _full_layers_cache(pairs)
+        setattr(cache, SELECTED_ATTR, True)
+        return cache
     total = max(lengths) if seq_len is None and lengths else seq_len
     if sliding_windows is not None and len(sliding_windows) != len(pairs):
         raise ValueError(f"sliding_windows has {len(sliding_windows)} entries for {len(pairs)} layers")
@@ -286,6 +375,21 @@ def layers_to_cache(
         cache.update(k, v, i)
         if windows[i] is not None:
             cache.layers[i].cumulative_length = total
+    return cache
+
+
+def _full_layers_cache(pairs: KVLayers) -> DynamicCache:
+    """A DynamicCache of full (non-sliding) layers holding ``pairs``, any lengths."""
+    from_legacy = getattr(DynamicCache, "from_legacy_cache", None)
+    if from_legacy is not None:  # transformers 4.x keeps the tuples as they are
+        return from_legacy(tuple(pairs))
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache()
+    for _ in pairs:
+        cache.layers.append(DynamicLayer())
+    for i, (k, v) in enumerate(pairs):
+        cache.update(k, v, i)
     return cache
 
 

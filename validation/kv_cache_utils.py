@@ -448,6 +448,14 @@ def _read_layers(path: str, device: str) -> KVLayers:
     return layers
 
 
+def _has_positions(path: str) -> bool:
+    """Whether the file holds ``layer_{i}_positions`` tensors (a token-selected cache)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return any(_POSITIONS_NAME.match(name) for name in f.keys())
+
+
 def read_positions(path: str) -> Tuple[List[torch.Tensor], Optional[int]]:
     """A token-selected cache file's kept indices: ``layer_{i}_positions`` [batch, kv_heads, kept]
     (int64) in layer order and the ``__metadata__`` ``context_length``; ``([], None)`` for a
@@ -514,9 +522,10 @@ def load_kv_cache(
     layers = _read_layers(path, device)
     file_meta = _layers_metadata(layers, "unknown", path)
     file_meta.stored_dtype = file_meta.dtype
+    selected = _has_positions(path)
 
     if not explicit and not os.path.exists(metadata_path):
-        return layers_to_cache(layers), file_meta
+        return layers_to_cache(layers, selected=selected), file_meta
 
     sidecar = read_metadata(metadata_path)
 
@@ -537,6 +546,8 @@ def load_kv_cache(
             for i, (k, v) in enumerate(layers)
         ]
     sidecar.stored_dtype = file_meta.dtype
+    if selected:
+        return layers_to_cache(layers, selected=True), sidecar
     try:
         return layers_to_cache(layers, seq_len=sidecar.seq_len, sliding_windows=sidecar.sliding_windows), sidecar
     except ValueError as e:

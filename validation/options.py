@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 from validation.compression_bridge import codec_args
-from validation.selection import SelectionSpec
+from validation.selection import SelectionSpec, preset_selection
 
 DEFAULT_MODEL = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
 EMBEDDED_ALIASES = ("embedded", "smollm2")
@@ -95,9 +95,10 @@ class ValidationOptions:
 
     @property
     def selection_spec(self) -> Optional[SelectionSpec]:
-        """The token selection the options ask for (None: keep every position)."""
+        """The token selection the options ask for (None: keep every position): ``--selection``
+        and its flags, else the ``selection`` section of a ``--preset`` file."""
         if self.selection is None:
-            return None
+            return preset_selection(self.preset)
         extra = {} if self.min_tokens is None else {"min_tokens": self.min_tokens}
         return SelectionSpec(method=self.selection, keep_ratio=self.keep_ratio,
                              attention_threshold=self.attention_threshold, max_tokens=self.max_tokens, **extra)
@@ -142,6 +143,10 @@ class ValidationOptions:
             raise ValidationError(f"--hub-timeout must be > 0 seconds, got {self.hub_timeout}")
         check_codec(self.codec)
         if self.selection is None:
+            try:
+                preset_selection(self.preset)
+            except ValueError as e:
+                raise ValidationError(str(e)) from None
             given = [f for f in ("keep_ratio", "attention_threshold", "min_tokens", "max_tokens") if getattr(self, f) is not None]
             if given:
                 raise ValidationError(f"{['--' + f.replace('_', '-') for f in given]} need --selection, one of "

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -51,8 +52,11 @@ class SelectionSpec:
     """Which positions to keep: a method and either ``keep_ratio`` or ``attention_threshold``.
 
     ``keep_ratio`` in (0, 1]: keep ``round(keep_ratio × context)`` positions per row.
+    ``layer_keep_ratios``: one such ratio per layer (layer 0 first), so that layers keep
+    different counts (an auto-tuned preset's ``selection``; the scoring passes then mask each
+    layer by its own length, ``validation.compat.selected_attention``).
     ``attention_threshold`` in (0, 1] (``attention`` only): keep until the cumulative attention
-    reaches it. Both counts are then bounded by ``min_tokens`` and ``max_tokens`` (None: the
+    reaches it. Every count is then bounded by ``min_tokens`` and ``max_tokens`` (None: the
     context length) and by the context length. ``window`` is the observation window in tokens.
     """
 
@@ -62,17 +66,25 @@ class SelectionSpec:
     min_tokens: int = DEFAULT_MIN_TOKENS
     max_tokens: Optional[int] = None
     window: int = DEFAULT_WINDOW
+    layer_keep_ratios: Optional[Tuple[float, ...]] = None
 
     def check(self) -> None:
         """Raise ValueError naming the allowed values and the value received."""
         if self.method not in SELECTION_METHODS:
             raise ValueError(f"selection (--selection) must be one of {list(SELECTION_METHODS)}, got {self.method!r}")
-        if (self.keep_ratio is None) == (self.attention_threshold is None):
-            raise ValueError(f"selection {self.method!r} needs exactly one of keep_ratio (--keep-ratio) or "
-                             f"attention_threshold (--attention-threshold), got keep_ratio={self.keep_ratio!r}, "
-                             f"attention_threshold={self.attention_threshold!r}")
+        given = [n for n in ("keep_ratio", "attention_threshold", "layer_keep_ratios") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError(f"selection {self.method!r} needs exactly one of keep_ratio (--keep-ratio), "
+                             f"attention_threshold (--attention-threshold) or layer_keep_ratios (a preset's "
+                             f"selection.keep_ratios), got {given or 'none'}")
         if self.keep_ratio is not None and not (isinstance(self.keep_ratio, (int, float)) and 0 < self.keep_ratio <= 1):
             raise ValueError(f"keep_ratio (--keep-ratio) must be in (0, 1], got {self.keep_ratio!r}")
+        if self.layer_keep_ratios is not None:
+            bad = [r for r in self.layer_keep_ratios
+                   if isinstance(r, bool) or not (isinstance(r, (int, float)) and 0 < r <= 1)]
+            if bad or not self.layer_keep_ratios:
+                raise ValueError(f"layer_keep_ratios must be a non-empty list of numbers in (0, 1], "
+                                 f"got {list(self.layer_keep_ratios)}")
         if self.attention_threshold is not None:
             if self.method != "attention":
                 raise ValueError(f"attention_threshold (--attention-threshold) applies to selection 'attention' only, got "
@@ -92,9 +104,21 @@ class SelectionSpec:
         hi = context if self.max_tokens is None else min(self.max_tokens, context)
         return max(1, min(max(count, self.min_tokens), hi))
 
-    def ratio_count(self, context: int) -> int:
-        """The kept count for ``keep_ratio``: round(R × context), then bounded (Python's round: half to even)."""
-        return self.bound(round(self.keep_ratio * context), context)
+    def ratio_count(self, context: int, layer: Optional[int] = None) -> int:
+        """The kept count for ``keep_ratio`` (or ``layer_keep_ratios[layer]``): round(R × context),
+        then bounded (Python's round: half to even)."""
+        ratio = self.keep_ratio if self.layer_keep_ratios is None else self.layer_keep_ratios[layer if layer is not None else 0]
+        return self.bound(round(ratio * context), context)
+
+    def layer_counts(self, context: int, num_layers: int) -> List[int]:
+        """The kept count of each layer for ``keep_ratio`` or ``layer_keep_ratios`` (ValueError
+        when the latter does not list one ratio per layer)."""
+        if self.layer_keep_ratios is None:
+            return [self.ratio_count(context)] * num_layers
+        if len(self.layer_keep_ratios) != num_layers:
+            raise ValueError(f"layer_keep_ratios lists {len(self.layer_keep_ratios)} ratios for a cache of "
+                             f"{num_layers} layers")
+        return [self.ratio_count(context, i) for i in range(num_layers)]
 
 
 @dataclass
@@ -124,6 +148,7 @@ class SelectionMetrics:
     per_layer_coverage: List[float] = field(default_factory=list)
     threshold_tokens: List[int] = field(default_factory=list)
     threshold_tokens_median_row: float = math.nan
+    per_layer_tokens: List[int] = field(default_factory=list)
 
     def to_dict(self) -> Dict[str, Any]:
         """A JSON-serialisable dict."""
@@ -337,6 +362,27 @@ def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 # Whole caches and the seed-002-style API
 # ---------------------------------------------------------------------------------------------
 
+def rank_cache(layers: Sequence[Tuple[torch.Tensor, torch.Tensor]], method: str, window: int,
+               queries: Optional[Dict[int, torch.Tensor]] = None, scaling: Optional[float] = None
+               ) -> Tuple[List[torch.Tensor], List[Optional[torch.Tensor]], List[Optional[torch.Tensor]]]:
+    """Rank every layer's positions for ``method``: per layer the order [batch, kv_heads, context]
+    (best first, :func:`rank_positions`), and, where ``queries`` has the layer, the window's
+    attention probabilities and per-KV-head scores (None otherwise; ``attention`` requires them)."""
+    probs: List[Optional[torch.Tensor]] = []
+    scores: List[Optional[torch.Tensor]] = []
+    orders: List[torch.Tensor] = []
+    for i, (k, _) in enumerate(layers):
+        q = None if queries is None else queries.get(i)
+        if q is None and method == "attention":
+            raise ValueError(f"selection 'attention' needs the window's queries of layer {i}")
+        p = window_attention(k, q, scaling) if q is not None else None
+        s = kv_head_scores(p, k.shape[1]) if p is not None else None
+        probs.append(p)
+        scores.append(s)
+        orders.append(rank_positions(method, k, s, window))
+    return orders, probs, scores
+
+
 def select_cache(layers: Sequence[Tuple[torch.Tensor, torch.Tensor]], spec: SelectionSpec,
                  queries: Optional[Dict[int, torch.Tensor]] = None,
                  scaling: Optional[float] = None) -> CacheSelection:
@@ -349,54 +395,77 @@ def select_cache(layers: Sequence[Tuple[torch.Tensor, torch.Tensor]], spec: Sele
     """
     spec.check()
     ctx = layers[0][0].shape[2]
-    probs: List[Optional[torch.Tensor]] = []
-    scores: List[Optional[torch.Tensor]] = []
-    orders: List[torch.Tensor] = []
-    for i, (k, _) in enumerate(layers):
-        q = None if queries is None else queries.get(i)
-        if q is None and spec.method == "attention":
-            raise ValueError(f"selection 'attention' needs the window's queries of layer {i}")
-        p = window_attention(k, q, scaling) if q is not None else None
-        s = kv_head_scores(p, k.shape[1]) if p is not None else None
-        probs.append(p)
-        scores.append(s)
-        orders.append(rank_positions(spec.method, k, s, spec.window))
+    orders, probs, scores = rank_cache(layers, spec.method, spec.window, queries, scaling)
     per_layer: List[int] = []
     row_median = math.nan
     if spec.attention_threshold is not None:
         needs = [threshold_needs(o, s, spec.attention_threshold) for o, s in zip(orders, scores)]
         per_layer = [int(n.max()) for n in needs]
         row_median = float(torch.cat([n.flatten() for n in needs]).float().median())
-        count = spec.bound(max(per_layer), ctx)
+        counts = [spec.bound(max(per_layer), ctx)] * len(layers)
     else:
-        count = spec.ratio_count(ctx)
-    kept_layers: KVLayers = []
-    positions: List[torch.Tensor] = []
+        counts = spec.layer_counts(ctx, len(layers))
+    kept_layers, positions = keep_top(layers, orders, counts)
     coverage: List[float] = []
     cov_min = math.inf
     loss_num = loss_den = 0.0
-    for (k, v), o, p, s in zip(layers, orders, probs, scores):
-        idx = o[..., :count].sort(dim=-1).values
-        positions.append(idx)
-        kept_layers.append((_gather(k, idx), _gather(v, idx)))
+    for (_, v), idx, p, s in zip(layers, positions, probs, scores):
         if s is not None:
             row = torch.gather(s.float(), -1, idx).sum(-1)  # [b, h]
             coverage.append(float(row.mean()))
             cov_min = min(cov_min, float(row.min()))
             num, den = _information_loss(p, v, idx)
             loss_num, loss_den = loss_num + num, loss_den + den
-    b, h, _, d = layers[0][0].shape
-    full = 2 * len(layers) * b * h * ctx * d * layers[0][0].element_size()
-    sent = 2 * len(layers) * b * h * count * d * layers[0][0].element_size() + len(layers) * b * h * math.ceil(ctx / 8)
-    metrics = SelectionMetrics(
-        method=spec.method, context_length=ctx, tokens_kept=count, token_savings=ctx - count,
-        token_savings_fraction=(ctx - count) / ctx,
-        attention_coverage=sum(coverage) / len(coverage) if coverage else math.nan,
-        attention_coverage_min=cov_min if coverage else math.nan,
-        information_loss=math.sqrt(loss_num / loss_den) if loss_den > 0 else math.nan,
-        bandwidth_savings=1 - sent / full, per_layer_coverage=coverage, threshold_tokens=per_layer,
-        threshold_tokens_median_row=row_median)
+    metrics = _count_metrics(spec.method, layers, counts)
+    metrics.attention_coverage = sum(coverage) / len(coverage) if coverage else math.nan
+    metrics.attention_coverage_min = cov_min if coverage else math.nan
+    metrics.information_loss = math.sqrt(loss_num / loss_den) if loss_den > 0 else math.nan
+    metrics.per_layer_coverage, metrics.threshold_tokens = coverage, per_layer
+    metrics.threshold_tokens_median_row = row_median
     return CacheSelection(kept_layers, positions, ctx, metrics)
+
+
+def _count_metrics(method: str, layers: Sequence[Tuple[torch.Tensor, torch.Tensor]], counts: Sequence[int]) -> SelectionMetrics:
+    """The metrics that follow from the kept counts alone (coverage and loss NaN): ``tokens_kept``
+    is the mean count over layers (``per_layer_tokens`` lists them)."""
+    b, h, ctx, d = layers[0][0].shape
+    size = layers[0][0].element_size()
+    full = 2 * len(layers) * b * h * ctx * d * size
+    sent = 2 * sum(counts) * b * h * d * size + len(layers) * b * h * math.ceil(ctx / 8)
+    count = round(sum(counts) / len(counts))
+    return SelectionMetrics(
+        method=method, context_length=ctx, tokens_kept=count, token_savings=ctx - count,
+        token_savings_fraction=1 - sum(counts) / (ctx * len(counts)), attention_coverage=math.nan,
+        attention_coverage_min=math.nan, information_loss=math.nan, bandwidth_savings=1 - sent / full,
+        per_layer_tokens=list(counts))
+
+
+def keep_top(layers: Sequence[Tuple[torch.Tensor, torch.Tensor]], orders: Sequence[torch.Tensor],
+             counts: Sequence[int]) -> Tuple[KVLayers, List[torch.Tensor]]:
+    """Per layer, the first ``counts[i]`` positions of ``orders[i]`` [batch, kv_heads, context]
+    (best first), sorted: the kept layers [batch, kv_heads, count, head_dim] and positions
+    [batch, kv_heads, count] (int64)."""
+    kept: KVLayers = []
+    positions: List[torch.Tensor] = []
+    for (k, v), o, n in zip(layers, orders, counts):
+        idx = o[..., :n].sort(dim=-1).values
+        positions.append(idx)
+        kept.append((_gather(k, idx), _gather(v, idx)))
+    return kept, positions
+
+
+def select_ranked(layers: Sequence[Tuple[torch.Tensor, torch.Tensor]], orders: Sequence[torch.Tensor],
+                  spec: SelectionSpec) -> CacheSelection:
+    """:func:`select_cache` from rankings made earlier (``orders`` per layer [batch, kv_heads,
+    context], :func:`rank_cache`): the counts of ``spec`` (``keep_ratio`` or ``layer_keep_ratios``).
+    The metrics hold the counts and sizes; coverage and information loss are NaN (no queries)."""
+    spec.check()
+    if spec.attention_threshold is not None:
+        raise ValueError("select_ranked takes keep_ratio or layer_keep_ratios, not attention_threshold")
+    ctx = layers[0][0].shape[2]
+    counts = spec.layer_counts(ctx, len(layers))
+    kept, positions = keep_top(layers, orders, counts)
+    return CacheSelection(kept, positions, ctx, _count_metrics(spec.method, layers, counts))
 
 
 def attention_scaling(model: Any) -> Optional[float]:
@@ -410,9 +479,11 @@ def attention_scaling(model: Any) -> Optional[float]:
 
 
 def selected_prefill(model: Any, spec: Optional[SelectionSpec],
-                     prefill: Callable[[], Any]) -> Tuple[Any, Optional[CacheSelection]]:
+                     prefill: Callable[[], Any], rank_only: bool = False) -> Tuple[Any, Any]:
     """Run ``prefill()`` (it returns an object with ``layers``, [(key, value)] each [batch, kv_heads,
     context, head_dim]) and, with a ``spec``, select its positions; ``(prefill, None)`` without one.
+    With ``rank_only`` the second item is the rankings of :func:`rank_cache` (per layer
+    [batch, kv_heads, context], best first) instead of a selection.
 
     The observation window's queries are captured for every method when the model's attention
     modules allow it (they feed coverage and information loss); ``attention`` requires them.
@@ -428,6 +499,8 @@ def selected_prefill(model: Any, spec: Optional[SelectionSpec],
         capture = contextlib.nullcontext(None)
     with capture as queries:
         pre = prefill()
+    if rank_only:
+        return pre, rank_cache(pre.layers, spec.method, spec.window, queries, attention_scaling(model))[0]
     return pre, select_cache(pre.layers, spec, queries, attention_scaling(model))
 
 
@@ -439,6 +512,39 @@ def selection_position_ids(spec: Optional[SelectionSpec], context: int, input_id
         return {}
     n = input_ids.shape[1]
     return {"position_ids": torch.arange(context, context + n, device=input_ids.device)[None]}
+
+
+def preset_selection(preset: Optional[str]) -> Optional[SelectionSpec]:
+    """The token selection a preset file's ``selection`` section asks for (docs/cli.md, "Token-selection
+    presets"): ``method`` and ``keep_ratio`` or ``keep_ratios`` (one per layer), optionally ``window``
+    and ``min_tokens``. None for a built-in preset name, a file without the section, or ``None``.
+    ValueError naming the file for a section the spec refuses (kv-compress refuses the same ones).
+    """
+    if not preset or not os.path.isfile(preset):
+        return None
+    import json
+
+    with open(preset, encoding="utf-8") as f:
+        try:
+            doc = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{preset}: not a JSON preset file: {e}") from None
+    sec = doc.get("selection") if isinstance(doc, dict) else None
+    if sec is None:
+        return None
+    allowed = {"method", "keep_ratio", "keep_ratios", "window", "min_tokens"}
+    if not isinstance(sec, dict) or set(sec) - allowed:
+        raise ValueError(f"{preset}: selection must be an object with fields {sorted(allowed)}, got "
+                         f"{sorted(sec) if isinstance(sec, dict) else type(sec).__name__}")
+    ratios = sec.get("keep_ratios")
+    spec = SelectionSpec(method=sec.get("method"), keep_ratio=sec.get("keep_ratio"),
+                         layer_keep_ratios=tuple(ratios) if isinstance(ratios, list) else ratios,
+                         min_tokens=sec.get("min_tokens", DEFAULT_MIN_TOKENS), window=sec.get("window", DEFAULT_WINDOW))
+    try:
+        spec.check()
+    except ValueError as e:
+        raise ValueError(f"{preset}: selection: {e}") from None
+    return spec
 
 
 def _as4d(t: torch.Tensor, what: str) -> torch.Tensor:
@@ -544,7 +650,7 @@ def summarize_selection(metrics: Sequence[Any]) -> Optional[Dict[str, Any]]:
     """One summary of the selections of a run, from each bridge call's ``extra["selection"]``
     (CompressionMetrics after :meth:`CacheSelection.annotate`); None when no call selected.
 
-    Counts are the calls' range and mean; coverage and information loss are means over calls
+    Counts are the calls' range and mean (``per_layer_tokens``: each layer's mean count); coverage and information loss are means over calls
     (``attention_coverage_min`` the smallest row anywhere); ``threshold_tokens`` is per layer
     the largest count any call's threshold asked for; ``bandwidth_savings_on_disk`` is
     1 − container bytes / float16 bytes of the full caches, over every call.
@@ -560,6 +666,7 @@ def summarize_selection(metrics: Sequence[Any]) -> Optional[Dict[str, Any]]:
         return sum(vals) / len(vals) if vals else math.nan
 
     kept = [s["tokens_kept"] for s in sel]
+    layer_kept = [s.get("per_layer_tokens") or [] for s in sel]
     comp = sum(m.compressed_size_bytes for m, _ in parts)
     fp16 = sum(m.fp16_size_bytes for m, _ in parts)
     per_layer = [max(col) for col in zip(*[s["threshold_tokens"] for s in sel])] if all(s["threshold_tokens"] for s in sel) else []
@@ -567,6 +674,7 @@ def summarize_selection(metrics: Sequence[Any]) -> Optional[Dict[str, Any]]:
     return {"method": sel[0]["method"], "context_length": sel[0]["context_length"],
             "tokens_kept": {"min": min(kept), "max": max(kept), "mean": sum(kept) / len(kept)},
             "keep_fraction": sum(kept) / len(kept) / sel[0]["context_length"],
+            "per_layer_tokens": [round(sum(col) / len(col)) for col in zip(*layer_kept)] if all(layer_kept) else [],
             "attention_coverage": mean("attention_coverage"), "attention_coverage_min": min(covs) if covs else math.nan,
             "information_loss": mean("information_loss"), "bandwidth_savings_before_codec": mean("bandwidth_savings"),
             "bandwidth_savings_on_disk": 1 - comp / fp16 if fp16 else math.nan,
