@@ -483,3 +483,45 @@ def test_autotune_with_token_selection_matches_validate_perplexity(kv_compress_b
     assert vdoc["result"]["compressed_perplexity"] == pytest.approx(held["compressed_ppl"], rel=1e-4)
     assert vdoc["result"]["baseline_perplexity"] == pytest.approx(held["baseline_ppl"], rel=1e-6)
     assert vdoc["codec"]["disk_ratio_vs_fp16"] == pytest.approx(held["disk_ratio_vs_fp16"], rel=1e-6)
+
+
+def test_autotune_keep_per_layer_end_to_end(kv_compress_bin: str, small_model_dir: Path, long_corpus: Path,
+                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """--keep-per-layer writes a preset whose selection section lists one ratio per layer; kv-compress
+    accepts it, and validate_perplexity.py --preset alone (no selection flags) reproduces the held-out score."""
+
+    from validation import validate_perplexity as vp
+    from validation.compat import layers_to_cache
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "tuned.json"
+    space = tmp_path / "space.json"
+    space.write_text(json.dumps({"keys": [Candidate("keys", "asym", 4, 128, "none", "channel", 7).plan],
+                                 "values": [Candidate("values", "sym", 4, 64, "hadamard", "token", 4).plan]}))
+    code = cli.main(["--model", str(small_model_dir), "--text-file", str(long_corpus), "--max-length", "64",
+                     "--stride", "16", "--eval-windows", "2", "--calibration-windows", "2", "--sensitivity-tokens", "4",
+                     "--batch-windows", "2", "--space-file", str(space), "--rounds", "1", "--budget-kl", "50",
+                     "--selection", "attention", "--keep-per-layer", "--keep-ratios", "1,0.5", "--output", str(out), "--quiet"])
+    summary = capsys.readouterr().out.strip()
+    assert code == 0 and "keeping 0.500 on average, per layer" in summary, summary
+    preset = json.loads(out.read_text())
+    # a budget every plan meets: every layer keeps the smallest ratio offered
+    assert preset["selection"] == {"method": "attention", "keep_ratios": [0.5, 0.5, 0.5, 0.5]}
+    doc = json.loads((tmp_path / "autotune.json").read_text())
+    held = doc["heldout"]["autotuned"]
+    report = tmp_path / "vp.json"
+    rc = vp.main(["--model", str(small_model_dir), "--text-file", str(long_corpus), "--cpu", "--max-length", "64",
+                  "--stride", "16", "--max-samples", "2", "--batch-windows", "2", "--threshold", "1e9", "--quiet",
+                  "--preset", str(out), "--output-json", str(report)])
+    assert rc == 0
+    vdoc = json.loads(report.read_text())
+    assert vdoc["result"]["compressed_perplexity"] == pytest.approx(held["compressed_ppl"], rel=1e-4)
+    assert vdoc["codec"]["disk_ratio_vs_fp16"] == pytest.approx(held["disk_ratio_vs_fp16"], rel=1e-6)
+    assert vdoc["selection"]["per_layer_tokens"] == [24, 24, 24, 24]
+    # kv-compress takes the same preset for a cache without positions (the codec only) and says so
+    from validation.kv_cache_utils import save_kv_cache
+
+    cache = tmp_path / "c.safetensors"
+    save_kv_cache(layers_to_cache([(torch.randn(1, 2, 32, 64), torch.randn(1, 2, 32, 64)) for _ in range(4)]), str(cache))
+    m = json.loads(subprocess.run([kv_compress_bin, "metrics", "-i", str(cache), "--preset", str(out)],
+                                  capture_output=True, text=True, check=True).stdout)
+    assert m["preset_selection"]["keep_ratios"] == [0.5] * 4 and m["input_selected"] is False

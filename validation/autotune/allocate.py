@@ -67,9 +67,75 @@ def allocate(kl: Dict[str, np.ndarray], sizes: SizeTable, candidates: Dict[str, 
     return Assignment(candidates, choice)
 
 
-def predicted_kl(kl: Dict[str, np.ndarray], a: Assignment) -> float:
-    """Summed ΔKL of the assignment's tensors (the sum of parts)."""
-    return float(sum(kl[r][a.choice[r][i], i] for r in ROLES for i in range(a.num_layers)))
+def allocate_layers(kl: Dict[str, np.ndarray], sel_kl: np.ndarray, ratios: Sequence[float], sizes: SizeTable,
+                    candidates: Dict[str, List[Candidate]], budget_kl: float, bitmap_bytes: int = 0,
+                    resolution: int = DEFAULT_RESOLUTION) -> Optional[Assignment]:
+    """:func:`allocate` with a keep ratio per layer as a third choice beside the keys' and values' candidates.
+
+    ``sel_kl`` ``[len(ratios), layers]`` is the ΔKL of each layer keeping each ratio of its
+    positions (:func:`measure_selection_sensitivity`); a layer's option ``(ratio, key, value)``
+    costs ``sel_kl + kl["keys"] + kl["values"]`` and takes ``ratio`` times its two tensors'
+    sizes plus ``bitmap_bytes`` for the kept positions' index when ``ratio < 1``. Options that
+    another option beats on both counts are dropped before the knapsack. The assignment's
+    ``keep`` lists each layer's ratio.
+    """
+    if not budget_kl > 0:
+        raise ValueError(f"budget_kl must be > 0, got {budget_kl}")
+    n = kl["keys"].shape[1]
+    unit = budget_kl / resolution
+    inf = np.iinfo(np.int64).max // 4
+    nk, nv = len(candidates["keys"]), len(candidates["values"])
+    dp = np.zeros(resolution + 1, dtype=np.int64)
+    picks: List[Tuple[np.ndarray, List[Tuple[int, int, int, int]]]] = []
+    for layer in range(n):
+        opts: List[Tuple[int, int, int, int, int]] = []  # (units, bytes, ratio, key, value)
+        for ri, ratio in enumerate(ratios):
+            if not math.isfinite(sel_kl[ri, layer]):
+                continue
+            for ck in range(nk):
+                for cv in range(nv):
+                    w = sel_kl[ri, layer] + kl["keys"][ck, layer] + kl["values"][cv, layer]
+                    units = int(np.ceil(w / unit - 1e-9))
+                    if units > resolution:
+                        continue
+                    size = ratio * (sizes.bytes["keys"][ck][layer] + sizes.bytes["values"][cv][layer])
+                    opts.append((units, int(round(size)) + (bitmap_bytes if ratio < 1 else 0), ri, ck, cv))
+        opts.sort()
+        front: List[Tuple[int, int, int, int]] = []  # (units, bytes, ...) with bytes falling as units grow
+        for units, size, ri, ck, cv in opts:
+            if not front or size < front[-1][1]:
+                front.append((units, size, ri, ck * nv + cv))
+        best = np.full(resolution + 1, inf, dtype=np.int64)
+        arg = np.full(resolution + 1, -1, dtype=np.int32)
+        for o, (units, size, _, _) in enumerate(front):
+            shifted = np.full(resolution + 1, inf, dtype=np.int64)
+            shifted[units:] = dp[:resolution + 1 - units]
+            cand = np.where(shifted < inf, shifted + size, inf)
+            better = cand < best
+            best[better], arg[better] = cand[better], o
+        dp = best
+        picks.append((arg, [(u, ri, kv // nv, kv % nv) for u, _, ri, kv in front]))
+    if dp[resolution] >= inf:
+        return None
+    choice = {r: [0] * n for r in ROLES}
+    keep = [1.0] * n
+    j = resolution
+    for layer in reversed(range(n)):
+        arg, front = picks[layer]
+        units, ri, ck, cv = front[int(arg[j])]
+        choice["keys"][layer], choice["values"][layer], keep[layer] = ck, cv, float(ratios[ri])
+        j -= units
+    return Assignment(candidates, choice, keep)
+
+
+def predicted_kl(kl: Dict[str, np.ndarray], a: Assignment, sel_kl: Optional[np.ndarray] = None,
+                 ratios: Sequence[float] = ()) -> float:
+    """Summed ΔKL of the assignment's tensors (the sum of parts), with each layer's selection
+    cost from ``sel_kl`` ``[len(ratios), layers]`` when the assignment keeps ratios per layer."""
+    total = float(sum(kl[r][a.choice[r][i], i] for r in ROLES for i in range(a.num_layers)))
+    if a.keep is not None and sel_kl is not None:
+        total += float(sum(sel_kl[list(ratios).index(k), i] for i, k in enumerate(a.keep)))
+    return total
 
 
 def best_uniform(kl: Dict[str, np.ndarray], sizes: SizeTable, candidates: Dict[str, List[Candidate]],
@@ -168,7 +234,7 @@ class CalibrationSet:
     @classmethod
     def build(cls, model: Any, token_ids: torch.Tensor, starts: Sequence[int], max_length: int, stride: int,
               batch_windows: int, progress: Any = None, selection: Optional[Any] = None,
-              baseline: Optional["CalibrationSet"] = None) -> "CalibrationSet":
+              baseline: Optional["CalibrationSet"] = None, rank: Optional[str] = None) -> "CalibrationSet":
         """Prefill every window's context and run its baseline scoring pass (``token_ids`` ``[num_tokens]``).
 
         With ``selection`` (a :class:`validation.selection.SelectionSpec`) each batch keeps only the
@@ -178,15 +244,21 @@ class CalibrationSet:
         without any codec (what the selection alone costs). ``baseline``, a set built on the same
         windows, lends its baseline logits instead of a second baseline pass (the same tensors,
         not copies: ``[batch, stride - 1, vocab]`` per batch is the largest thing a set holds).
+        ``rank`` (a selection method, without ``selection``): keep every position but rank each
+        layer's positions as that method does (``orders`` per batch, per layer [batch, kv_heads,
+        context], best first), so that :meth:`verify` can select per-layer counts later.
         """
         if baseline is not None and (baseline.starts != list(starts) or baseline.max_length != max_length
                                      or baseline.stride != stride or len(baseline.batches) != -(-len(starts) // batch_windows)):
             raise ValueError("baseline must be a CalibrationSet of the same windows, lengths and batches")
         from validation.compat import forward, layers_to_cache
         from validation.protocol import _supports_logits_to_keep, _window_stats, prefill_contexts
-        from validation.selection import selected_prefill, selection_position_ids
+        from validation.selection import DEFAULT_WINDOW, SelectionSpec, rank_cache, selected_prefill, selection_position_ids
 
+        if rank is not None and selection is not None:
+            raise ValueError("give either selection or rank, not both")
         out = cls(list(starts), max_length, stride, selection=selection)
+        ranking = None if rank is None else SelectionSpec(rank, keep_ratio=1.0)
         keep = _supports_logits_to_keep(model)
         context = max_length - stride
         windows = torch.stack([token_ids[s:s + max_length] for s in starts])
@@ -195,7 +267,8 @@ class CalibrationSet:
         with torch.inference_mode():
             for b0 in range(0, len(starts), batch_windows):
                 batch = windows[b0:b0 + batch_windows]
-                pre, chosen = selected_prefill(model, selection, lambda: prefill_contexts(model, batch[:, :context], keep))
+                pre, chosen = selected_prefill(model, selection or ranking,
+                                               lambda: prefill_contexts(model, batch[:, :context], keep), rank_only=rank is not None)
                 scored_in = batch[:, context:max_length - 1]
                 if baseline is not None:
                     logits_b = baseline.batches[b0 // batch_windows]["baseline_logits"]
@@ -203,11 +276,14 @@ class CalibrationSet:
                     logits_b = forward(model, layers_to_cache(pre.layers), input_ids=scored_in, use_cache=True).logits
                 entry: Dict[str, Any] = {"layers": pre.layers, "first_logits": pre.first_logits,
                                          "baseline_logits": logits_b, "tokens": batch}
+                if rank is not None:
+                    entry["orders"] = chosen
+                    chosen = None
                 if chosen is not None:
                     entry.update(layers=chosen.layers, positions=chosen.positions, selection=chosen,
                                  full_elements=sum(k.numel() + v.numel() for k, v in pre.layers),
                                  full_dtype=next(k.dtype for k, _ in pre.layers))
-                    logits_s = forward(model, layers_to_cache(chosen.layers), input_ids=scored_in, use_cache=True,
+                    logits_s = forward(model, layers_to_cache(chosen.layers, selected=True), input_ids=scored_in, use_cache=True,
                                        **selection_position_ids(selection, context, scored_in)).logits
                     for j in range(batch.shape[0]):
                         ws = _window_stats(pre.first_logits[j], logits_b[j], logits_s[j], batch[j, context:])
@@ -224,13 +300,25 @@ class CalibrationSet:
                 sel_kl / tokens, math.nan, math.nan, 0, math.nan, window_nll=sel_nll, tokens_per_window=stride)
         return out
 
-    def verify(self, model: Any, preset_path: str, label: str, work_dir: Optional[str] = None) -> Verification:
-        """Score the windows attending to the binary's reconstruction of their caches under ``preset_path``."""
+    def verify(self, model: Any, preset_path: str, label: str, work_dir: Optional[str] = None,
+               layer_keep: Optional[Sequence[float]] = None, method: Optional[str] = None) -> Verification:
+        """Score the windows attending to the binary's reconstruction of their caches under ``preset_path``.
+
+        ``layer_keep`` (a set built with ``rank``): first keep, per layer, that share of its
+        positions in the order ``rank`` gave them (``method`` names it), as a preset's per-layer
+        selection does.
+        """
         from validation.compat import forward, layers_to_cache
         from validation.compression_bridge import roundtrip_kv_cache
         from validation.protocol import _window_stats, check_reconstruction
-        from validation.selection import selection_position_ids
+        from validation.selection import SelectionSpec, select_ranked, selection_position_ids
         from validation.stats import aggregate_metrics
+
+        spec = self.selection
+        if layer_keep is not None:
+            if not self.batches or "orders" not in self.batches[0]:
+                raise ValueError("layer_keep needs a CalibrationSet built with rank")
+            spec = SelectionSpec(method or "attention", layer_keep_ratios=tuple(layer_keep))
 
         t0 = time.perf_counter()
         nll_b = nll_c = kl_sum = 0.0
@@ -240,17 +328,23 @@ class CalibrationSet:
         with tempfile.TemporaryDirectory(prefix="kv-autotune-verify-", dir=work_dir) as tmp, torch.inference_mode():
             for batch in self.batches:
                 chosen = batch.get("selection")
-                recon, m = roundtrip_kv_cache(layers_to_cache(batch["layers"]), tmp, preset=preset_path,
+                sent = batch["layers"]
+                if layer_keep is not None:
+                    chosen = select_ranked(batch["layers"], batch["orders"], spec)
+                    sent = chosen.layers
+                    batch = {**batch, "full_elements": sum(k.numel() + v.numel() for k, v in batch["layers"]),
+                             "full_dtype": batch["layers"][0][0].dtype}
+                recon, m = roundtrip_kv_cache(sent, tmp, preset=preset_path,
                                               positions=None if chosen is None else chosen.positions,
                                               context_length=None if chosen is None else self.context)
                 if chosen is not None:
                     chosen.annotate_counts(m, batch["full_elements"], batch["full_dtype"])
                 metrics.append(m)
-                check_reconstruction(batch["layers"], recon, f"{label}: ")
+                check_reconstruction(sent, recon, f"{label}: ")
                 toks = batch["tokens"]
                 scored_in = toks[:, self.context:self.max_length - 1]
                 logits_c = forward(model, recon, input_ids=scored_in, use_cache=True,
-                                   **selection_position_ids(self.selection, self.context, scored_in)).logits
+                                   **selection_position_ids(spec, self.context, scored_in)).logits
                 labels = toks[:, self.context:]
                 for j in range(toks.shape[0]):
                     ws = _window_stats(batch["first_logits"][j], batch["baseline_logits"][j], logits_c[j], labels[j])

@@ -37,6 +37,8 @@ def _bits(text: str) -> List[int]:
 
 
 DEFAULT_KEEP_RATIOS = (1.0, 0.9, 0.8)
+# With --keep-per-layer a ratio costs one pass per layer, and most layers take far lower ones.
+DEFAULT_LAYER_KEEP_RATIOS = (1.0, 0.9, 0.75, 0.5, 0.3, 0.2)
 
 
 def _keep_ratios(text: str) -> List[float]:
@@ -95,8 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "(validation/selection.py) at each of --keep-ratios; the preset then needs validate_perplexity.py "
                    "--selection METHOD --keep-ratio R, which the report names")
     p.add_argument("--keep-ratios", type=_keep_ratios, metavar="R,R,...",
-                   help="keep ratios in (0, 1] tried with --selection (default with --selection: 1,0.9,0.8; "
-                        "1 is no selection)")
+                   help="keep ratios in (0, 1] tried with --selection (default with --selection: 1,0.9,0.8; with "
+                        "--keep-per-layer: 1,0.9,0.75,0.5,0.3,0.2; 1 is no selection)")
+    p.add_argument("--keep-per-layer", action="store_true",
+                   help="with --selection: each layer picks its own keep ratio among --keep-ratios and 1 (its "
+                        "selection cost is measured like a codec candidate's); the preset's selection section "
+                        "carries the ratios, which validate_perplexity.py --preset applies")
     p.add_argument("--sink", type=int, default=d.sink, help=f"leading positions kept exact (default {d.sink})")
     p.add_argument("--name", default=d.name, help=f"the preset's name (default {d.name})")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
@@ -114,7 +120,8 @@ def options_from_args(args: argparse.Namespace) -> AutotuneOptions:
         batch_windows=args.batch_windows, space=args.space, space_file=args.space_file, bits=tuple(args.bits),
         rounds=args.rounds, margin=args.margin, max_minutes=args.max_minutes, heldout=not args.no_heldout,
         compare=args.compare, sink=args.sink, device=args.device, name=args.name, selection=args.selection,
-        keep_rounds=args.keep_rounds, keep_ratios=tuple(args.keep_ratios) if args.keep_ratios else (DEFAULT_KEEP_RATIOS if args.selection else (1.0,)))
+        keep_rounds=args.keep_rounds, per_layer_keep=args.keep_per_layer, keep_ratios=tuple(args.keep_ratios) if args.keep_ratios else (
+            (DEFAULT_LAYER_KEEP_RATIOS if args.keep_per_layer else DEFAULT_KEEP_RATIOS) if args.selection else (1.0,)))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -147,6 +154,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     summary = (f"{opts.name}: {cal.disk_ratio_vs_fp16:.2f}x, ΔPPL {cal.delta_pct:+.2f}% on calibration"
                + (f"; {held.disk_ratio_vs_fp16:.2f}x, ΔPPL {held.delta_pct:+.2f}% held-out" if held else "")
                + (f"; token selection {opts.selection} at keep ratio {result.keep_ratio:g}" if result.keep_ratio != 1.0 else "")
+               + (f"; token selection {opts.selection} keeping {result.mean_keep:.3f} on average, per layer"
+                  if result.layer_keep else "")
                + f"; budget {opts.budget.describe()} {'met' if result.budget_met else 'NOT met'}; "
                f"search {result.timings['search_s'] / 60:.1f} min; preset {opts.output}; report {paths['markdown']}")
     print(summary)

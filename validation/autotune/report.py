@@ -37,7 +37,15 @@ def plot_allocation(result: AutotuneResult, path: str) -> str:
     a = result.assignment
     grid = np.asarray(a.level_bits_grid(), dtype=float)  # [layers, 2]: log2(levels), steps counted
     n = a.num_layers
-    fig, ax = plt.subplots(figsize=(4.2, max(3.0, 0.26 * n + 1.4)))
+    if a.keep is not None:  # a third panel: the share of its positions each layer keeps
+        fig, (ax, kx) = plt.subplots(1, 2, figsize=(5.4, max(3.0, 0.26 * n + 1.4)), sharey=True,
+                                     gridspec_kw={"width_ratios": [2, 1]})
+        kx.imshow(np.asarray(a.keep, dtype=float)[:, None], cmap="Blues", vmin=0, vmax=1.2, aspect="auto")
+        for i, k in enumerate(a.keep):
+            kx.text(0, i, f"{k:g}", ha="center", va="center", fontsize=7)
+        kx.set_xticks([0], ["kept"])
+    else:
+        fig, ax = plt.subplots(figsize=(4.2, max(3.0, 0.26 * n + 1.4)))
     im = ax.imshow(grid, cmap="viridis", vmin=2, vmax=8, aspect="auto")
     for i in range(n):
         for j, role in enumerate(ROLES):
@@ -49,6 +57,8 @@ def plot_allocation(result: AutotuneResult, path: str) -> str:
     held = dict(result.heldout).get(result.options.name)
     cal = result.rounds[result.chosen_round].verification
     keep = f", keep {result.keep_ratio:g}" if result.keep_ratio != 1.0 else ""
+    if a.keep is not None:
+        keep = f", keep {result.mean_keep:.2f} on average"
     title = f"log2 levels per tensor ({result.options.budget.describe()}{keep})\ncalibration {cal.delta_pct:+.2f}%, {cal.disk_ratio_vs_fp16:.2f}x"
     if held is not None:
         title += f"; held-out {held.delta_pct:+.2f}%, {held.disk_ratio_vs_fp16:.2f}x"
@@ -116,7 +126,11 @@ def report_dict(result: AutotuneResult, plots: Dict[str, str], command: str = ""
                    for r in result.rounds],
         "selection": {"method": o.selection, "keep_ratios": list(o.keep_ratios), "chosen_keep_ratio": result.keep_ratio,
                       "selection_only_on_calibration": {f"{k:g}": v.to_dict() for k, v in result.selection_only.items()},
-                      "validate_perplexity_flags": selection_flags(result)},
+                      "validate_perplexity_flags": selection_flags(result),
+                      "per_layer": o.per_layer_keep, "layer_keep_ratios": a.keep, "mean_keep": result.mean_keep,
+                      "layer_ratios_tried": list(result.layer_ratios),
+                      "layer_delta_kl": None if result.selection_kl is None else
+                      {f"{k:g}": [float(x) for x in row] for k, row in zip(result.layer_ratios, result.selection_kl)}},
         "chosen_round": result.chosen_round,
         "candidates": {r: [c.name for c in result.candidates[r]] for r in ROLES},
         "sizes": {"source": result.sizes.source, "calls": result.sizes.calls, "overhead_bytes": result.sizes.overhead,
@@ -138,7 +152,8 @@ def report_dict(result: AutotuneResult, plots: Dict[str, str], command: str = ""
 
 
 def selection_flags(result: AutotuneResult) -> str:
-    """The ``validate_perplexity.py`` flags that reproduce the chosen plan's token selection ("" without one)."""
+    """The ``validate_perplexity.py`` flags that reproduce the chosen plan's token selection ("" without
+    one, or with a ratio per layer: the preset's ``selection`` section carries those)."""
     k = result.keep_ratio
     return "" if k == 1.0 else f"--selection {result.options.selection} --keep-ratio {k:g}"
 
@@ -193,10 +208,12 @@ def markdown(result: AutotuneResult, doc: Dict[str, Any]) -> str:
         lines.append(f"| {i}{mark} | {r.keep_ratio:g} | {r.budget_kl:.5f} | {v.predicted_kl:.5f} | {v.kl:.5f} | "
                      f"{v.delta_pct:+.2f}% | {result.sizes.for_keep_ratio(r.keep_ratio).ratio(r.assignment):.3f}x | "
                      f"{v.disk_ratio_vs_fp16:.3f}x | {'yes' if r.within_budget else 'no'} |")
-    lines += ["", "## Allocation", "", f"![allocation]({HEATMAP_FILENAME})", "", "| layer | keys | values |", "|---|---|---|"]
     a = result.assignment
+    per_layer = a.keep is not None
+    lines += ["", "## Allocation", "", f"![allocation]({HEATMAP_FILENAME})", "",
+              "| layer | keys | values |" + (" kept |" if per_layer else ""), "|---|---|---|" + ("---|" if per_layer else "")]
     for i in range(a.num_layers):
-        lines.append(f"| {i} | {a.plan('keys', i).name} | {a.plan('values', i).name} |")
+        lines.append(f"| {i} | {a.plan('keys', i).name} | {a.plan('values', i).name} |" + (f" {a.keep[i]:g} |" if per_layer else ""))
     s = result.sensitivity
     lines += ["", f"Sizes: {result.sizes.source} ({result.sizes.calls} calls). Sensitivity: {s.passes} passes over "
               f"{s.tokens} scored tokens in {s.seconds:.0f} s (partial passes: {s.partial_forward}); "
@@ -210,6 +227,9 @@ def _selection_line(result: AutotuneResult) -> str:
     if o.selection is None:
         return "none (every context position kept)"
     tried = ", ".join(f"{k:g}" for k in sorted(set(o.keep_ratios), reverse=True))
+    if result.layer_keep is not None:
+        return (f"{o.selection}, a keep ratio per layer among {', '.join(f'{k:g}' for k in result.layer_ratios)}; "
+                f"{result.mean_keep:.3f} of the positions kept on average (the preset's selection section)")
     return f"{o.selection}, keep ratios tried {tried}; chosen {result.keep_ratio:g}"
 
 

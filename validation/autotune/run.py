@@ -21,13 +21,16 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
 
 from validation.autotune.allocate import (
     CalibrationSet,
     SearchRound,
     Verification,
     allocate,
+    allocate_layers,
     best_uniform,
     next_budget,
     predicted_kl,
@@ -37,6 +40,7 @@ from validation.autotune.sensitivity import (
     calibration_starts,
     evaluation_span,
     kl_array,
+    measure_selection_sensitivity,
     measure_sensitivity,
 )
 from validation.autotune.space import (
@@ -140,6 +144,7 @@ class AutotuneOptions:
     selection: Optional[str] = None  # token selection method (validation/selection.py), None: keep every position
     keep_ratios: Tuple[float, ...] = (1.0,)  # keep ratios the search tries with ``selection``
     keep_rounds: bool = False  # keep every round's preset file (OUTPUT.roundN.json) for held-out scoring later
+    per_layer_keep: bool = False  # each layer picks its own keep ratio among keep_ratios (and 1)
 
     def selection_spec(self, keep_ratio: float) -> Any:
         """The SelectionSpec of ``keep_ratio`` (None for 1.0: the whole context, no selection)."""
@@ -172,6 +177,10 @@ class AutotuneOptions:
         bad = [r for r in self.keep_ratios if isinstance(r, bool) or not (isinstance(r, (int, float)) and 0 < r <= 1)]
         if bad or not self.keep_ratios:
             raise AutotuneError(f"--keep-ratios must list numbers in (0, 1], got {list(self.keep_ratios)}")
+        if self.per_layer_keep and (self.selection is None or all(r == 1.0 for r in self.keep_ratios)):
+            raise AutotuneError(f"--keep-per-layer needs --selection (one of {list(SELECTION_METHODS)}) and --keep-ratios "
+                                f"below 1, got --selection {self.selection} --keep-ratios "
+                                f"{','.join(f'{r:g}' for r in self.keep_ratios)}")
         if self.selection is None and any(r != 1.0 for r in self.keep_ratios):
             raise AutotuneError(f"--keep-ratios {','.join(f'{r:g}' for r in self.keep_ratios)} needs --selection "
                                 f"(one of {list(SELECTION_METHODS)})")
@@ -200,11 +209,24 @@ class AutotuneResult:
     budget_met: bool
     notes: List[str] = field(default_factory=list)
     selection_only: Dict[float, Verification] = field(default_factory=dict)  # keep ratio -> selection alone, calibration
+    layer_ratios: List[float] = field(default_factory=list)  # --keep-per-layer: the ratios each layer chose from
+    selection_kl: Optional[Any] = None  # --keep-per-layer: ΔKL [len(layer_ratios), layers] of one layer's selection
 
     @property
     def keep_ratio(self) -> float:
-        """The chosen plan's keep ratio (1.0: no token selection)."""
+        """The chosen plan's keep ratio (1.0: no token selection, or one ratio per layer: :attr:`layer_keep`)."""
         return self.rounds[self.chosen_round].keep_ratio
+
+    @property
+    def layer_keep(self) -> Optional[List[float]]:
+        """The chosen plan's keep ratio per layer (None unless ``--keep-per-layer``)."""
+        return self.assignment.keep
+
+    @property
+    def mean_keep(self) -> float:
+        """The share of context positions the chosen plan keeps, over all layers."""
+        keep = self.layer_keep
+        return sum(keep) / len(keep) if keep else self.keep_ratio
 
 
 def _candidates(opts: AutotuneOptions, head_dim: int) -> Dict[str, List[Candidate]]:
@@ -251,7 +273,8 @@ def run_autotune(opts: AutotuneOptions, console: Optional[Console] = None, progr
     console.step(2, 6, "Prefilling the calibration windows and their baseline pass...")
     t = time.perf_counter()
     bar = progress_bar(total=len(starts), desc="calibration prefill", unit="window", enabled=progress)
-    calib = CalibrationSet.build(model, ids, starts, opts.max_length, opts.stride, opts.batch_windows, bar)
+    calib = CalibrationSet.build(model, ids, starts, opts.max_length, opts.stride, opts.batch_windows, bar,
+                                 rank=opts.selection if opts.per_layer_keep else None)
     bar.close()
     timings["calibration_prefill_s"] = time.perf_counter() - t
     reference = calib.verify(model, "compact", "compact (built-in)")
@@ -273,14 +296,17 @@ def run_autotune(opts: AutotuneOptions, console: Optional[Console] = None, progr
               for i in range(len(first))]
     ctx = calib.context
     sens_inputs = torch.cat([b["tokens"][:, ctx:ctx + opts.sensitivity_tokens] for b in calib.batches])
-    n_keep = len(set(opts.keep_ratios))
+    n_keep = 1 if opts.per_layer_keep else len(set(opts.keep_ratios))
     prefill_s = timings["calibration_prefill_s"]  # a selected prefill scores the selected cache instead of the baseline
     reserve = ((opts.rounds * n_keep + 2) * per_check + (n_keep - 1) * prefill_s) * 1.2
-    n_passes = len({c.signature for r in ROLES for c in candidates[r] if c.bits != 8}) * len(first)
+    layer_ratios = sorted(set(opts.keep_ratios) | {1.0}, reverse=True) if opts.per_layer_keep else []
+    n_passes = (len({c.signature for r in ROLES for c in candidates[r] if c.bits != 8}) + len(layer_ratios) - bool(layer_ratios)) * len(first)
     bar = progress_bar(total=n_passes, desc="sensitivity", unit="pass", enabled=progress)
     eta_said = [False]
+    codec_done = [0]
 
     def on_pass(done: int, total: int) -> None:
+        codec_done[0] = done
         bar.update(1)
         if not eta_said[0] and done >= max(10, total // 20):
             eta_said[0] = True
@@ -290,6 +316,17 @@ def run_autotune(opts: AutotuneOptions, console: Optional[Console] = None, progr
                          f"(bounded by --max-minutes {opts.max_minutes:g})")
 
     sens = measure_sensitivity(model, layers, sens_inputs, candidates, opts.sink, deadline=deadline - reserve, on_pass=on_pass)
+    sel_kl = None
+    if opts.per_layer_keep:
+        orders = [torch.cat([b["orders"][i] for b in calib.batches]) for i in range(len(first))]
+        offset = codec_done[0]
+        sel_kl = measure_selection_sensitivity(model, layers, orders, sens_inputs, layer_ratios, opts.selection,
+                                               deadline=deadline - reserve, on_pass=lambda d, t: on_pass(offset + d, n_passes))
+        del orders
+        missing = int(np.isnan(sel_kl).sum())
+        if missing:
+            notes_sel = f"--max-minutes cut the selection passes: {missing} (layer, keep ratio) pairs not measured, not offered"
+            sens.notes.append(notes_sel)
     bar.close()
     del layers
     timings["sensitivity_s"] = time.perf_counter() - t
@@ -305,7 +342,7 @@ def run_autotune(opts: AutotuneOptions, console: Optional[Console] = None, progr
     rounds: List[SearchRound] = []
     sets: Dict[float, CalibrationSet] = {}
     selection_only: Dict[float, Verification] = {}
-    for keep in sorted(set(opts.keep_ratios), reverse=True):
+    for keep in ([1.0] if opts.per_layer_keep else sorted(set(opts.keep_ratios), reverse=True)):
         if keep != 1.0:
             if time.perf_counter() + prefill_s + per_check > deadline:
                 notes.append(f"--max-minutes left no time for keep ratio {keep:g}")
@@ -322,7 +359,8 @@ def run_autotune(opts: AutotuneOptions, console: Optional[Console] = None, progr
         else:
             sets[keep] = calib
         rounds += _search_rounds(opts, model, sets[keep], kl, sizes.for_keep_ratio(keep), candidates, keep,
-                                 selection_only.get(keep), reference.baseline_ppl, deadline, per_check, console, notes)
+                                 selection_only.get(keep), reference.baseline_ppl, deadline, per_check, console, notes,
+                                 sel_kl, layer_ratios, _bitmap_bytes(first))
     if not rounds:
         raise AutotuneError("no plan of the candidates fits a KL budget the search could reach: widen --bits or --space, "
                             "or try higher --keep-ratios")
@@ -349,7 +387,12 @@ def run_autotune(opts: AutotuneOptions, console: Optional[Console] = None, progr
     if keep != 1.0:
         description += (f", with token selection {opts.selection} at keep ratio {keep:g} (validate_perplexity.py "
                         f"--selection {opts.selection} --keep-ratio {keep:g}; kv-compress alone applies the codec only)")
-    preset = assignment_preset(assignment, opts.name, description, opts.sink)
+    if assignment.keep is not None:
+        mean = sum(assignment.keep) / len(assignment.keep)
+        description += (f", with token selection {opts.selection} keeping {mean:.3f} of the positions on average, a ratio "
+                        f"per layer (the preset's selection; validate_perplexity.py --preset applies it, kv-compress "
+                        f"alone applies the codec only)")
+    preset = assignment_preset(assignment, opts.name, description, opts.sink, extra=_selection_extra(opts, assignment))
     write_preset(preset, opts.output)
 
     heldout: List[Tuple[str, Verification]] = []
@@ -363,10 +406,12 @@ def run_autotune(opts: AutotuneOptions, console: Optional[Console] = None, progr
             bar = progress_bar(total=len(eval_starts), desc="held-out prefill" + (f", keep {k:g}" if k != 1.0 else ""),
                                unit="window", enabled=progress)
             evs[k] = CalibrationSet.build(model, ids, eval_starts, opts.max_length, opts.stride, opts.batch_windows, bar,
-                                          selection=opts.selection_spec(k), baseline=evs.get(1.0))
+                                          selection=opts.selection_spec(k), baseline=evs.get(1.0),
+                                          rank=opts.selection if opts.per_layer_keep and k == 1.0 else None)
             bar.close()
         for k, label, p in jobs:
-            v = evs[k].verify(model, p, label)
+            per_layer = assignment.keep if p == opts.output else None
+            v = evs[k].verify(model, p, label, layer_keep=per_layer, method=opts.selection)
             heldout.append((label, v))
             console.info(f"held-out {label}: ΔPPL {v.delta:+.4f} ({v.delta_pct:+.2f}%), KL {v.kl:.5f}, "
                          f"{v.disk_ratio_vs_fp16:.3f}x on disk")
@@ -378,17 +423,33 @@ def run_autotune(opts: AutotuneOptions, console: Optional[Console] = None, progr
     met = rounds[chosen].within_budget
     return AutotuneResult(opts, preset, assignment, candidates, sizes, sens, rounds, chosen, starts, (0, span),
                           reference, uniform, heldout, timings, model_info, inputs.corpus_info, met, notes + sens.notes,
-                          selection_only)
+                          selection_only, list(layer_ratios), None if sel_kl is None else sel_kl.tolist())
+
+
+def _bitmap_bytes(layers: List[Tuple[Any, Any]]) -> int:
+    """A layer's index bitmap in the size table's cache: one bit per context position and row."""
+    b, h, ctx, _ = layers[0][0].shape
+    return int(b * h * math.ceil(ctx / 8))
+
+
+def _selection_extra(opts: AutotuneOptions, a: Assignment) -> Optional[Dict[str, Any]]:
+    """The preset's ``selection`` section for a plan with per-layer keep ratios (None without)."""
+    if a.keep is None:
+        return None
+    return {"selection": {"method": opts.selection, "keep_ratios": [float(k) for k in a.keep]}}
 
 
 def _search_rounds(opts: AutotuneOptions, model: Any, calib: CalibrationSet, kl: Dict[str, Any], sizes: SizeTable,
                    candidates: Dict[str, List[Candidate]], keep: float, selection_only: Optional[Verification],
                    baseline_ppl: float, deadline: float, per_check: float, console: Console,
-                   notes: List[str]) -> List[SearchRound]:
+                   notes: List[str], sel_kl: Optional[Any] = None, layer_ratios: Sequence[float] = (),
+                   bitmap_bytes: int = 0) -> List[SearchRound]:
     """Up to ``opts.rounds`` allocations on ``calib`` (one keep ratio), each checked through the binary.
 
     The first KL budget is the budget's own, less what the selection alone costs; each next one
-    moves toward the target on the measured metric (:func:`next_budget`).
+    moves toward the target on the measured metric (:func:`next_budget`). With ``sel_kl``
+    (``--keep-per-layer``) each layer also picks its keep ratio among ``layer_ratios``
+    (:func:`allocate_layers`), and each check selects those counts before the binary.
     """
     target = opts.budget.target(opts.margin)
     budget_kl = opts.budget.initial_kl(opts.margin, baseline_ppl)
@@ -402,17 +463,23 @@ def _search_rounds(opts: AutotuneOptions, model: Any, calib: CalibrationSet, kl:
         if rounds and time.perf_counter() + per_check > deadline:
             notes.append(f"--max-minutes left time for {i} of {opts.rounds} allocation rounds at keep ratio {keep:g}")
             break
-        a = allocate(kl, sizes, candidates, budget_kl)
+        if sel_kl is not None:
+            a = allocate_layers(kl, sel_kl, layer_ratios, sizes, candidates, budget_kl, bitmap_bytes)
+        else:
+            a = allocate(kl, sizes, candidates, budget_kl)
         if a is None:
             budget_kl *= 2
             continue
         tag = f"keep{keep:g}-round{i}" if keep != 1.0 else f"round{i}"
-        path = write_preset(assignment_preset(a, f"{opts.name}-{tag}", "auto-tune round", opts.sink), opts.output + f".{tag}.json")
+        path = write_preset(assignment_preset(a, f"{opts.name}-{tag}", "auto-tune round", opts.sink,
+                                              extra=_selection_extra(opts, a)), opts.output + f".{tag}.json")
         label = f"round {i}" + (f", keep {keep:g}" if keep != 1.0 else "")
-        v = calib.verify(model, path, label)
+        if a.keep is not None:
+            label += f", keep {sum(a.keep) / len(a.keep):.3f} on average"
+        v = calib.verify(model, path, label, layer_keep=a.keep, method=opts.selection)
         if not opts.keep_rounds:
             os.remove(path)
-        v.predicted_kl, v.budget_kl = predicted_kl(kl, a), budget_kl
+        v.predicted_kl, v.budget_kl = predicted_kl(kl, a, sel_kl, layer_ratios), budget_kl
         ok = opts.budget.met(v, opts.margin)
         rounds.append(SearchRound(budget_kl, a, v, ok, keep, path if opts.keep_rounds else None))
         console.info(f"{label}: KL budget {budget_kl:.5f} (sum of parts {v.predicted_kl:.5f}) -> measured KL {v.kl:.5f}, "

@@ -82,21 +82,32 @@ class PartialForward:
         self.ok = False
         self.check_error = math.nan
 
-    def _crop(self) -> None:
-        """Cut every layer back to the context (the crop API differs between transformers releases)."""
+    def _lengths(self) -> List[int]:
+        return [int(k.shape[-2]) for k, _ in cache_layers(self.cache)]
+
+    def _crop(self, lengths: Sequence[int]) -> None:
+        """Cut every layer back to its length before the pass (the crop API differs between
+        transformers releases); a layer that keeps fewer positions (a selection) keeps its own."""
         for i, (k, v) in enumerate(cache_layers(self.cache)):
-            if k.shape[-2] > self.context:
-                set_cache_tensor(self.cache, i, "keys", k[..., :self.context, :])
-            if v.shape[-2] > self.context:
-                set_cache_tensor(self.cache, i, "values", v[..., :self.context, :])
+            if k.shape[-2] > lengths[i]:
+                set_cache_tensor(self.cache, i, "keys", k[..., :lengths[i], :])
+            if v.shape[-2] > lengths[i]:
+                set_cache_tensor(self.cache, i, "values", v[..., :lengths[i], :])
+
+    def _positions(self) -> Dict[str, Any]:
+        """Explicit position ids ``context + arange(tokens)``: the scored tokens keep their real
+        positions when a layer holds fewer than ``context`` (the same ids the model would use)."""
+        n = self.inputs.shape[1]
+        return {"position_ids": torch.arange(self.context, self.context + n, device=self.inputs.device)[None]}
 
     def _full(self) -> torch.Tensor:
         from validation.compat import forward
 
+        lengths = self._lengths()
         try:
-            return forward(self.model, self.cache, input_ids=self.inputs, use_cache=True).logits
+            return forward(self.model, self.cache, input_ids=self.inputs, use_cache=True, **self._positions()).logits
         finally:
-            self._crop()
+            self._crop(lengths)
 
     def record(self) -> torch.Tensor:
         """The baseline logits ``[batch, tokens, vocab]``; records each layer's input and checks ``run``."""
@@ -131,12 +142,14 @@ class PartialForward:
         from validation.compat import forward
 
         full = self.base.layers
+        lengths = self._lengths()
         self.base.layers = torch.nn.ModuleList(list(full)[layer:])
         try:
-            return forward(self.model, self.cache, inputs_embeds=self.hidden[layer], use_cache=True).logits
+            return forward(self.model, self.cache, inputs_embeds=self.hidden[layer], use_cache=True,
+                           **self._positions()).logits
         finally:
             self.base.layers = full
-            self._crop()
+            self._crop(lengths)
 
 
 def kl_mean(base_logp: torch.Tensor, logits: torch.Tensor) -> float:
@@ -280,6 +293,62 @@ def measure_sensitivity(
     if skipped:
         out.notes.append(f"{', '.join(skipped)}: ΔKL estimated from the tensor's measured candidates, scaled by the "
                          "reconstruction error (not run)")
+    return out
+
+
+def measure_selection_sensitivity(
+    model: Any,
+    layers: Sequence[Tuple[torch.Tensor, torch.Tensor]],
+    orders: Sequence[torch.Tensor],
+    inputs: torch.Tensor,
+    ratios: Sequence[float],
+    method: str,
+    deadline: Optional[float] = None,
+    on_pass: Optional[Callable[[int, int], None]] = None,
+) -> np.ndarray:
+    """ΔKL ``[len(ratios), layers]`` when only layer ``l`` keeps ``ratio`` of its positions.
+
+    ``layers`` ``[(key, value)]`` each ``[windows, kv_heads, context, head_dim]``; ``orders`` per
+    layer ``[windows, kv_heads, context]``, each row's positions best first (the ranking of
+    ``method``, :func:`validation.selection.rank_cache`); ``inputs`` ``[windows, tokens]``. The
+    kept count is what :class:`validation.selection.SelectionSpec` gives (``min_tokens`` and
+    rounding included). The layer's cache is shorter than the others for the pass
+    (``validation.compat.selected_attention`` masks it by its own length), which starts at that
+    layer (:class:`PartialForward`). A ratio of 1 costs 0 without a pass; passes not run by
+    ``deadline`` are NaN.
+    """
+    from validation.compat import SELECTED_ATTR, layers_to_cache
+    from validation.selection import SelectionSpec, keep_top
+
+    n = len(layers)
+    context = layers[0][0].shape[-2]
+    cache = layers_to_cache(layers)
+    setattr(cache, SELECTED_ATTR, True)
+    pf = PartialForward(model, cache, inputs, context)
+    out = np.full((len(ratios), n), np.nan)
+    total = sum(1 for r in ratios if r < 1) * n
+    done = 0
+    with torch.inference_mode():
+        base_logp = torch.log_softmax(pf.record().float(), dim=-1)
+        for j, ratio in enumerate(ratios):
+            if ratio >= 1:
+                out[j] = 0.0
+                continue
+            count = SelectionSpec(method, keep_ratio=ratio).ratio_count(context)
+            for layer in range(n):
+                if deadline is not None and time.perf_counter() > deadline:
+                    return out
+                (k, v), = keep_top([layers[layer]], [orders[layer]], [count])[0]
+                set_cache_tensor(cache, layer, "keys", k)
+                set_cache_tensor(cache, layer, "values", v)
+                try:
+                    out[j, layer] = kl_mean(base_logp, pf.run(layer))
+                finally:
+                    set_cache_tensor(cache, layer, "keys", layers[layer][0])
+                    set_cache_tensor(cache, layer, "values", layers[layer][1])
+                done += 1
+                if on_pass is not None:
+                    on_pass(done, total)
     return out
 
 

@@ -188,10 +188,12 @@ def default_space(role: str, head_dim: int, space: str = "default", bits: Sequen
 
 @dataclass
 class Assignment:
-    """One candidate per tensor: ``choice[role][layer]`` indexes ``candidates[role]``."""
+    """One candidate per tensor: ``choice[role][layer]`` indexes ``candidates[role]``; ``keep``,
+    when set, the share of its context positions each layer keeps (per-layer token selection)."""
 
     candidates: Dict[str, List[Candidate]]
     choice: Dict[str, List[int]]
+    keep: Optional[List[float]] = None
 
     @property
     def num_layers(self) -> int:
@@ -281,8 +283,11 @@ class SizeTable:
     notes: List[str] = field(default_factory=list)
 
     def total(self, a: Assignment) -> int:
-        """The container size the assignment would have: payloads plus the measured overhead."""
-        return self.overhead + sum(self.bytes[r][a.choice[r][i]][i] for r in ROLES for i in range(a.num_layers))
+        """The container size the assignment would have: payloads (times each layer's keep ratio,
+        when it has them; index bitmaps left out) plus the measured overhead."""
+        keep = a.keep or [1.0] * a.num_layers
+        return self.overhead + int(round(sum(keep[i] * self.bytes[r][a.choice[r][i]][i]
+                                             for r in ROLES for i in range(a.num_layers))))
 
     def ratio(self, a: Assignment) -> float:
         """fp16 size over the predicted container size."""
