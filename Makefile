@@ -78,7 +78,8 @@ COMPAT_TESTS  ?= tests/test_compat.py tests/test_kv_cache_utils.py tests/test_mo
                  tests/test_validate_perplexity.py::test_compressed_cache_changes_predictions_a_little \
                  tests/test_selection.py::test_window_queries_match_eager_attention \
                  tests/test_selection.py::test_selected_cache_scoring_matches_masked_full_forward \
-                 'tests/test_selection.py::test_keep_all_gives_exactly_no_selection[attention]'
+                 'tests/test_selection.py::test_keep_all_gives_exactly_no_selection[attention]' \
+                 tests/test_layer_selection.py::test_layers_of_different_lengths_score_as_the_masked_full_pass
 COMPAT_RUN    ?= --model embedded --dataset embedded --max-samples 1 --max-length 512 --stride 128 --cpu --quiet
 
 # $(1): the environment's folder; $(2): what pip installs besides the project.

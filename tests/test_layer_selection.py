@@ -29,6 +29,7 @@ from validation.compat import (
     layers_to_cache,
     output_cache,
     selected_attention,
+    transformers_version,
 )
 from validation.selection import (
     SelectionSpec,
@@ -117,6 +118,10 @@ def test_layers_of_different_lengths_score_as_the_masked_full_pass(attn: str) ->
     sel = select_ranked(layers, orders, SelectionSpec("attention", layer_keep_ratios=(1.0, 0.5, 0.25)))
     assert [k.shape[2] for k, _ in sel.layers] == [40, 20, 16]  # 0.25 x 40 = 10, raised to min_tokens 16
     pos = {"position_ids": torch.arange(context, context + scored)[None]}
+    if transformers_version() < (4, 48):  # no AttentionInterface: a clear refusal, never a wrong mask
+        with torch.inference_mode(), pytest.raises(ValueError, match=r"need transformers >= 4.48 \(AttentionInterface\)"):
+            forward(model, layers_to_cache(sel.layers, selected=True), input_ids=x[:, context:], use_cache=True, **pos)
+        return
     with torch.inference_mode():
         got = forward(model, layers_to_cache(sel.layers, selected=True), input_ids=x[:, context:], use_cache=True, **pos).logits
     want = masked_reference_logits(model, x, context, sel.positions)
