@@ -27,6 +27,26 @@ from validation.autotune.space import ROLES, Assignment, Candidate, SizeTable
 DEFAULT_RESOLUTION = 4000
 
 
+_INF = np.iinfo(np.int64).max // 4
+
+
+def _add_group(dp: np.ndarray, units: Sequence[int], sizes: Sequence[int], resolution: int) -> Tuple[np.ndarray, np.ndarray]:
+    """One group of the multiple-choice knapsack: ``dp[j]`` is the least bytes of the groups so far
+    with summed cost units ``<= j``; option ``o`` costs ``units[o]`` and ``sizes[o]`` bytes. Returns the
+    table with this group added and, per ``j``, the option it took (-1: none fits)."""
+    best = np.full(resolution + 1, _INF, dtype=np.int64)
+    arg = np.full(resolution + 1, -1, dtype=np.int32)
+    for o, (w, b) in enumerate(zip(units, sizes)):
+        if w > resolution:
+            continue
+        shifted = np.full(resolution + 1, _INF, dtype=np.int64)
+        shifted[w:] = dp[:resolution + 1 - w]
+        cand = np.where(shifted < _INF, shifted + int(b), _INF)
+        better = cand < best
+        best[better], arg[better] = cand[better], o
+    return best, arg
+
+
 def allocate(kl: Dict[str, np.ndarray], sizes: SizeTable, candidates: Dict[str, List[Candidate]], budget_kl: float,
              resolution: int = DEFAULT_RESOLUTION) -> Optional[Assignment]:
     """The assignment of least total size whose summed ΔKL is at most ``budget_kl`` (None if none fits).
@@ -37,26 +57,15 @@ def allocate(kl: Dict[str, np.ndarray], sizes: SizeTable, candidates: Dict[str, 
         raise ValueError(f"budget_kl must be > 0, got {budget_kl}")
     n = kl["keys"].shape[1]
     unit = budget_kl / resolution
-    inf = np.iinfo(np.int64).max // 4
     dp = np.zeros(resolution + 1, dtype=np.int64)  # dp[j]: least bytes with summed units <= j
     picks: List[np.ndarray] = []
     tensors = [(r, i) for r in ROLES for i in range(n)]
     for role, layer in tensors:
         w = np.ceil(kl[role][:, layer] / unit - 1e-9).astype(np.int64)
-        b = np.asarray([sizes.bytes[role][c][layer] for c in range(len(candidates[role]))], dtype=np.int64)
-        best = np.full(resolution + 1, inf, dtype=np.int64)
-        arg = np.full(resolution + 1, -1, dtype=np.int16)
-        for c in range(len(w)):
-            if w[c] > resolution:
-                continue
-            shifted = np.full(resolution + 1, inf, dtype=np.int64)
-            shifted[w[c]:] = dp[:resolution + 1 - w[c]]
-            cand = np.where(shifted < inf, shifted + b[c], inf)
-            better = cand < best
-            best[better], arg[better] = cand[better], c
-        dp = best
+        b = [sizes.bytes[role][c][layer] for c in range(len(candidates[role]))]
+        dp, arg = _add_group(dp, [int(x) for x in w], b, resolution)
         picks.append(arg)
-    if dp[resolution] >= inf:
+    if dp[resolution] >= _INF:
         return None
     choice = {r: [0] * n for r in ROLES}
     j = resolution
@@ -83,7 +92,6 @@ def allocate_layers(kl: Dict[str, np.ndarray], sel_kl: np.ndarray, ratios: Seque
         raise ValueError(f"budget_kl must be > 0, got {budget_kl}")
     n = kl["keys"].shape[1]
     unit = budget_kl / resolution
-    inf = np.iinfo(np.int64).max // 4
     nk, nv = len(candidates["keys"]), len(candidates["values"])
     dp = np.zeros(resolution + 1, dtype=np.int64)
     picks: List[Tuple[np.ndarray, List[Tuple[int, int, int, int]]]] = []
@@ -105,17 +113,9 @@ def allocate_layers(kl: Dict[str, np.ndarray], sel_kl: np.ndarray, ratios: Seque
         for units, size, ri, ck, cv in opts:
             if not front or size < front[-1][1]:
                 front.append((units, size, ri, ck * nv + cv))
-        best = np.full(resolution + 1, inf, dtype=np.int64)
-        arg = np.full(resolution + 1, -1, dtype=np.int32)
-        for o, (units, size, _, _) in enumerate(front):
-            shifted = np.full(resolution + 1, inf, dtype=np.int64)
-            shifted[units:] = dp[:resolution + 1 - units]
-            cand = np.where(shifted < inf, shifted + size, inf)
-            better = cand < best
-            best[better], arg[better] = cand[better], o
-        dp = best
+        dp, arg = _add_group(dp, [f[0] for f in front], [f[1] for f in front], resolution)
         picks.append((arg, [(u, ri, kv // nv, kv % nv) for u, _, ri, kv in front]))
-    if dp[resolution] >= inf:
+    if dp[resolution] >= _INF:
         return None
     choice = {r: [0] * n for r in ROLES}
     keep = [1.0] * n

@@ -18,6 +18,7 @@ from validation.autotune.space import ROLES, Candidate
 
 AUTOTUNE_SCHEMA = "kv-cache-p2p/autotune/v1"
 HEATMAP_FILENAME = "allocation.png"
+SELECTION_HEATMAP_FILENAME = "selection-sensitivity.png"
 
 
 def cell_label(c: Candidate) -> str:
@@ -64,6 +65,44 @@ def plot_allocation(result: AutotuneResult, path: str) -> str:
         title += f"; held-out {held.delta_pct:+.2f}%, {held.disk_ratio_vs_fp16:.2f}x"
     ax.set_title(title, fontsize=8)
     fig.colorbar(im, ax=ax, label="log2(levels): code bits, fewer with steps", ticks=[2, 3, 4, 8])
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_selection_sensitivity(ratios: List[float], kl: List[List[float]], keep: Optional[List[float]], path: str,
+                               title: str = "") -> str:
+    """Heatmap of each layer's selection ΔKL: one row per layer, one column per keep ratio below 1
+    (``kl`` ``[len(ratios)][layers]``, nats per token, log colour); a box marks the ratio each layer
+    chose (``keep``). Returns ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+    import numpy as np
+
+    cols = [j for j, r in enumerate(ratios) if r < 1]
+    grid = np.asarray([kl[j] for j in cols], dtype=float).T  # [layers, ratios]
+    n = grid.shape[0]
+    fig, ax = plt.subplots(figsize=(4.6, max(3.0, 0.26 * n + 1.4)))
+    im = ax.imshow(np.clip(grid, 1e-6, None), cmap="magma_r", norm=LogNorm(vmin=1e-6, vmax=max(1e-3, float(np.nanmax(grid)))),
+                   aspect="auto")
+    for i in range(n):
+        for c, j in enumerate(cols):
+            chosen = keep is not None and keep[i] == ratios[j]
+            ax.text(c, i, f"{grid[i, c]:.0e}" if grid[i, c] >= 1e-6 else "0", ha="center", va="center", fontsize=6,
+                    color="white" if grid[i, c] > 1e-3 else "black", fontweight="bold" if chosen else "normal")
+            if chosen:
+                ax.add_patch(matplotlib.patches.Rectangle((c - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="tab:blue", lw=1.5))
+    ax.set_xticks(range(len(cols)), [f"{ratios[j]:g}" for j in cols])
+    ax.set_xlabel("keep ratio of that layer alone (boxed: chosen)")
+    ax.set_yticks(range(n), [str(i) for i in range(n)], fontsize=7)
+    ax.set_ylabel("layer")
+    ax.set_title(title or "ΔKL when only this layer keeps a share of its positions", fontsize=8)
+    fig.colorbar(im, ax=ax, label="ΔKL (nats per token)")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -120,6 +159,7 @@ def report_dict(result: AutotuneResult, plots: Dict[str, str], command: str = ""
             "keys": result.uniform[0].plan("keys", 0).name, "values": result.uniform[0].plan("values", 0).name,
             "calibration": result.uniform[1].to_dict()},
         "rounds": [{"budget_kl": r.budget_kl, "within_budget": r.within_budget, "keep_ratio": r.keep_ratio,
+                    "layer_keep_ratios": r.assignment.keep,
                     "preset_file": r.preset_file,
                     "predicted_ratio_vs_fp16": result.sizes.for_keep_ratio(r.keep_ratio).ratio(r.assignment),
                     **r.verification.to_dict()}
@@ -205,12 +245,16 @@ def markdown(result: AutotuneResult, doc: Dict[str, Any]) -> str:
     for i, r in enumerate(result.rounds):
         v = r.verification
         mark = " (chosen)" if i == result.chosen_round else ""
-        lines.append(f"| {i}{mark} | {r.keep_ratio:g} | {r.budget_kl:.5f} | {v.predicted_kl:.5f} | {v.kl:.5f} | "
+        kept = f"{sum(r.assignment.keep) / len(r.assignment.keep):.3f} per layer" if r.assignment.keep else f"{r.keep_ratio:g}"
+        lines.append(f"| {i}{mark} | {kept} | {r.budget_kl:.5f} | {v.predicted_kl:.5f} | {v.kl:.5f} | "
                      f"{v.delta_pct:+.2f}% | {result.sizes.for_keep_ratio(r.keep_ratio).ratio(r.assignment):.3f}x | "
                      f"{v.disk_ratio_vs_fp16:.3f}x | {'yes' if r.within_budget else 'no'} |")
     a = result.assignment
     per_layer = a.keep is not None
-    lines += ["", "## Allocation", "", f"![allocation]({HEATMAP_FILENAME})", "",
+    lines += ["", "## Allocation", "", f"![allocation]({HEATMAP_FILENAME})", ""]
+    if result.selection_kl is not None:
+        lines += [f"![selection sensitivity]({SELECTION_HEATMAP_FILENAME})", ""]
+    lines += [
               "| layer | keys | values |" + (" kept |" if per_layer else ""), "|---|---|---|" + ("---|" if per_layer else "")]
     for i in range(a.num_layers):
         lines.append(f"| {i} | {a.plan('keys', i).name} | {a.plan('values', i).name} |" + (f" {a.keep[i]:g} |" if per_layer else ""))
@@ -239,6 +283,9 @@ def write_report(result: AutotuneResult, out_dir: str, command: str = "") -> Dic
 
     os.makedirs(out_dir, exist_ok=True)
     plots = {"allocation_heatmap": plot_allocation(result, os.path.join(out_dir, HEATMAP_FILENAME))}
+    if result.selection_kl is not None:
+        plots["selection_sensitivity"] = plot_selection_sensitivity(
+            result.layer_ratios, result.selection_kl, result.layer_keep, os.path.join(out_dir, SELECTION_HEATMAP_FILENAME))
     doc = report_dict(result, plots, command)
     paths = {"json": os.path.join(out_dir, "autotune.json"), "markdown": os.path.join(out_dir, "autotune.md"), **plots}
     write_json_atomic(paths["json"], doc)
