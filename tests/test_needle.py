@@ -109,10 +109,31 @@ def test_same_seed_same_keys(kv_compress_bin: str, tiny_llama, tiny_tokenizer) -
     assert run(1) == run(1) != run(2)
 
 
+def test_a_preset_file_with_selection_decodes_at_true_positions(kv_compress_bin: str, tiny_llama, tiny_tokenizer,
+                                                                 tmp_path: Path) -> None:
+    """A preset file's selection section is applied before the binary. Keeping every position (ratio 1 in
+    each layer, every position exact) must answer as the baseline does: that arm decodes alone, on a cache
+    marked as selected, with explicit position ids. Keeping a quarter in most layers stores fewer bytes."""
+    layers = tiny_llama.config.num_hidden_layers
+    keep_all = tmp_path / "keep-all.json"
+    keep_all.write_text(json.dumps({"name": "keep-all", "codec": {"sink": 4096},
+                                    "selection": {"method": "attention", "keep_ratios": [1.0] * layers}}))
+    cut = tmp_path / "cut.json"
+    cut.write_text(json.dumps({"name": "cut", "selection": {"method": "attention",
+                                                            "keep_ratios": [1.0] + [0.25] * (layers - 1)}}))
+    presets = {needle.arm_name(str(p)): needle.preset_codec(str(p)) for p in (keep_all, cut)}
+    outcome = needle.run_needle(tiny_llama, tiny_tokenizer, HAYSTACK, lengths=[160], depths=[0.0, 100.0],
+                                presets=presets, max_new_tokens=16, seed=3)
+    assert outcome.arms == ["baseline", "keep-all", "cut"]
+    assert [t.answers["keep-all"] for t in outcome.trials] == [t.answers["baseline"] for t in outcome.trials]
+    assert outcome.presets["keep-all"]["selection"]["keep_ratios"] == [1.0] * layers
+    assert outcome.presets["cut"]["disk_ratio_vs_fp16"] > 2 * outcome.presets["keep-all"]["disk_ratio_vs_fp16"]
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--presets", "default,turbo"], r"must be one of \['compact', 'default', 'near-lossless', 'seed'\], got 'turbo'"),
+        (["--presets", "default,turbo"], r"must be one of \['compact', 'default', 'near-lossless', 'seed'\] or a preset file \(\.json\), got 'turbo'"),
         (["--depths", "0,150"], r"--depths must be percentages in \[0, 100\], got '0,150'"),
         (["--context-lengths", "1k"], "--context-lengths must be comma-separated integers, got '1k'"),
         (["--max-new-tokens", "8"], "--max-new-tokens must be >= 16"),

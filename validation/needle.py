@@ -50,10 +50,19 @@ PRESET_CODECS: Dict[str, Dict[str, Any]] = {name: {"preset": name} for name in B
 
 
 def preset_codec(name: str) -> Dict[str, Any]:
-    """The bridge keywords of the preset ``name`` (one of PRESET_CODECS); ValidationError otherwise."""
-    if name not in PRESET_CODECS:
-        raise ValidationError(f"--presets: each name must be one of {sorted(PRESET_CODECS)}, got {name!r}")
-    return dict(PRESET_CODECS[name])
+    """The bridge keywords of the preset ``name``: one of PRESET_CODECS, or a preset file (JSON, as
+    ``kv-compress --preset FILE`` reads it); ValidationError otherwise."""
+    if name in PRESET_CODECS:
+        return dict(PRESET_CODECS[name])
+    if name.endswith(".json") and Path(name).is_file():
+        return {"preset": name}
+    raise ValidationError(f"--presets: each name must be one of {sorted(PRESET_CODECS)} or a preset file (.json), "
+                          f"got {name!r}")
+
+
+def arm_name(name: str) -> str:
+    """The arm a --presets entry stands for in reports: the built-in name, or a file's stem."""
+    return Path(name).stem if name.endswith(".json") else name
 
 
 @dataclass
@@ -147,9 +156,11 @@ class PromptBuilder:
 
 
 def greedy_decode(model: Any, cache: Any, first: torch.Tensor, max_new_tokens: int,
-                  stop_ids: Sequence[int]) -> List[List[int]]:
+                  stop_ids: Sequence[int], position: Optional[int] = None) -> List[List[int]]:
     """Greedy continuation of every row: ``first`` [rows, 1] is fed on ``cache`` (rows along the batch
     axis; it grows), then each row's argmax in turn, until every row has produced a stop id.
+    ``position``: the true position of ``first`` when the cache holds fewer entries than the
+    prompt had (token selection); each step then passes explicit position ids.
 
     Returns, per row, up to ``max_new_tokens`` ids, cut after the row's first stop id (included).
     Rows do not interact: one batched forward per step costs about what one row would.
@@ -157,8 +168,9 @@ def greedy_decode(model: Any, cache: Any, first: torch.Tensor, max_new_tokens: i
     ids, steps = first, []
     stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=first.device)
     done = torch.zeros(first.shape[0], dtype=torch.bool, device=first.device)
-    for _ in range(max_new_tokens):
-        logits = forward(model, cache, input_ids=ids, use_cache=True).logits[:, -1, :]
+    for step in range(max_new_tokens):
+        pos = {} if position is None else {"position_ids": torch.tensor([[position + step]], device=first.device)}
+        logits = forward(model, cache, input_ids=ids, use_cache=True, **pos).logits[:, -1, :]
         nxt = logits.argmax(-1)  # [rows]
         steps.append(nxt)
         done |= torch.isin(nxt, stops)
@@ -254,8 +266,12 @@ def run_needle(
 
     ``presets`` maps a name to bridge keywords (``scheme``, ``rotate``, ``sink``, ``bits``, ...);
     default: ``default`` and ``seed`` through :func:`preset_codec`. Keys are drawn from
-    ``random.Random(seed)`` in run order, so a run is reproducible.
+    ``random.Random(seed)`` in run order, so a run is reproducible. A preset file with a
+    ``selection`` section (validation/selection.py, e.g. an auto-tuned per-layer plan) selects
+    each layer's positions from the prefill (the observation window is the prompt's end: the
+    question) before the binary; its arm then decodes on its own, with true position ids.
     """
+    from validation.selection import preset_selection, select_ranked
     from validation.compression_bridge import roundtrip_kv_cache
     from validation.models import _model_device
     from validation.progress import progress_bar
@@ -276,7 +292,8 @@ def run_needle(
     device = _model_device(model)
     keep_arg = _supports_logits_to_keep(model)
     stops = _stop_ids(tokenizer, model)
-    resolved: Dict[str, Dict[str, Any]] = {name: {"requested": dict(codec), "bits_per_element": []}
+    specs = {name: preset_selection(codec.get("preset")) for name, codec in presets.items()}
+    resolved: Dict[str, Dict[str, Any]] = {name: {"requested": dict(codec), "bits_per_element": [], "disk_ratio_vs_fp16": []}
                                           for name, codec in presets.items()}
     timings = {"prefill": 0.0, "bridge": 0.0, "decode": 0.0}
     results: List[Trial] = []
@@ -294,25 +311,41 @@ def run_needle(
             trial = Trial(length, depth, k, key, ids.shape[1], prompt.needle_char, round(prompt.depth_actual, 4))
             with torch.inference_mode():
                 t = time.perf_counter()
-                pre = prefill_contexts(model, ids[:, :-1], keep_arg)
+                pre, orders = _prefill(model, ids[:, :-1], keep_arg, specs)
                 timings["prefill"] += time.perf_counter() - t
                 rows = [pre.layers]
+                alone: Dict[str, Any] = {}  # arms whose cache kept only some positions: decoded on their own
                 for name, codec in presets.items():
                     t = time.perf_counter()
-                    recon, metrics = roundtrip_kv_cache(pre.cache, work_dir, group_size=group_size,
-                                                        device=str(device), **codec)
+                    spec = specs[name]
+                    chosen = None if spec is None else select_ranked(pre.layers, orders[(spec.method, spec.window)], spec)
+                    recon, metrics = roundtrip_kv_cache(pre.cache if chosen is None else chosen.layers, work_dir,
+                                                        group_size=group_size, device=str(device),
+                                                        positions=None if chosen is None else chosen.positions,
+                                                        context_length=None if chosen is None else ids.shape[1] - 1,
+                                                        **codec)
                     timings["bridge"] += time.perf_counter() - t
-                    rows.append(check_reconstruction(pre.layers, recon, f"preset {name}: "))
+                    if chosen is not None:
+                        chosen.annotate(metrics, pre.layers)
+                        check_reconstruction(chosen.layers, recon, f"preset {name}: ")
+                        alone[name] = recon
+                    else:
+                        rows.append(check_reconstruction(pre.layers, recon, f"preset {name}: "))
                     resolved[name]["codec"] = metrics.codec
                     resolved[name]["bits_per_element"].append(metrics.bits_per_element)
+                    resolved[name]["disk_ratio_vs_fp16"].append(metrics.disk_ratio_vs_fp16)
                     del recon
                 # one row per arm along the batch axis: baseline (a copy of the original), then each preset
                 batch = pre.rebuild([(torch.cat([r[i][0] for r in rows]), torch.cat([r[i][1] for r in rows]))
                                      for i in range(len(pre.layers))])
                 del pre, rows
                 t = time.perf_counter()
-                arms = ["baseline", *presets]
+                arms = ["baseline", *[p for p in presets if p not in alone]]
                 outs = greedy_decode(model, batch, ids[:, -1:].repeat(len(arms), 1), max_new_tokens, stops)
+                for name, cache in alone.items():
+                    arms.append(name)
+                    outs += greedy_decode(model, cache, ids[:, -1:], max_new_tokens, stops, position=ids.shape[1] - 1)
+                alone.clear()
                 for arm, out in zip(arms, outs):
                     trial.answers[arm] = tokenizer.decode(out, skip_special_tokens=True).strip()
                     trial.correct[arm] = is_correct(trial.answers[arm], key)
@@ -330,9 +363,30 @@ def run_needle(
     summary = {}
     for name, info in resolved.items():
         bpe = [b for b in info.pop("bits_per_element") if isinstance(b, (int, float)) and math.isfinite(b)]
+        ratios = [b for b in info.pop("disk_ratio_vs_fp16") if isinstance(b, (int, float)) and math.isfinite(b)]
         summary[name] = {**info, "bits_per_element": sum(bpe) / len(bpe) if bpe else None,
+                         "disk_ratio_vs_fp16": sum(ratios) / len(ratios) if ratios else None,
+                         "selection": None if specs[name] is None else {
+                             "method": specs[name].method, "keep_ratio": specs[name].keep_ratio,
+                             "keep_ratios": None if specs[name].layer_keep_ratios is None else list(specs[name].layer_keep_ratios)},
                          "description": describe_codec(info.get("codec"))}
     return NeedleOutcome(results, summary, list(lengths), list(depths), timings)
+
+
+def _prefill(model: Any, ids: torch.Tensor, keep_arg: Optional[str], specs: Dict[str, Any]) -> Tuple[Any, Dict[Any, Any]]:
+    """Prefill ``ids`` [1, n]; with any selection in ``specs``, also each (method, window)'s rankings
+    of every layer's positions (:func:`validation.selection.rank_cache`, per layer [1, kv_heads, n])."""
+    from validation.protocol import prefill_contexts
+    from validation.selection import selected_prefill
+
+    wanted = {(s.method, s.window): s for s in specs.values() if s is not None}
+    if not wanted:
+        return prefill_contexts(model, ids, keep_arg), {}
+    orders: Dict[Any, Any] = {}
+    pre = None
+    for key, spec in wanted.items():  # one prefill per ranking (almost always one)
+        pre, orders[key] = selected_prefill(model, spec, lambda: prefill_contexts(model, ids, keep_arg), rank_only=True)
+    return pre, orders
 
 
 def plot_heatmap(outcome: NeedleOutcome, arm: str, path: str, title: str = "") -> str:
@@ -422,7 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depths", default=",".join(f"{d:g}" for d in DEFAULT_DEPTHS), metavar="P,P,...",
                    help="needle depths in percent of the context (default 0,25,50,75,100)")
     p.add_argument("--presets", default=",".join(DEFAULT_PRESETS), metavar="NAME,...",
-                   help=f"codec presets besides the baseline, from {sorted(PRESET_CODECS)} (default default,seed)")
+                   help=f"codec presets besides the baseline, from {sorted(PRESET_CODECS)} or preset files "
+                        f"(.json; a selection section, as auto-tuned presets carry, is applied) (default default,seed)")
     p.add_argument("--trials", type=int, default=1, help="prompts (different keys) per length and depth (default 1)")
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_NEW_TOKENS,
                    help=f"greedy tokens per answer, >= 16 (default {DEFAULT_NEW_TOKENS})")
@@ -443,7 +498,9 @@ def _run(args: argparse.Namespace) -> int:
     lengths = _int_list(args.context_lengths, "--context-lengths")
     depths = _depth_list(args.depths)
     names = [n.strip() for n in args.presets.split(",") if n.strip()]
-    presets = {name: preset_codec(name) for name in names}
+    presets = {arm_name(name): preset_codec(name) for name in names}
+    if len(presets) != len(names):
+        raise ValidationError(f"--presets: two entries share the arm name {sorted(arm_name(n) for n in names)}")
     if args.trials < 1:
         raise ValidationError(f"--trials must be >= 1, got {args.trials}")
     if args.max_new_tokens < 16:
