@@ -93,7 +93,7 @@ def test_budget_errors_name_allowed_values(budget, budget_kl, needle) -> None:
     (["--sensitivity-tokens", "300"], "--sensitivity-tokens must be in [1, stride - 1 = 255], got 300"),
     (["--compare", "no-such-preset"], "built-in preset [seed, default, compact, near-lossless] or a preset file, got 'no-such-preset'"),
     (["--budget", "x%"], "--budget must be a percentage"),
-    (["--keep-ratios", "0.8"], "--keep-ratios 0.8 needs --selection (one of ['attention', 'knorm', 'recent'])"),
+    (["--keep-ratios", "0.8"], "--keep-ratios 0.8 needs --selection (one of ['attention', 'knorm', 'recent', 'snapkv'])"),
     (["--selection", "attention", "--keep-ratios", "0.8,1.5"], "numbers in (0, 1], got '0.8,1.5'"),
     (["--selection", "snap"], "invalid choice: 'snap'"),
 ], ids=["bits", "space", "margin", "sensitivity-tokens", "compare", "budget", "keep-without-selection", "keep-range",
@@ -390,8 +390,6 @@ def test_partial_forward_matches_the_full_pass(tiny_llama) -> None:
 
 def test_autotune_end_to_end_through_the_binary(kv_compress_bin: str, small_model_dir: Path, long_corpus: Path,
                                                 tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    from validation import validate_perplexity as vp
-
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "tuned.json"
     space = tmp_path / "space.json"  # a few candidates per role keep the run short; the compact's steps among them
@@ -426,14 +424,32 @@ def test_autotune_end_to_end_through_the_binary(kv_compress_bin: str, small_mode
     assert all(Candidate.from_plan(r, preset[r]) in cands[r] for r in ROLES)
     assert all(Candidate.from_plan(r, entry[r]) in cands[r] for entry in preset.get("layers", []) for r in ROLES if r in entry)
     # the preset runs through validate_perplexity.py, and its size matches the held-out measurement
-    report = tmp_path / "vp.json"
-    rc = vp.main(["--model", str(small_model_dir), "--text-file", str(long_corpus), "--cpu", "--max-length", "64",
-                  "--stride", "16", "--max-samples", "3", "--batch-windows", "2", "--threshold", "1e9", "--quiet",
-                  "--preset", str(out), "--output-json", str(report)])
-    assert rc == 0
-    vdoc = json.loads(report.read_text())
+    vdoc = _score_preset(small_model_dir, long_corpus, tmp_path, out, 3)
     assert vdoc["result"]["compressed_perplexity"] == pytest.approx(doc["heldout"]["autotuned"]["compressed_ppl"], rel=1e-4)
     assert vdoc["codec"]["disk_ratio_vs_fp16"] == pytest.approx(doc["heldout"]["autotuned"]["disk_ratio_vs_fp16"], rel=1e-6)
+
+
+def _score_preset(model_dir: Path, corpus: Path, tmp_path: Path, preset: Path, windows: int, *extra: str) -> dict:
+    """validate_perplexity.py's JSON report for ``preset`` on the first ``windows`` windows (the tuner's held-out ones)."""
+    from validation import validate_perplexity as vp
+
+    report = tmp_path / "vp.json"
+    rc = vp.main(["--model", str(model_dir), "--text-file", str(corpus), "--cpu", "--max-length", "64",
+                  "--stride", "16", "--max-samples", str(windows), "--batch-windows", "2", "--threshold", "1e9", "--quiet",
+                  "--preset", str(preset), *extra, "--output-json", str(report)])
+    assert rc == 0
+    return json.loads(report.read_text())
+
+
+def _tune_one_plan(model_dir: Path, corpus: Path, tmp_path: Path, out: Path, *extra: str) -> int:
+    """One round of the tuner with attention selection, one key and one value plan, and a budget every plan meets."""
+    space = tmp_path / "space.json"
+    space.write_text(json.dumps({"keys": [Candidate("keys", "asym", 4, 128, "none", "channel", 7).plan],
+                                 "values": [Candidate("values", "sym", 4, 64, "hadamard", "token", 4).plan]}))
+    return cli.main(["--model", str(model_dir), "--text-file", str(corpus), "--max-length", "64",
+                     "--stride", "16", "--eval-windows", "2", "--calibration-windows", "2", "--sensitivity-tokens", "4",
+                     "--batch-windows", "2", "--space-file", str(space), "--rounds", "1", "--budget-kl", "50",
+                     "--selection", "attention", *extra, "--output", str(out), "--quiet"])
 
 
 def test_autotune_with_token_selection_matches_validate_perplexity(kv_compress_bin: str, small_model_dir: Path,
@@ -446,13 +462,7 @@ def test_autotune_with_token_selection_matches_validate_perplexity(kv_compress_b
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "tuned.json"
-    space = tmp_path / "space.json"
-    space.write_text(json.dumps({"keys": [Candidate("keys", "asym", 4, 128, "none", "channel", 7).plan],
-                                 "values": [Candidate("values", "sym", 4, 64, "hadamard", "token", 4).plan]}))
-    code = cli.main(["--model", str(small_model_dir), "--text-file", str(long_corpus), "--max-length", "64",
-                     "--stride", "16", "--eval-windows", "2", "--calibration-windows", "2", "--sensitivity-tokens", "4",
-                     "--batch-windows", "2", "--space-file", str(space), "--rounds", "1", "--budget-kl", "50",
-                     "--selection", "attention", "--keep-ratios", "1,0.5", "--output", str(out), "--keep-rounds", "--quiet"])
+    code = _tune_one_plan(small_model_dir, long_corpus, tmp_path, out, "--keep-ratios", "1,0.5", "--keep-rounds")
     summary = capsys.readouterr().out.strip()
     assert code == 0 and "token selection attention at keep ratio 0.5" in summary
     doc = json.loads((tmp_path / "autotune.json").read_text())
@@ -489,18 +499,11 @@ def test_autotune_keep_per_layer_end_to_end(kv_compress_bin: str, small_model_di
                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     """--keep-per-layer writes a preset whose selection section lists one ratio per layer; kv-compress
     accepts it, and validate_perplexity.py --preset alone (no selection flags) reproduces the held-out score."""
-
-    from validation import validate_perplexity as vp
     from validation.compat import layers_to_cache
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "tuned.json"
-    space = tmp_path / "space.json"
-    space.write_text(json.dumps({"keys": [Candidate("keys", "asym", 4, 128, "none", "channel", 7).plan],
-                                 "values": [Candidate("values", "sym", 4, 64, "hadamard", "token", 4).plan]}))
-    code = cli.main(["--model", str(small_model_dir), "--text-file", str(long_corpus), "--max-length", "64",
-                     "--stride", "16", "--eval-windows", "2", "--calibration-windows", "2", "--sensitivity-tokens", "4",
-                     "--batch-windows", "2", "--space-file", str(space), "--rounds", "1", "--budget-kl", "50",
-                     "--selection", "attention", "--keep-per-layer", "--keep-ratios", "1,0.5", "--output", str(out), "--quiet"])
+    code = _tune_one_plan(small_model_dir, long_corpus, tmp_path, out, "--keep-per-layer", "--keep-ratios", "1,0.5")
     summary = capsys.readouterr().out.strip()
     assert code == 0 and "keeping 0.500 on average, per layer" in summary, summary
     preset = json.loads(out.read_text())
@@ -508,12 +511,7 @@ def test_autotune_keep_per_layer_end_to_end(kv_compress_bin: str, small_model_di
     assert preset["selection"] == {"method": "attention", "keep_ratios": [0.5, 0.5, 0.5, 0.5]}
     doc = json.loads((tmp_path / "autotune.json").read_text())
     held = doc["heldout"]["autotuned"]
-    report = tmp_path / "vp.json"
-    rc = vp.main(["--model", str(small_model_dir), "--text-file", str(long_corpus), "--cpu", "--max-length", "64",
-                  "--stride", "16", "--max-samples", "2", "--batch-windows", "2", "--threshold", "1e9", "--quiet",
-                  "--preset", str(out), "--output-json", str(report)])
-    assert rc == 0
-    vdoc = json.loads(report.read_text())
+    vdoc = _score_preset(small_model_dir, long_corpus, tmp_path, out, 2)
     assert vdoc["result"]["compressed_perplexity"] == pytest.approx(held["compressed_ppl"], rel=1e-4)
     assert vdoc["codec"]["disk_ratio_vs_fp16"] == pytest.approx(held["disk_ratio_vs_fp16"], rel=1e-6)
     assert vdoc["selection"]["per_layer_tokens"] == [24, 24, 24, 24]

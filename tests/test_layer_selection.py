@@ -279,3 +279,22 @@ def test_joint_allocation_is_the_optimum(seed: int) -> None:
     assert plain is None or got <= size([1.0] * 3, plain.choice["keys"], plain.choice["values"])
     assert sizes.total(a) == sizes.overhead + round(sum(a.keep[i] * sizes.bytes[r][a.choice[r][i]][i]
                                                         for r in ROLES for i in range(3)))
+
+
+def test_snapkv_keeps_the_neighbours_of_a_peak() -> None:
+    """snapkv averages each row's scores over 5 neighbours: a lone peak brings the positions beside it
+    ahead of a flat shoulder elsewhere, where attention ranks the shoulder first."""
+    from validation.selection import SNAPKV_KERNEL, rank_positions
+
+    ctx, window = 40, 4
+    scores = torch.full((1, 1, ctx), 0.01)
+    scores[..., 10] = 0.5  # a peak with weak neighbours
+    scores[..., 20:24] = 0.05  # a shoulder of moderate scores
+    keys = torch.zeros(1, 1, ctx, 8)
+    att = rank_positions("attention", keys, scores, window)[0, 0, window:window + 5].tolist()
+    snap = rank_positions("snapkv", keys, scores, window)[0, 0, window:window + 5].tolist()
+    assert att[0] == 10 and set(att[1:5]) == {20, 21, 22, 23}
+    assert SNAPKV_KERNEL == 5 and set(snap) == {8, 9, 10, 11, 12}
+    with pytest.raises(ValueError, match="selection 'snapkv' needs the observation window's queries"):
+        rank_positions("snapkv", keys, None, window)
+

@@ -211,7 +211,7 @@ def test_recent_keeps_sinks_and_tail_and_knorm_the_smallest_keys() -> None:
 
 
 @pytest.mark.parametrize("spec, message", [
-    (SelectionSpec("snap", keep_ratio=0.5), r"must be one of \['attention', 'knorm', 'recent'\], got 'snap'"),
+    (SelectionSpec("snap", keep_ratio=0.5), r"must be one of \['attention', 'knorm', 'recent', 'snapkv'\], got 'snap'"),
     (SelectionSpec("knorm"), r"needs exactly one of keep_ratio"),
     (SelectionSpec("attention", keep_ratio=0.5, attention_threshold=0.9), r"needs exactly one of keep_ratio"),
     (SelectionSpec("recent", attention_threshold=0.9), r"applies to selection 'attention' only, got selection 'recent'"),
@@ -255,7 +255,7 @@ def test_estimate_savings_and_validate_quality() -> None:
 @pytest.mark.parametrize("argv, message", [
     (["--selection", "snapkv", "--keep-ratio", "0.5"],
      r"argument --selection: invalid choice: 'snapkv' \(choose from '?attention'?, '?knorm'?, '?recent'?\)"),
-    (["--keep-ratio", "0.5"], r"\['--keep-ratio'\] need --selection, one of \['attention', 'knorm', 'recent'\]"),
+    (["--keep-ratio", "0.5"], r"\['--keep-ratio'\] need --selection, one of \['attention', 'knorm', 'recent', 'snapkv'\]"),
     (["--selection", "knorm"], r"needs exactly one of keep_ratio \(--keep-ratio\), attention_threshold \(--attention-threshold\) or layer_keep_ratios"),
     (["--selection", "recent", "--attention-threshold", "0.9"], r"applies to selection 'attention' only, got selection 'recent'"),
     (["--selection", "attention", "--keep-ratio", "0"], r"keep_ratio \(--keep-ratio\) must be in \(0, 1\], got 0.0"),

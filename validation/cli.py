@@ -100,8 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     sel = p.add_argument_group("token selection", "keep a subset of the context positions after the prefill "
                                "(validation/selection.py); scored tokens keep their real positions")
     sel.add_argument("--selection", choices=SELECTION_METHODS,
-                     help="attention (observation-window attention, SnapKV), knorm (lowest key norm) or recent "
-                          "(first 4 + most recent, StreamingLLM)")
+                     help="attention (observation-window attention), snapkv (the same, scores pooled over 5 "
+                          "neighbours as SnapKV does), knorm (lowest key norm) or recent (first 4 + most recent, "
+                          "StreamingLLM)")
     sel.add_argument("--keep-ratio", type=float, metavar="R", help="keep round(R x context) positions, R in (0, 1]")
     sel.add_argument("--attention-threshold", type=float, metavar="T",
                      help="attention only: keep until the cumulative attention reaches T, in (0, 1]")

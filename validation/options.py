@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 from validation.compression_bridge import codec_args
-from validation.selection import SelectionSpec, preset_selection
+from validation.selection import SELECTION_METHODS, SelectionSpec, preset_selection
 
 DEFAULT_MODEL = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
 EMBEDDED_ALIASES = ("embedded", "smollm2")
@@ -150,7 +150,7 @@ class ValidationOptions:
             given = [f for f in ("keep_ratio", "attention_threshold", "min_tokens", "max_tokens") if getattr(self, f) is not None]
             if given:
                 raise ValidationError(f"{['--' + f.replace('_', '-') for f in given]} need --selection, one of "
-                                      f"['attention', 'knorm', 'recent']")
+                                      f"{list(SELECTION_METHODS)}")
         else:
             try:
                 self.selection_spec.check()

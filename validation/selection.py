@@ -39,7 +39,13 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import torch
 
-SELECTION_METHODS = ("attention", "knorm", "recent")
+SELECTION_METHODS = ("attention", "knorm", "recent", "snapkv")
+# The methods that rank by the observation window's attention (they need its queries).
+QUERY_METHODS = ("attention", "snapkv")
+# snapkv smooths each row's attention scores over this many neighbouring positions (SnapKV's
+# pooling, kvpress's SnapKVPress default), so that a kept position brings its neighbours: a
+# span such as a five-digit number survives as a whole.
+SNAPKV_KERNEL = 5
 DEFAULT_WINDOW = 32
 DEFAULT_MIN_TOKENS = 16
 SINK_TOKENS = 4
@@ -304,14 +310,18 @@ def rank_positions(method: str, keys: torch.Tensor, scores: Optional[torch.Tenso
     """Positions of every row in the order they are kept: [batch, kv_heads, context] (int64).
 
     ``attention``: the last ``window`` positions first, then the others by decreasing ``scores``
-    [batch, kv_heads, context]. ``knorm``: by increasing key norm. ``recent``: the first
-    ``SINK_TOKENS`` positions, then from the most recent backwards.
+    [batch, kv_heads, context]. ``snapkv``: the same with the scores first averaged over
+    ``SNAPKV_KERNEL`` neighbouring positions. ``knorm``: by increasing key norm. ``recent``: the
+    first ``SINK_TOKENS`` positions, then from the most recent backwards.
     """
     b, h, ctx, _ = keys.shape
-    if method == "attention":
+    if method in QUERY_METHODS:
         if scores is None:
-            raise ValueError("selection 'attention' needs the observation window's queries")
+            raise ValueError(f"selection {method!r} needs the observation window's queries")
         prio = scores.float().clone()
+        if method == "snapkv":
+            prio = torch.nn.functional.avg_pool1d(prio.reshape(b * h, 1, ctx), SNAPKV_KERNEL, stride=1,
+                                                  padding=SNAPKV_KERNEL // 2, count_include_pad=False).reshape(b, h, ctx)
         prio[..., ctx - min(window, ctx):] = float("inf")
         return torch.argsort(prio, dim=-1, descending=True, stable=True)
     if method == "knorm":
@@ -373,8 +383,8 @@ def rank_cache(layers: Sequence[Tuple[torch.Tensor, torch.Tensor]], method: str,
     orders: List[torch.Tensor] = []
     for i, (k, _) in enumerate(layers):
         q = None if queries is None else queries.get(i)
-        if q is None and method == "attention":
-            raise ValueError(f"selection 'attention' needs the window's queries of layer {i}")
+        if q is None and method in QUERY_METHODS:
+            raise ValueError(f"selection {method!r} needs the window's queries of layer {i}")
         p = window_attention(k, q, scaling) if q is not None else None
         s = kv_head_scores(p, k.shape[1]) if p is not None else None
         probs.append(p)
@@ -494,7 +504,7 @@ def selected_prefill(model: Any, spec: Optional[SelectionSpec],
         _attention_modules(model)
         capture: Any = capture_window_queries(model, spec.window)
     except ValueError:
-        if spec.method == "attention":
+        if spec.method in QUERY_METHODS:
             raise
         capture = contextlib.nullcontext(None)
     with capture as queries:

@@ -20,7 +20,7 @@ import (
 
 // SelectionMethods are the token-selection methods a preset may name, as
 // validation/selection.py spells them.
-var SelectionMethods = []string{"attention", "knorm", "recent"}
+var SelectionMethods = []string{"attention", "knorm", "recent", "snapkv"}
 
 // MaxSelectionLayers bounds the length of a preset's selection.keep_ratios.
 const MaxSelectionLayers = 1 << 16

@@ -75,7 +75,7 @@ func TestParsePresetSelectionRejects(t *testing.T) {
 		name, sel string
 		want      []string // substrings of the error
 	}{
-		{"unknown method", `{"method":"h2o","keep_ratio":0.5}`, []string{"selection.method", "[attention knorm recent]", `"h2o"`}},
+		{"unknown method", `{"method":"h2o","keep_ratio":0.5}`, []string{"selection.method", "[attention knorm recent snapkv]", `"h2o"`}},
 		{"no method", `{"keep_ratio":0.5}`, []string{"selection.method", `got ""`}},
 		{"neither ratio", `{"method":"knorm"}`, []string{"keep_ratio", "keep_ratios", "neither"}},
 		{"both ratios", `{"method":"knorm","keep_ratio":0.5,"keep_ratios":[0.5]}`, []string{"keep_ratio", "keep_ratios", "both"}},

@@ -13,7 +13,6 @@ compress → decompress → load) and scores the windows as the perplexity proto
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -253,7 +252,7 @@ class CalibrationSet:
             raise ValueError("baseline must be a CalibrationSet of the same windows, lengths and batches")
         from validation.compat import forward, layers_to_cache
         from validation.protocol import _supports_logits_to_keep, _window_stats, prefill_contexts
-        from validation.selection import DEFAULT_WINDOW, SelectionSpec, rank_cache, selected_prefill, selection_position_ids
+        from validation.selection import SelectionSpec, selected_prefill, selection_position_ids
 
         if rank is not None and selection is not None:
             raise ValueError("give either selection or rank, not both")
