@@ -39,8 +39,8 @@ def plot_allocation(result: AutotuneResult, path: str) -> str:
     grid = np.asarray(a.level_bits_grid(), dtype=float)  # [layers, 2]: log2(levels), steps counted
     n = a.num_layers
     if a.keep is not None:  # a third panel: the share of its positions each layer keeps
-        fig, (ax, kx) = plt.subplots(1, 2, figsize=(5.4, max(3.0, 0.26 * n + 1.4)), sharey=True,
-                                     gridspec_kw={"width_ratios": [2, 1]})
+        fig, (ax, kx) = plt.subplots(1, 2, figsize=(5.6, max(3.0, 0.26 * n + 1.6)), sharey=True,
+                                     gridspec_kw={"width_ratios": [2, 1]}, layout="constrained")
         kx.imshow(np.asarray(a.keep, dtype=float)[:, None], cmap="Blues", vmin=0, vmax=1.2, aspect="auto")
         for i, k in enumerate(a.keep):
             kx.text(0, i, f"{k:g}", ha="center", va="center", fontsize=7)
@@ -63,9 +63,13 @@ def plot_allocation(result: AutotuneResult, path: str) -> str:
     title = f"log2 levels per tensor ({result.options.budget.describe()}{keep})\ncalibration {cal.delta_pct:+.2f}%, {cal.disk_ratio_vs_fp16:.2f}x"
     if held is not None:
         title += f"; held-out {held.delta_pct:+.2f}%, {held.disk_ratio_vs_fp16:.2f}x"
-    ax.set_title(title, fontsize=8)
-    fig.colorbar(im, ax=ax, label="log2(levels): code bits, fewer with steps", ticks=[2, 3, 4, 8])
-    fig.tight_layout()
+    if a.keep is not None:
+        fig.suptitle(title, fontsize=8)
+        fig.colorbar(im, ax=[ax, kx], label="log2(levels): code bits, fewer with steps", ticks=[2, 3, 4, 8])
+    else:
+        ax.set_title(title, fontsize=8)
+        fig.colorbar(im, ax=ax, label="log2(levels): code bits, fewer with steps", ticks=[2, 3, 4, 8])
+        fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
