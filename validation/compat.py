@@ -1,6 +1,6 @@
 """The one place that knows how the installed transformers release spells caches and keywords.
 
-transformers changed three things this package depends on, and each changed at a different
+transformers changed several things this package depends on, and each changed at a different
 release:
 
 * **The forward keyword for the cache.** Up to 5.2x a model takes ``past_key_values=``; 5.24+
@@ -18,6 +18,10 @@ release:
 * **Where the config keeps the RoPE base.** 5.x: ``config.rope_parameters["rope_theta"]``;
   4.x: ``config.rope_theta`` (10000 when ``config.json`` lacks it, whatever else it holds).
   :func:`rope_theta` reads the one the installed release's model uses.
+* **How attention is dispatched.** 4.48+ look the attention function up by
+  ``config._attn_implementation`` in ``AttentionInterface``; :class:`selected_attention` registers
+  one that masks each layer by its own cache length, for caches whose layers kept different
+  numbers of positions (per-layer token selection). Older releases refuse such caches.
 * **The dtype keyword of ``from_pretrained``/``from_config``.** ``dtype=`` from 4.56, before
   that ``torch_dtype=`` (older releases pass an unknown ``dtype`` on to the model's
   constructor, which fails). :func:`dtype_kwargs` picks by release.
