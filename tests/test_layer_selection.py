@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from validation.autotune import allocate as al
+from validation.selection_preset import preset_selection
 from validation.autotune.sensitivity import measure_selection_sensitivity
 from validation.autotune.space import ROLES, SizeTable, default_space
 from validation.compat import (
@@ -34,7 +35,6 @@ from validation.compat import (
 from validation.selection import (
     SelectionSpec,
     capture_window_queries,
-    preset_selection,
     rank_cache,
     select_cache,
     select_ranked,

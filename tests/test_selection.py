@@ -253,8 +253,8 @@ def test_estimate_savings_and_validate_quality() -> None:
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--selection", "snapkv", "--keep-ratio", "0.5"],
-     r"argument --selection: invalid choice: 'snapkv' \(choose from '?attention'?, '?knorm'?, '?recent'?\)"),
+    (["--selection", "h2o", "--keep-ratio", "0.5"],
+     r"argument --selection: invalid choice: 'h2o' \(choose from '?attention'?, '?knorm'?, '?recent'?, '?snapkv'?\)"),
     (["--keep-ratio", "0.5"], r"\['--keep-ratio'\] need --selection, one of \['attention', 'knorm', 'recent', 'snapkv'\]"),
     (["--selection", "knorm"], r"needs exactly one of keep_ratio \(--keep-ratio\), attention_threshold \(--attention-threshold\) or layer_keep_ratios"),
     (["--selection", "recent", "--attention-threshold", "0.9"], r"applies to selection 'attention' only, got selection 'recent'"),

@@ -271,7 +271,8 @@ def run_needle(
     each layer's positions from the prefill (the observation window is the prompt's end: the
     question) before the binary; its arm then decodes on its own, with true position ids.
     """
-    from validation.selection import preset_selection, select_ranked
+    from validation.selection import select_ranked
+    from validation.selection_preset import preset_selection
     from validation.compression_bridge import roundtrip_kv_cache
     from validation.models import _model_device
     from validation.progress import progress_bar

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 from validation.compression_bridge import codec_args
-from validation.selection import SELECTION_METHODS, SelectionSpec, preset_selection
+from validation.selection import SELECTION_METHODS, SelectionSpec
+from validation.selection_preset import preset_selection
 
 DEFAULT_MODEL = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
 EMBEDDED_ALIASES = ("embedded", "smollm2")
