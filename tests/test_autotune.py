@@ -523,3 +523,25 @@ def test_autotune_keep_per_layer_end_to_end(kv_compress_bin: str, small_model_di
     m = json.loads(subprocess.run([kv_compress_bin, "metrics", "-i", str(cache), "--preset", str(out)],
                                   capture_output=True, text=True, check=True).stdout)
     assert m["preset_selection"]["keep_ratios"] == [0.5] * 4 and m["input_selected"] is False
+
+
+def test_preset_selection_errors_exit_2_naming_the_file(small_model_dir: Path, long_corpus: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """A preset whose selection section is malformed, or lists ratios for another number of layers, stops
+    validate_perplexity.py with exit 2 and one line naming the preset file; no report is written."""
+    from validation import validate_perplexity as vp
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cases = [({"method": "attention", "keep_ratios": [1.5]}, r"selection: layer_keep_ratios must be .* got \[1.5\]"),
+             ({"method": "attention", "keep_ratios": [0.5, 0.5]}, r"selection.keep_ratios lists 2 ratios, but .* has 4 layers")]
+    for section, message in cases:
+        preset = tmp_path / "p.json"
+        preset.write_text(json.dumps({"name": "p", "selection": section}))
+        report = tmp_path / "vp.json"
+        rc = vp.main(["--model", str(small_model_dir), "--text-file", str(long_corpus), "--cpu", "--max-length", "64",
+                      "--stride", "16", "--max-samples", "2", "--quiet", "--preset", str(preset), "--output-json", str(report)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and str(preset) in err[0], err
+        assert __import__("re").search(message, err[0]), err[0]
+        assert not report.exists()
+

@@ -64,6 +64,11 @@ def evaluate(
             f"--max-length must be <= the model's max_position_embeddings ({max_pos}), got {options.max_length}"
         )
 
+    spec = options.selection_spec
+    if spec is not None and spec.layer_keep_ratios is not None and len(spec.layer_keep_ratios) != layers:
+        raise ValidationError(f"{options.preset}: selection.keep_ratios lists {len(spec.layer_keep_ratios)} ratios, "
+                              f"but {model_choice.display_name} has {layers} layers")
+
     console.step(2, 6, "Generating KV cache...")
     windows, starts = make_windows(token_ids, options.max_length, options.stride, options.max_samples or None)
     context = options.max_length - options.stride
@@ -79,7 +84,7 @@ def evaluate(
     outcome = distributed.run_protocol_sharded(
         model, windows, options.stride, starts=starts, group_size=options.group_size, sparsity=options.sparsity,
         batch_windows=options.batch_windows, progress=progress and console.verbose, ctx=ranks,
-        selection=options.selection_spec, **options.codec,
+        selection=spec, **options.codec,
     )
     console.info(f"Generated: {outcome.num_layers} layers, {len(outcome.windows)} x {context} tokens, "
                  f"{_fmt_mb(outcome.cache_bytes)} ({outcome.cache_dtype})")

@@ -327,16 +327,15 @@ class CalibrationSet:
         with tempfile.TemporaryDirectory(prefix="kv-autotune-verify-", dir=work_dir) as tmp, torch.inference_mode():
             for batch in self.batches:
                 chosen = batch.get("selection")
-                sent = batch["layers"]
-                if layer_keep is not None:
+                if layer_keep is not None:  # the set holds the full layers: cut them here
                     chosen = select_ranked(batch["layers"], batch["orders"], spec)
-                    sent = chosen.layers
-                    batch = {**batch, "full_elements": sum(k.numel() + v.numel() for k, v in batch["layers"]),
-                             "full_dtype": batch["layers"][0][0].dtype}
+                sent = batch["layers"] if chosen is None else chosen.layers
                 recon, m = roundtrip_kv_cache(sent, tmp, preset=preset_path,
                                               positions=None if chosen is None else chosen.positions,
                                               context_length=None if chosen is None else self.context)
-                if chosen is not None:
+                if layer_keep is not None:
+                    chosen.annotate(m, batch["layers"])
+                elif chosen is not None:
                     chosen.annotate_counts(m, batch["full_elements"], batch["full_dtype"])
                 metrics.append(m)
                 check_reconstruction(sent, recon, f"{label}: ")

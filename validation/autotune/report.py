@@ -249,7 +249,7 @@ def markdown(result: AutotuneResult, doc: Dict[str, Any]) -> str:
     for i, r in enumerate(result.rounds):
         v = r.verification
         mark = " (chosen)" if i == result.chosen_round else ""
-        kept = f"{sum(r.assignment.keep) / len(r.assignment.keep):.3f} per layer" if r.assignment.keep else f"{r.keep_ratio:g}"
+        kept = f"{r.assignment.mean_keep:.3f} per layer" if r.assignment.keep else f"{r.keep_ratio:g}"
         lines.append(f"| {i}{mark} | {kept} | {r.budget_kl:.5f} | {v.predicted_kl:.5f} | {v.kl:.5f} | "
                      f"{v.delta_pct:+.2f}% | {result.sizes.for_keep_ratio(r.keep_ratio).ratio(r.assignment):.3f}x | "
                      f"{v.disk_ratio_vs_fp16:.3f}x | {'yes' if r.within_budget else 'no'} |")

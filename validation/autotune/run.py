@@ -225,8 +225,7 @@ class AutotuneResult:
     @property
     def mean_keep(self) -> float:
         """The share of context positions the chosen plan keeps, over all layers."""
-        keep = self.layer_keep
-        return sum(keep) / len(keep) if keep else self.keep_ratio
+        return self.assignment.mean_keep if self.layer_keep else self.keep_ratio
 
 
 def _candidates(opts: AutotuneOptions, head_dim: int) -> Dict[str, List[Candidate]]:
@@ -325,8 +324,8 @@ def run_autotune(opts: AutotuneOptions, console: Optional[Console] = None, progr
         del orders
         missing = int(np.isnan(sel_kl).sum())
         if missing:
-            notes_sel = f"--max-minutes cut the selection passes: {missing} (layer, keep ratio) pairs not measured, not offered"
-            sens.notes.append(notes_sel)
+            sens.notes.append(f"--max-minutes cut the selection passes: {missing} (layer, keep ratio) pairs not "
+                              "measured, not offered")
     bar.close()
     del layers
     timings["sensitivity_s"] = time.perf_counter() - t
@@ -388,8 +387,7 @@ def run_autotune(opts: AutotuneOptions, console: Optional[Console] = None, progr
         description += (f", with token selection {opts.selection} at keep ratio {keep:g} (validate_perplexity.py "
                         f"--selection {opts.selection} --keep-ratio {keep:g}; kv-compress alone applies the codec only)")
     if assignment.keep is not None:
-        mean = sum(assignment.keep) / len(assignment.keep)
-        description += (f", with token selection {opts.selection} keeping {mean:.3f} of the positions on average, a ratio "
+        description += (f", with token selection {opts.selection} keeping {assignment.mean_keep:.3f} of the positions on average, a ratio "
                         f"per layer (the preset's selection; validate_perplexity.py --preset applies it, kv-compress "
                         f"alone applies the codec only)")
     preset = assignment_preset(assignment, opts.name, description, opts.sink, extra=_selection_extra(opts, assignment))
@@ -475,7 +473,7 @@ def _search_rounds(opts: AutotuneOptions, model: Any, calib: CalibrationSet, kl:
                                               extra=_selection_extra(opts, a)), opts.output + f".{tag}.json")
         label = f"round {i}" + (f", keep {keep:g}" if keep != 1.0 else "")
         if a.keep is not None:
-            label += f", keep {sum(a.keep) / len(a.keep):.3f} on average"
+            label += f", keep {a.mean_keep:.3f} on average"
         v = calib.verify(model, path, label, layer_keep=a.keep, method=opts.selection)
         if not opts.keep_rounds:
             os.remove(path)

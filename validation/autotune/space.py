@@ -200,6 +200,11 @@ class Assignment:
         """Number of layers assigned."""
         return len(self.choice["keys"])
 
+    @property
+    def mean_keep(self) -> float:
+        """The share of context positions kept over all layers (1.0 without per-layer keep ratios)."""
+        return sum(self.keep) / len(self.keep) if self.keep else 1.0
+
     def plan(self, role: str, layer: int) -> Candidate:
         """The candidate of ``role`` in ``layer``."""
         return self.candidates[role][self.choice[role][layer]]
